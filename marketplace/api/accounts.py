@@ -1,0 +1,17 @@
+"""API views for the calling agent's own account."""
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+
+class MeView(APIView):
+    @extend_schema(
+        responses=inline_serializer(
+            "Me", {"email": serializers.EmailField(), "role": serializers.CharField()}
+        )
+    )
+    def get(self, request: Request) -> Response:
+        return Response({"email": request.user.email, "role": request.user.role})
