@@ -1,0 +1,3 @@
+"""Stripe webhook and other non-API ledger endpoints (mounted at /stripe/)."""
+
+urlpatterns: list = []
