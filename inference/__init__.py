@@ -1,0 +1,78 @@
+"""kvmarket's KV engine: a plain Python library (no Django) for token-exact KV-cache reuse.
+
+Precompute a document's KV once, store it (GPU / host / disk / S3 tiers), continue generation
+from it, and verify that reuse matches prefilling from scratch.
+"""
+
+from . import errors
+from .artifact import ENGINE_VERSION, FORMAT_VERSION, KVArtifact, content_key, read_artifact
+from .engine import (
+    Generation,
+    PrecomputeResult,
+    Timings,
+    Usage,
+    VerificationReport,
+    cold_generate,
+    document_prefix_ids,
+    generate,
+    generate_stream,
+    inspect_artifact,
+    precompute,
+    precompute_ids,
+    read_verification,
+    verify,
+)
+from .errors import (
+    ArtifactCorrupted,
+    ArtifactNotFound,
+    ArtifactTruncated,
+    DocumentTooLong,
+    InvalidRequest,
+    KVError,
+    ModelMismatch,
+    PrecomputeCancelled,
+    UnsupportedArchitecture,
+    UnsupportedVersion,
+)
+from .models import BUILTIN_MODEL_ID, LoadedModel, get_model, load_model, wrap_model
+from .store import KVStore, S3Config
+
+__all__ = [
+    "BUILTIN_MODEL_ID",
+    "ENGINE_VERSION",
+    "FORMAT_VERSION",
+    "ArtifactCorrupted",
+    "ArtifactNotFound",
+    "ArtifactTruncated",
+    "DocumentTooLong",
+    "Generation",
+    "InvalidRequest",
+    "KVArtifact",
+    "KVError",
+    "KVStore",
+    "LoadedModel",
+    "ModelMismatch",
+    "PrecomputeCancelled",
+    "PrecomputeResult",
+    "S3Config",
+    "Timings",
+    "UnsupportedArchitecture",
+    "UnsupportedVersion",
+    "Usage",
+    "VerificationReport",
+    "cold_generate",
+    "content_key",
+    "document_prefix_ids",
+    "errors",
+    "generate",
+    "generate_stream",
+    "get_model",
+    "inspect_artifact",
+    "load_model",
+    "precompute",
+    "precompute_ids",
+    "read_artifact",
+    "read_verification",
+    "verify",
+    "wrap_model",
+]

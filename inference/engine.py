@@ -1,0 +1,707 @@
+"""Precompute, reuse (generate), cold generation and verification.
+
+Invariant that makes reuse token-exact: the cached prefix is the document rendered as the
+system turn of the chat template, which ends on a special token (+ the template's newline), so
+tokenising a whole conversation equals the cached ids followed by the suffix ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import (
+    ENGINE_VERSION,
+    KVArtifact,
+    build_manifest,
+    content_key,
+    payload_sha256,
+    read_manifest,
+    tensor_nbytes,
+)
+from .errors import DocumentTooLong, InvalidRequest, PrecomputeCancelled
+from .models import LoadedModel
+from .store import KVStore
+
+DEFAULT_CHUNK = 512
+PLACEHOLDER_DOC = "kvmarket-document-placeholder"
+DEFAULT_VERIFY_SUFFIXES = [
+    "What is this document about?",
+    "Quote the first sentence.",
+    "Continue the text.",
+]
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass
+class PrecomputeResult:
+    key: str
+    n_tokens: int
+    seconds: float
+    bytes: int
+    flops: float
+    path: str
+    reused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Usage:
+    cached_tokens: int
+    suffix_tokens: int
+    output_tokens: int
+    prefill_tokens: int = 0  # tokens actually run through prefill (suffix on reuse, all on cold)
+
+
+@dataclass
+class Timings:
+    load_s: float
+    ttft_s: float
+    total_s: float
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    cache_tier: str = ""  # which store tier served the KV ("gpu", "host", "disk", "s3"; "" cold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerificationReport:
+    key: str
+    model_id: str
+    model_fingerprint: str
+    dtype: str
+    device: str
+    n_tokens: int
+    steps: int
+    bitwise_equal: bool
+    kv_equal: bool
+    greedy_matched: int
+    greedy_total: int
+    match_rate: float
+    max_logit_diff: float
+    passed: bool
+    seconds: float
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    created_at: str = ""
+    engine_version: str = ENGINE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- model plumbing ---------------------------------------------------------------------------
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers >= 5.24 names the forward argument ``cache``; older 5.x ``past_key_values``."""
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(model.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+def new_cache(loaded: LoadedModel) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=loaded.config)
+
+
+def cache_from_artifact(loaded: LoadedModel, art: KVArtifact) -> Any:
+    """A fresh cache holding copies of the stored tensors (update concatenates onto empty)."""
+    cache = new_cache(loaded)
+    for i, (k, v) in enumerate(zip(art.keys, art.values, strict=True)):
+        cache.update(
+            k.unsqueeze(0).to(loaded.device, non_blocking=True),
+            v.unsqueeze(0).to(loaded.device, non_blocking=True),
+            i,
+        )
+    return cache
+
+
+def forward(loaded: LoadedModel, ids: list[int], cache: Any, logits_to_keep: int = 1) -> Any:
+    """Run ``ids`` through the model, growing ``cache``; returns logits [len kept, vocab]."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+    kwargs = {_cache_kwarg(loaded.model): cache}
+    out = loaded.model(
+        input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **kwargs
+    )
+    return out.logits[0]
+
+
+def prefill(
+    loaded: LoadedModel,
+    ids: list[int],
+    cache: Any,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Chunked prefill; returns the last position's logits [vocab]."""
+    total = len(ids)
+    step = chunk_size or total
+    logits = None
+    if progress:
+        progress(0, total)
+    for start in range(0, total, step):
+        if should_cancel and should_cancel():
+            raise PrecomputeCancelled(f"cancelled after {start} of {total} tokens")
+        logits = forward(loaded, ids[start : start + step], cache, logits_to_keep=1)
+        if progress:
+            progress(min(start + step, total), total)
+    assert logits is not None
+    return logits[-1]
+
+
+def estimate_flops(loaded: LoadedModel, n_tokens: int) -> float:
+    """Prefill FLOPs: 2 x non-embedding params per token plus causal attention scores/values."""
+    cfg = loaded.config.get_text_config(decoder=True)
+    attn_width = cfg.num_attention_heads * loaded.head_dim
+    dense = 2.0 * loaded.n_params(exclude_embeddings=True) * n_tokens
+    attention = 2.0 * loaded.n_layers * n_tokens * n_tokens * attn_width
+    return dense + attention
+
+
+# -- tokenisation -----------------------------------------------------------------------------
+def _encode(loaded: LoadedModel, text: str) -> list[int]:
+    return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(loaded: LoadedModel, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    return loaded.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _require_tokenizer(loaded: LoadedModel) -> None:
+    if loaded.tokenizer is None:
+        raise InvalidRequest(f"model {loaded.model_id!r} has no tokenizer; pass token ids")
+
+
+def document_prefix_ids(loaded: LoadedModel, text: str) -> list[int]:
+    """Token ids of the document rendered as the system turn of the chat template."""
+    _require_tokenizer(loaded)
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest("document text is empty")
+    if getattr(loaded.tokenizer, "chat_template", None):
+        return _encode(loaded, _render(loaded, [{"role": "system", "content": text}],
+                                       add_generation_prompt=False))
+    return _encode(loaded, text)
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+            m.get("content"), str
+        ):
+            raise InvalidRequest("each message needs string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest(f"unknown role {m['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def suffix_ids(
+    loaded: LoadedModel,
+    *,
+    messages: list[dict] | None = None,
+    prompt: str | None = None,
+    prompt_ids: list[int] | None = None,
+) -> list[int]:
+    """Token ids that follow the cached document for a chat, raw prompt or raw ids request."""
+    given = sum(x is not None for x in (messages, prompt, prompt_ids))
+    if given != 1:
+        raise InvalidRequest("pass exactly one of messages or prompt")
+    if prompt_ids is not None:
+        return [int(i) for i in prompt_ids]
+    _require_tokenizer(loaded)
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt must be a string")
+        return _encode(loaded, prompt)
+    msgs = _check_messages(messages)
+    system = [{"role": "system", "content": PLACEHOLDER_DOC}]
+    head = _render(loaded, system, add_generation_prompt=False)
+    full = _render(loaded, system + msgs, add_generation_prompt=True)
+    if not full.startswith(head):
+        raise InvalidRequest("the chat template does not render the system turn as a prefix")
+    return _encode(loaded, full[len(head) :])
+
+
+def conversation_ids(
+    loaded: LoadedModel, text: str, *, messages: list[dict] | None, prompt: str | None
+) -> list[int]:
+    """The whole request tokenised at once, as a server without a KV cache would."""
+    if messages is not None:
+        msgs = _check_messages(messages)
+        full = _render(
+            loaded, [{"role": "system", "content": text}] + msgs, add_generation_prompt=True
+        )
+        return _encode(loaded, full)
+    return document_prefix_ids(loaded, text) + suffix_ids(loaded, prompt=prompt)
+
+
+# -- precompute -------------------------------------------------------------------------------
+def precompute(
+    loaded: LoadedModel,
+    text: str,
+    *,
+    store: KVStore,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> PrecomputeResult:
+    """Prefill the document once and write its KV artifact (idempotent by content)."""
+    ids = document_prefix_ids(loaded, text)
+    return precompute_ids(
+        loaded, ids, store=store, progress=progress, should_cancel=should_cancel,
+        chunk_size=chunk_size,
+    )
+
+
+@torch.no_grad()
+def precompute_ids(
+    loaded: LoadedModel,
+    ids: list[int],
+    *,
+    store: KVStore,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> PrecomputeResult:
+    """precompute() for an already tokenised prefix (random-weight benches have no tokenizer)."""
+    if not ids:
+        raise InvalidRequest("empty document")
+    if chunk_size is None or chunk_size < 1:
+        raise InvalidRequest("chunk_size must be a positive integer")
+    if len(ids) >= loaded.max_context:
+        raise DocumentTooLong(
+            f"document is {len(ids)} tokens; model {loaded.model_id!r} has a "
+            f"{loaded.max_context}-token context",
+            n_tokens=len(ids),
+            max_context=loaded.max_context,
+        )
+    key = content_key(loaded.fingerprint, loaded.tokenizer_fingerprint, loaded.dtype, ids)
+    path = store.path(key)
+    flops = estimate_flops(loaded, len(ids))
+    if store.contains(key):
+        if progress:
+            progress(len(ids), len(ids))
+        size = path.stat().st_size if path.exists() else 0
+        return PrecomputeResult(key, len(ids), 0.0, size, flops, str(path), True)
+    t0 = time.perf_counter()
+    cache = new_cache(loaded)
+    prefill(loaded, ids, cache, chunk_size=chunk_size, progress=progress,
+            should_cancel=should_cancel)
+    if should_cancel and should_cancel():
+        raise PrecomputeCancelled("cancelled before the artifact was written")
+    keys = [layer.keys[0] for layer in cache.layers]
+    values = [layer.values[0] for layer in cache.layers]
+    art = KVArtifact(key=key, manifest={}, token_ids=list(ids), keys=keys, values=values,
+                     nbytes=tensor_nbytes(keys, values))
+    cpu_tensors = {n: t.to("cpu") for n, t in art.tensors().items()}
+    art.manifest = build_manifest(
+        key=key, loaded=loaded, token_ids=list(ids), payload_hash=payload_sha256(cpu_tensors),
+        extra={"chunk_size": chunk_size},
+    )
+    if loaded.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    size = store.put(art, loaded)
+    return PrecomputeResult(
+        key, len(ids), round(time.perf_counter() - t0, 6), size, flops, str(path), False
+    )
+
+
+# -- generation -------------------------------------------------------------------------------
+def _validate_sampling(max_tokens: int, temperature: float, top_p: float, stop: Any) -> list[str]:
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequest("max_tokens must be a positive integer")
+    if not isinstance(temperature, int | float) or temperature < 0:
+        raise InvalidRequest("temperature must be >= 0")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise InvalidRequest("top_p must be in (0, 1]")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequest("stop must be a list of non-empty strings")
+    return stop
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs[(cumulative - sorted_probs) > top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might start a stop string (or are a partial UTF-8 char)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, 1)
+    return hold
+
+
+def _decode(
+    loaded: LoadedModel,
+    cache: Any,
+    feed: list[int],
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stops: list[str],
+    usage: Usage,
+    t0: float,
+    load_s: float,
+    tier: str,
+) -> Iterator[str | Generation]:
+    """Shared decode loop: yields text deltas, then the Generation."""
+    context_left = loaded.max_context - cache.get_seq_length() - len(feed)
+    if context_left < 1:
+        raise InvalidRequest(
+            f"request needs {cache.get_seq_length() + len(feed)} tokens of context; "
+            f"the model has {loaded.max_context}"
+        )
+    budget = min(max_tokens, context_left)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        generator.manual_seed(seed)
+    eos = set(loaded.eos_token_ids)
+    out_ids: list[int] = []
+    emitted = 0
+    text = ""
+    finish = "length"
+    stopped_by_string = False
+    ttft = 0.0
+    with torch.no_grad():
+        logits = forward(loaded, feed, cache)[-1]
+        while True:
+            token = _sample(logits, temperature, top_p, generator)
+            if not out_ids:
+                ttft = time.perf_counter() - t0
+            out_ids.append(token)
+            if token in eos:
+                finish = "stop"
+                break
+            text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+            hit = min((text.find(s) for s in stops if s in text), default=-1)
+            if hit >= 0:
+                text = text[:hit]
+                finish = "stop"
+                stopped_by_string = True
+                break
+            safe = len(text) - _held_back(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(out_ids) >= budget:
+                break
+            logits = forward(loaded, [token], cache)[-1]
+    if not stopped_by_string:
+        text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+    if len(text) > emitted:
+        yield text[emitted:]
+    usage.output_tokens = len(out_ids)
+    yield Generation(
+        text=text,
+        token_ids=out_ids,
+        finish_reason=finish,
+        usage=usage,
+        timings=Timings(load_s=round(load_s, 6), ttft_s=round(ttft, 6),
+                        total_s=round(time.perf_counter() - t0, 6)),
+        cache_tier=tier,
+    )
+
+
+def _decode_text(loaded: LoadedModel, ids: list[int]) -> str:
+    if loaded.tokenizer is None:
+        return ""
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate_stream(
+    loaded: LoadedModel,
+    store: KVStore,
+    key: str,
+    *,
+    messages: list[dict] | None = None,
+    prompt: str | None = None,
+    prompt_ids: list[int] | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> Iterator[str | Generation]:
+    """Continue from the stored KV of ``key``; yields text deltas, then the final Generation."""
+    t0 = time.perf_counter()
+    stops = _validate_sampling(max_tokens, temperature, top_p, stop)
+    feed = suffix_ids(loaded, messages=messages, prompt=prompt, prompt_ids=prompt_ids)
+    art, tier = store.load_with_tier(key, loaded)
+    load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        cache = cache_from_artifact(loaded, art)
+    cached = art.n_tokens
+    if not feed:
+        # The last cached token's logits are not stored: re-run that one token.
+        cache.crop(-1)
+        feed = [art.token_ids[-1]]
+        cached -= 1
+    usage = Usage(cached_tokens=cached, suffix_tokens=len(feed), output_tokens=0,
+                  prefill_tokens=len(feed))
+    return _decode(loaded, cache, feed, max_tokens=max_tokens, temperature=temperature,
+                   top_p=top_p, seed=seed, stops=stops, usage=usage, t0=t0, load_s=load_s,
+                   tier=tier)
+
+
+def _last(stream: Iterator[str | Generation]) -> Generation:
+    result = None
+    for item in stream:
+        result = item
+    assert isinstance(result, Generation)
+    return result
+
+
+def generate(
+    loaded: LoadedModel,
+    store: KVStore,
+    key: str,
+    *,
+    messages: list[dict] | None = None,
+    prompt: str | None = None,
+    prompt_ids: list[int] | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> Generation:
+    """Continue from the stored KV of ``key`` with a chat (messages) or raw (prompt) suffix."""
+    return _last(generate_stream(
+        loaded, store, key, messages=messages, prompt=prompt, prompt_ids=prompt_ids,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+    ))
+
+
+def cold_generate(
+    loaded: LoadedModel,
+    text: str | None,
+    *,
+    messages: list[dict] | None = None,
+    prompt: str | None = None,
+    doc_ids: list[int] | None = None,
+    prompt_ids: list[int] | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chunk_size: int | None = None,
+) -> Generation:
+    """Prefill document + suffix from scratch (no stored KV) and generate the same way."""
+    t0 = time.perf_counter()
+    stops = _validate_sampling(max_tokens, temperature, top_p, stop)
+    if doc_ids is not None:
+        prefix = list(doc_ids)
+        ids = prefix + suffix_ids(loaded, messages=messages, prompt=prompt, prompt_ids=prompt_ids)
+    else:
+        if text is None:
+            raise InvalidRequest("pass the document text or doc_ids")
+        prefix = document_prefix_ids(loaded, text)
+        if prompt_ids is not None:
+            ids = prefix + list(prompt_ids)
+        else:
+            if (messages is None) == (prompt is None):
+                raise InvalidRequest("pass exactly one of messages or prompt")
+            ids = conversation_ids(loaded, text, messages=messages, prompt=prompt)
+    if len(ids) >= loaded.max_context:
+        raise DocumentTooLong(f"request is {len(ids)} tokens; context is {loaded.max_context}")
+    cache = new_cache(loaded)
+    with torch.no_grad():
+        if chunk_size and len(ids) > chunk_size:
+            # Prefill all but the last chunk here; _decode runs the final one.
+            cut = ((len(ids) - 1) // chunk_size) * chunk_size
+            prefill(loaded, ids[:cut], cache, chunk_size=chunk_size)
+            feed = ids[cut:]
+        else:
+            feed = ids
+    usage = Usage(cached_tokens=0, suffix_tokens=len(ids) - len(prefix), output_tokens=0,
+                  prefill_tokens=len(ids))
+    return _last(_decode(loaded, cache, feed, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, stops=stops, usage=usage, t0=t0, load_s=0.0,
+                         tier=""))
+
+
+# -- verification -----------------------------------------------------------------------------
+@torch.no_grad()
+def verify(
+    loaded: LoadedModel,
+    store: KVStore,
+    key: str,
+    *,
+    suffixes: list[str] | None = None,
+    steps: int = 24,
+    save: bool = True,
+) -> VerificationReport:
+    """Check reuse against two-step prefill (bitwise) and one-shot prefill (greedy tokens).
+
+    Each suffix is a user question rendered with the chat template after the cached system turn
+    (raw text when the tokenizer has no chat template).
+    """
+    t0 = time.perf_counter()
+    art = store.load(key, loaded)
+    suffixes = suffixes or DEFAULT_VERIFY_SUFFIXES
+    chunk = int(art.manifest.get("chunk_size") or DEFAULT_CHUNK)
+
+    # Two-step reference: prefill the document afresh with the same chunking as precompute.
+    doc_cache = new_cache(loaded)
+    prefill(loaded, art.token_ids, doc_cache, chunk_size=chunk)
+    kv_equal = all(
+        torch.equal(layer.keys[0], k.to(loaded.device))
+        and torch.equal(layer.values[0], v.to(loaded.device))
+        for layer, k, v in zip(doc_cache.layers, art.keys, art.values, strict=True)
+    )
+
+    cases = []
+    for suffix in suffixes:
+        if getattr(loaded.tokenizer, "chat_template", None):
+            sids = suffix_ids(loaded, messages=[{"role": "user", "content": suffix}])
+        else:
+            sids = suffix_ids(loaded, prompt=suffix)
+        reuse_cache = cache_from_artifact(loaded, art)
+        reuse_logits = forward(loaded, sids, reuse_cache, logits_to_keep=0)
+        two_step_logits = forward(loaded, sids, copy.deepcopy(doc_cache), logits_to_keep=0)
+        bitwise = bool(torch.equal(reuse_logits, two_step_logits))
+
+        one_cache = new_cache(loaded)
+        one_logits = forward(loaded, art.token_ids + sids, one_cache, logits_to_keep=1)[-1]
+        r_logits = reuse_logits[-1]
+        matched = 0
+        max_diff = 0.0
+        reuse_tokens: list[int] = []
+        one_tokens: list[int] = []
+        for _ in range(steps):
+            max_diff = max(max_diff, float((r_logits.float() - one_logits.float()).abs().max()))
+            r_tok, o_tok = int(torch.argmax(r_logits)), int(torch.argmax(one_logits))
+            reuse_tokens.append(r_tok)
+            one_tokens.append(o_tok)
+            if r_tok != o_tok:
+                break  # after a divergence the two continuations are no longer comparable
+            matched += 1
+            r_logits = forward(loaded, [r_tok], reuse_cache)[-1]
+            one_logits = forward(loaded, [o_tok], one_cache)[-1]
+        cases.append({
+            "suffix": suffix,
+            "suffix_tokens": len(sids),
+            "bitwise_equal": bitwise,
+            "greedy_matched": matched,
+            "steps": steps,
+            "max_logit_diff": max_diff,
+            "distinct_tokens": len(set(reuse_tokens)),
+        })
+
+    matched_total = sum(c["greedy_matched"] for c in cases)
+    total = steps * len(cases)
+    bitwise_all = all(c["bitwise_equal"] for c in cases)
+    rate = matched_total / total if total else 1.0
+    report = VerificationReport(
+        key=key,
+        model_id=loaded.model_id,
+        model_fingerprint=loaded.fingerprint,
+        dtype=loaded.dtype,
+        device=loaded.device,
+        n_tokens=art.n_tokens,
+        steps=steps,
+        bitwise_equal=bitwise_all,
+        kv_equal=kv_equal,
+        greedy_matched=matched_total,
+        greedy_total=total,
+        match_rate=rate,
+        max_logit_diff=max((c["max_logit_diff"] for c in cases), default=0.0),
+        # float32 must match every greedy token; lower precision reports its rate.
+        passed=bitwise_all and kv_equal and (rate == 1.0 or loaded.dtype != "float32"),
+        seconds=round(time.perf_counter() - t0, 4),
+        cases=cases,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    if save:
+        _write_json(store.verification_path(key), report.to_dict())
+    return report
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_verification(store: KVStore, key: str) -> dict[str, Any] | None:
+    """The stored verification report for ``key`` (None when it was never verified)."""
+    path = store.verification_path(key)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def inspect_artifact(store: KVStore, key: str) -> dict[str, Any]:
+    """Manifest, file size and verification of an artifact, without loading its tensors."""
+    path = store.path(key)
+    if not path.is_file():
+        from .errors import ArtifactNotFound
+
+        raise ArtifactNotFound(f"no KV artifact with key {key}", key=key)
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "manifest": read_manifest(path),
+        "verification": read_verification(store, key),
+    }
