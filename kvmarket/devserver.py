@@ -1,0 +1,117 @@
+"""The one-command demo (`make run`): migrate, seed, start a Celery worker and the web server.
+
+Runs on the embedded defaults (SQLite under var/ and kombu's filesystem broker), so nothing
+else has to be installed or started. The worker is a real separate process consuming "default"
+and every model's GPU queue with the solo pool. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _manage(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, check=check)
+
+
+def _has_command(name: str) -> bool:
+    import django
+    from django.core.management import get_commands
+
+    django.setup()
+    return name in get_commands()
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", default="8000")
+    parser.add_argument("--no-seed", action="store_true", help="skip manage.py seed_demo")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmarket.settings")
+    os.chdir(REPO_ROOT)
+    from django.conf import settings
+
+    print("== kvmarket demo")
+    print(f"   database: {settings.DATABASES['default']['NAME']}")
+    print(f"   broker:   {settings.CELERY_BROKER_URL} (results: {settings.CELERY_RESULT_BACKEND})")
+    print("== migrating", flush=True)
+    _manage("migrate", "--noinput", "-v", "0")
+    if not args.no_seed:
+        if _has_command("seed_demo"):
+            print("== seeding the demo publisher, agent and document", flush=True)
+            _manage("seed_demo")
+        else:
+            print("== manage.py seed_demo is not available yet: skipping the demo data")
+
+    from kvmarket.celery import gpu_queue_name
+
+    queues = ["default", *(gpu_queue_name(slug) for slug in settings.KVMARKET_MODELS)]
+    worker_cmd = [
+        sys.executable, "-m", "celery", "-A", "kvmarket", "worker",
+        "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
+        "-Q", ",".join(queues), "--hostname", "demo@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    web_cmd = [sys.executable, "manage.py", "runserver", f"{args.host}:{args.port}", "--noreload"]
+
+    procs: list[subprocess.Popen] = []
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        print(f"== starting the Celery worker (queues: {', '.join(queues)})", flush=True)
+        procs.append(subprocess.Popen(worker_cmd, cwd=REPO_ROOT))
+        print("== starting the web server", flush=True)
+        procs.append(subprocess.Popen(web_cmd, cwd=REPO_ROOT))
+        base = f"http://{args.host}:{args.port}"
+        time.sleep(2)
+        print(
+            "\n"
+            f"   kvmarket is running: {base}/\n"
+            f"   sign up / log in:    {base}/account/signup/  {base}/account/login/\n"
+            f"   API (Bearer key):    {base}/api/v1/   docs: {base}/api/docs/\n"
+            f"   admin (staff only):  {base}/admin/\n"
+            "   Demo accounts and the agent's API key: printed by seed_demo above.\n"
+            "   Press Ctrl-C to stop the web server and the worker.\n",
+            flush=True,
+        )
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    print(f"== a process exited ({proc.args[2:5]}): stopping", flush=True)
+                    return proc.returncode or 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\n== stopping", flush=True)
+        return 0
+    finally:
+        _stop(procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

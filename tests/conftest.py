@@ -1,0 +1,94 @@
+"""Shared fixtures: users of each role, an agent API key and client, and real Celery workers.
+
+- agent_user / publisher_user / staff_user: users (password tests.support.accounts.TEST_PASSWORD)
+- agent_key: a raw API key of agent_user; api_client: DRF APIClient sending "Bearer <agent_key>"
+- celery_worker_factory: start(queues, **kw) runs a real worker process (see
+  tests.support.celery_worker.start_celery_worker); it needs committed data, so it pulls in
+  `transactional_db`. Workers stop when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.accounts import TEST_PASSWORD, make_api_key, make_user
+from tests.support.celery_worker import CeleryWorker, start_celery_worker
+
+ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture
+def password() -> str:
+    return TEST_PASSWORD
+
+
+@pytest.fixture
+def agent_user(db):  # noqa: ANN001, ANN201
+    from marketplace.models import Role
+
+    return make_user(role=Role.AGENT, display_name="Test Agent")
+
+
+@pytest.fixture
+def publisher_user(db):  # noqa: ANN001, ANN201
+    from marketplace.models import Role
+
+    return make_user(role=Role.PUBLISHER, display_name="Test Publisher")
+
+
+@pytest.fixture
+def staff_user(db):  # noqa: ANN001, ANN201
+    from marketplace.models import Role
+
+    return make_user(role=Role.STAFF, display_name="Test Staff")
+
+
+@pytest.fixture
+def agent_key(agent_user) -> str:  # noqa: ANN001
+    return make_api_key(agent_user)
+
+
+@pytest.fixture
+def api_client(agent_key: str):  # noqa: ANN201
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {agent_key}")
+    return client
+
+
+@pytest.fixture
+def anon_api_client():  # noqa: ANN201
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def celery_worker_factory(transactional_db) -> Iterator[Callable[..., CeleryWorker]]:  # noqa: ANN001
+    with contextlib.ExitStack() as stack:
+
+        def start(queues: list[str], **kwargs) -> CeleryWorker:
+            return stack.enter_context(start_celery_worker(queues, **kwargs))
+
+        yield start
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    """Where browser tests write screenshots (gitignored)."""
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    return ARTIFACTS_DIR
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache() -> Iterator[None]:
+    """Throttle counters live in the cache: start every test with an empty one."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
