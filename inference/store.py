@@ -173,7 +173,7 @@ class KVStore:
 
     # -- reads ---------------------------------------------------------------------------
     def load(self, key: str, loaded: LoadedModel) -> KVArtifact:
-        """The artifact for ``key``, checked against ``loaded``, from the fastest tier holding it."""
+        """The artifact for ``key``, checked against ``loaded``, from its fastest tier."""
         return self.load_with_tier(key, loaded)[0]
 
     def load_with_tier(self, key: str, loaded: LoadedModel) -> tuple[KVArtifact, str]:
@@ -218,12 +218,13 @@ class KVStore:
             self._counters["s3_misses"] += 1
         raise ArtifactNotFound(f"no KV artifact with key {key}", key=key)
 
-    def evict_memory(self) -> None:
-        """Drop every in-memory copy (disk and S3 stay): used by benches and tests."""
+    def evict_memory(self, tiers: tuple[str, ...] = ("gpu", "host")) -> None:
+        """Drop in-memory copies (disk and S3 stay): used by benches and tests."""
         with self._lock:
             for tier in (self.gpu, self.host):
-                for key in list(tier.items):
-                    tier.discard(key)
+                if tier.name in tiers:
+                    for key in list(tier.items):
+                        tier.discard(key)
 
     def stats(self) -> dict[str, Any]:
         files = list(self.root.glob(f"??/*{SUFFIX}"))

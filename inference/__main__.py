@@ -1,0 +1,7 @@
+"""``python -m inference``: see inference.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

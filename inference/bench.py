@@ -1,0 +1,242 @@
+"""Cold prefill vs KV reuse from each store tier, for a list of document lengths. Prints JSON.
+
+CPU:  python bench/kv_reuse.py --model builtin --lengths 256,1024,3000
+GPU:  python bench/kv_reuse.py --device cuda --model-config qwen3-4b \
+          --lengths 1024,3774,8192,32768
+The qwen3-4b path builds Qwen3-4B from its config with random bf16 weights (prefill and reuse
+time the same as with trained weights) and feeds synthetic token ids, so no tokenizer is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+QWEN3_4B_CONFIG: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+MODEL_CONFIGS = {"qwen3-4b": QWEN3_4B_CONFIG}
+
+
+def build_random_model(name: str, *, dtype: str, device: str) -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .models import resolve_dtype, wrap_model
+
+    _, torch_dtype = resolve_dtype(dtype)
+    config = Qwen3Config(**MODEL_CONFIGS[name])
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    return wrap_model(model, None, model_id=f"random/{name}", device=device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _builtin_doc_ids(loaded: Any, n: int) -> list[int]:
+    """Real text (stdlib docstrings) tokenised to n tokens: the built-in model's own domain."""
+    import json as json_mod
+    import pathlib
+    import re
+
+    from .engine import document_prefix_ids
+
+    text = ""
+    for mod in (re, json_mod, pathlib, argparse, statistics, shutil, tempfile):
+        text += (mod.__doc__ or "") + "\n\n"
+    ids: list[int] = []
+    while len(ids) < n:
+        ids = document_prefix_ids(loaded, text)
+        text += text
+    return ids[:n]
+
+
+def _synthetic_ids(vocab: int, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    # Stay below the special tokens that sit at the end of Qwen's vocabulary.
+    return torch.randint(0, min(vocab, 150000), (n,), generator=gen).tolist()
+
+
+def _cold_ttft(loaded: Any, ids: list[int], chunk: int) -> tuple[float, int]:
+    from .engine import forward, new_cache, prefill
+
+    _sync(loaded.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cache = new_cache(loaded)
+        cut = ((len(ids) - 1) // chunk) * chunk
+        if cut:
+            prefill(loaded, ids[:cut], cache, chunk_size=chunk)
+        token = int(torch.argmax(forward(loaded, ids[cut:], cache)[-1]))
+    _sync(loaded.device)
+    return time.perf_counter() - t0, token
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from .engine import generate, precompute_ids, suffix_ids
+    from .models import get_model
+    from .store import KVStore
+
+    device = args.device
+    if args.model_config:
+        dtype = args.dtype or "bfloat16"
+        loaded = build_random_model(args.model_config, dtype=dtype, device=device)
+    else:
+        loaded = get_model(args.model, dtype=args.dtype or "float32", device=device)
+    chunk = args.chunk_size or (4096 if device.startswith("cuda") else 512)
+    root = args.store or tempfile.mkdtemp(prefix="kv-bench-")
+    store = KVStore(root, gpu_bytes=args.gpu_gib << 30, host_bytes=args.host_gib << 30)
+    if loaded.tokenizer is not None and getattr(loaded.tokenizer, "chat_template", None):
+        question = [{"role": "user", "content": "What does the document say?"}]
+        suffix = suffix_ids(loaded, messages=question)
+    else:
+        suffix = _synthetic_ids(loaded.config.vocab_size, args.suffix_tokens, seed=1)
+
+    results = []
+    # Warm up kernels and allocator so the first length is not charged for them.
+    warm = _synthetic_ids(loaded.config.vocab_size, 64, seed=2)
+    _cold_ttft(loaded, warm + suffix, chunk)
+    for n in args.lengths:
+        row: dict[str, Any] = {"n_tokens": n, "suffix_tokens": len(suffix)}
+        if n + len(suffix) + 1 >= loaded.max_context:
+            row["skipped"] = f"exceeds the model's {loaded.max_context}-token context"
+            results.append(row)
+            continue
+        if loaded.tokenizer is not None:
+            doc = _builtin_doc_ids(loaded, n)
+        else:
+            doc = _synthetic_ids(loaded.config.vocab_size, n, seed=n)
+        colds = [_cold_ttft(loaded, doc + suffix, chunk) for _ in range(args.repeats)]
+        cold_s = statistics.median(t for t, _ in colds)
+        pre = precompute_ids(loaded, doc, store=store, chunk_size=chunk)
+        row.update(
+            cold_ttft_s=round(cold_s, 5),
+            precompute_s=pre.seconds,
+            artifact_bytes=pre.bytes,
+            kv_bytes_per_token=round(pre.bytes / n),
+            prefill_flops=pre.flops,
+            reuse={},
+        )
+        tiers = ["disk", "host"]
+        if store.gpu.budget and device.startswith("cuda"):
+            tiers.append("gpu")
+        first_tokens = {}
+        for tier in tiers:
+            samples = []
+            for _ in range(args.repeats):
+                if tier == "disk":
+                    store.evict_memory()
+                elif tier == "host":
+                    store.evict_memory(tiers=("gpu",))
+                _sync(device)
+                gen = generate(loaded, store, pre.key, prompt_ids=suffix, max_tokens=1)
+                _sync(device)
+                samples.append(gen)
+                first_tokens[tier] = gen.token_ids[0]
+            served = {g.cache_tier for g in samples}
+            ttft = statistics.median(g.timings.ttft_s for g in samples)
+            row["reuse"][tier] = {
+                "ttft_s": round(ttft, 5),
+                "load_s": round(statistics.median(g.timings.load_s for g in samples), 5),
+                "served_from": sorted(served),
+                "speedup_vs_cold": round(cold_s / ttft, 2) if ttft else None,
+            }
+        # Reuse and cold must pick the same first token (a cheap exactness check).
+        row["first_token_match"] = all(t == colds[0][1] for t in first_tokens.values())
+        if args.decode_tokens:
+            gen = generate(loaded, store, pre.key, prompt_ids=suffix, max_tokens=args.decode_tokens)
+            decode_s = gen.timings.total_s - gen.timings.ttft_s
+            steps = max(1, gen.usage.output_tokens - 1)
+            row["decode_tokens_per_s"] = round(steps / decode_s, 2) if decode_s > 0 else None
+        store.delete(pre.key)
+        results.append(row)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if not args.store:
+        shutil.rmtree(root, ignore_errors=True)
+
+    import transformers
+
+    return {
+        "bench": "kv_reuse",
+        "model": loaded.model_id,
+        "dtype": loaded.dtype,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "chunk_size": chunk,
+        "repeats": args.repeats,
+        "note": "ttft = time to first token incl. store load; disk reads may hit the OS page cache",
+        "results": results,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kv_reuse", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin", help="hub id, local path or 'builtin'")
+    p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS),
+                   help="build this architecture with random weights instead of --model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="default float32 (--model) or bfloat16 (--model-config)")
+    p.add_argument("--lengths", default="256,1024,3000",
+                   type=lambda s: [int(x) for x in s.split(",") if x])
+    p.add_argument("--suffix-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=0, help="0: 4096 on CUDA, 512 on CPU")
+    p.add_argument("--decode-tokens", type=int, default=0, help="also time N decode steps")
+    p.add_argument("--gpu-gib", type=int, default=24)
+    p.add_argument("--host-gib", type=int, default=32)
+    p.add_argument("--store", help="store root (default: a temp folder, removed afterwards)")
+    p.add_argument("--output", help="also write the JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
