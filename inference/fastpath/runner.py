@@ -1,0 +1,153 @@
+"""Reuse runner: first tokens and greedy continuations from a prefix, with CUDA graphs on GPU.
+
+One FastReuse per loaded model. For a hot prefix it captures, per (batch, query length), one
+CUDA graph of the whole suffix step (all layers, the suffix-length update included), so a
+request costs a few host-to-device copies and graph replays. On CPU (CI) the same forward runs
+eagerly; results are the same computation either way.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from inference.fastpath.model import FastDecoder, PrefixKV, SuffixState
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    n_valid: torch.Tensor
+    logits: torch.Tensor
+
+
+class _PrefixSlot:
+    """Per (prefix, batch size): the suffix buffers and the graphs that read them."""
+
+    def __init__(self, decoder: FastDecoder, prefix: PrefixKV, batch: int, capacity: int) -> None:
+        self.prefix = prefix
+        self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=decoder.device)
+        self.graphs: dict[int, _Graph] = {}
+
+
+class FastReuse:
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        *,
+        capacity: int = 256,
+        use_graphs: bool | None = None,
+        max_slots: int = 16,
+    ) -> None:
+        self.decoder = FastDecoder(hf_model)
+        self.capacity = capacity
+        self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
+        self.max_slots = max_slots
+        self._slots: OrderedDict[tuple[int, int], _PrefixSlot] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # --- slots and graphs ------------------------------------------------------------------
+    def _slot(self, prefix: PrefixKV, batch: int) -> _PrefixSlot:
+        # Keyed by the prefix object: a graph holds the addresses of that prefix's tensors.
+        key = (id(prefix), batch)
+        slot = self._slots.get(key)
+        if slot is None or slot.prefix is not prefix:
+            slot = _PrefixSlot(self.decoder, prefix, batch, self.capacity)
+            self._slots[key] = slot
+            while len(self._slots) > self.max_slots:
+                self._slots.popitem(last=False)
+        self._slots.move_to_end(key)
+        return slot
+
+    def forget(self, prefix: PrefixKV) -> None:
+        """Drop the graphs and buffers of a prefix (when it leaves GPU memory)."""
+        for key in [k for k, s in self._slots.items() if s.prefix is prefix]:
+            del self._slots[key]
+
+    def _graph(self, slot: _PrefixSlot, q_len: int) -> _Graph:
+        cached = slot.graphs.get(q_len)
+        if cached is not None:
+            return cached
+        batch = slot.state.batch
+        device = self.decoder.device
+        input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
+        n_valid = torch.full((batch,), q_len, dtype=torch.long, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up kernels and autotuning outside the capture
+                slot.state.reset()
+                self.decoder.forward(
+                    input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+                )
+        torch.cuda.current_stream().wait_stream(side)
+        slot.state.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.decoder.forward(
+                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+            )
+        captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
+        slot.graphs[q_len] = captured
+        return captured
+
+    def _step(
+        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.use_graphs:
+            return self.decoder.forward(
+                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+            )
+        g = self._graph(slot, input_ids.shape[1])
+        g.input_ids.copy_(input_ids, non_blocking=True)
+        g.n_valid.copy_(n_valid, non_blocking=True)
+        g.graph.replay()
+        return g.logits
+
+    # --- public ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def first_logits(self, prefix: PrefixKV, suffixes: list[list[int]]) -> torch.Tensor:
+        """Logits after each suffix [B, V]: B agents' suffixes against one shared prefix."""
+        slot, ids, n_valid = self._start(prefix, suffixes)
+        return self._step(slot, ids, n_valid).clone()
+
+    @torch.inference_mode()
+    def greedy(
+        self, prefix: PrefixKV, suffixes: list[list[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy continuation of each suffix; one host sync at the end."""
+        slot, ids, n_valid = self._start(prefix, suffixes)
+        if max(len(s) for s in suffixes) + max_new_tokens > self.capacity:
+            raise ValueError("suffix plus new tokens exceed the suffix capacity")
+        logits = self._step(slot, ids, n_valid)
+        ones = torch.ones_like(n_valid)
+        generated = []
+        for step in range(max_new_tokens):
+            next_ids = logits.argmax(dim=-1, keepdim=True)
+            generated.append(next_ids)
+            if step + 1 < max_new_tokens:
+                logits = self._step(slot, next_ids, ones)
+        return torch.cat(generated, dim=1).tolist()
+
+    def _start(
+        self, prefix: PrefixKV, suffixes: list[list[int]]
+    ) -> tuple[_PrefixSlot, torch.Tensor, torch.Tensor]:
+        if not suffixes or any(len(s) == 0 for s in suffixes):
+            raise ValueError("every suffix needs at least one token")
+        longest = max(len(s) for s in suffixes)
+        if self.use_graphs:
+            # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
+            longest = min(self.capacity, -(-longest // 16) * 16)
+        if max(len(s) for s in suffixes) > self.capacity:
+            raise ValueError(f"a suffix exceeds the capacity of {self.capacity} tokens")
+        slot = self._slot(prefix, len(suffixes))
+        slot.state.reset()
+        padded = [s + [0] * (longest - len(s)) for s in suffixes]
+        ids = torch.tensor(padded, dtype=torch.long).to(self.decoder.device, non_blocking=True)
+        n_valid = torch.tensor([len(s) for s in suffixes], dtype=torch.long).to(
+            self.decoder.device, non_blocking=True
+        )
+        return slot, ids, n_valid
