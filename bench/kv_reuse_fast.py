@@ -229,7 +229,7 @@ def bench_length(model, fast: FastReuse, n_tokens: int, args, device: str, tmp: 
         suffixes = torch.randint(0, vocab, (b, args.suffix), generator=gen_b).tolist()
         try:
             t, _ = timed(
-                lambda: fast.first_logits(prefix, suffixes), device, max(2, args.repeat // 2)
+                lambda s=suffixes: fast.first_logits(prefix, s), device, max(2, args.repeat // 2)
             )
         except torch.OutOfMemoryError:
             batches[str(b)] = {"error": "out of memory"}
