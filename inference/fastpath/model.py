@@ -199,6 +199,7 @@ class FastDecoder:
         return torch.matmul(probs, values), lse
 
     # --- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
