@@ -1,0 +1,707 @@
+"""Ledger writes. Every money-moving call is ONE database transaction with a unique idempotency
+key; a retry with the same key (and the same request) returns the first Transaction without
+posting again, a retry with the same key and a different request raises IdempotencyConflict.
+
+All amounts are int nano-USD (1 USD = 10**9). All functions are keyword-only.
+
+Transactions: each money-moving call runs its body in `transaction.atomic()` (its own database
+transaction, or a savepoint when the caller already has one open). We open it inside the
+function instead of decorating it, so that the one race we expect - two calls with the same
+idempotency key at the same moment - can be resolved after the loser's savepoint rolled back:
+the loser returns the winner's Transaction.
+
+Locking: accounts with a floor (wallet, escrow, payable) are locked with SELECT ... FOR UPDATE
+in ascending id order in one statement, before anything is written, so two transactions that
+touch the same accounts queue instead of deadlocking, and the balance check in Python runs on
+the locked, current balance (the CHECK constraint in the database is the backstop). System
+accounts (platform revenue, compute revenue, Stripe clearing) are not locked (see models.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+
+import stripe
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Case, F, Value, When
+from django.utils import timezone
+
+from ledger import stripe_gateway
+from ledger.accounts import SYSTEM_KEYS, escrow_key, payable_key, wallet_key
+from ledger.errors import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    LedgerError,
+    PaymentProviderError,
+    PayoutStateError,
+)
+from ledger.models import (
+    BOUNDED_KINDS,
+    NANO_PER_CENT,
+    OPEN_PAYOUT_STATUSES,
+    Account,
+    AccountKind,
+    ConnectAccount,
+    Payout,
+    PayoutEvent,
+    PayoutStatus,
+    Posting,
+    StripeEvent,
+    TopUp,
+    TopUpStatus,
+    Transaction,
+    TransactionKind,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- the posting engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    key: str
+    kind: str
+    owner_id: int | None = None
+    license_ref: str = ""
+
+    @property
+    def bounded(self) -> bool:
+        return self.kind in BOUNDED_KINDS
+
+
+def _wallet(agent_id: int) -> _Spec:
+    return _Spec(wallet_key(agent_id), AccountKind.AGENT_WALLET, agent_id)
+
+
+def _payable(publisher_id: int) -> _Spec:
+    return _Spec(payable_key(publisher_id), AccountKind.PUBLISHER_PAYABLE, publisher_id)
+
+
+def _escrow(license_ref: str, agent_id: int) -> _Spec:
+    return _Spec(escrow_key(license_ref), AccountKind.LICENSE_ESCROW, agent_id, license_ref)
+
+
+def _system(kind: AccountKind) -> _Spec:
+    return _Spec(SYSTEM_KEYS[kind], kind)
+
+
+def _fingerprint(kind: str, **params: Any) -> str:
+    raw = json.dumps([kind, params], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _check_key(idempotency_key: str) -> None:
+    if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+        raise LedgerError("An idempotency key is required.")
+    if len(idempotency_key) > 200:
+        raise LedgerError("Idempotency keys are at most 200 characters.")
+
+
+def _check_amount(amount_nano: int, *, allow_zero: bool = False) -> None:
+    if isinstance(amount_nano, bool) or not isinstance(amount_nano, int):
+        raise InvalidAmount("Amounts are integers in nano-USD.")
+    if amount_nano < 0 or (amount_nano == 0 and not allow_zero):
+        raise InvalidAmount(f"Amount must be {'>= 0' if allow_zero else '> 0'} nano-USD.")
+
+
+def _existing(idempotency_key: str, fingerprint: str) -> Transaction | None:
+    tx = Transaction.objects.filter(idempotency_key=idempotency_key).first()
+    if tx is not None and tx.fingerprint != fingerprint:
+        raise IdempotencyConflict(
+            f"Idempotency key {idempotency_key!r} was already used for a different request."
+        )
+    return tx
+
+
+def _idempotent(
+    idempotency_key: str, fingerprint: str, body: Callable[[], Transaction | None]
+) -> Transaction | None:
+    """Return the transaction already recorded under the key, or run `body` atomically."""
+    _check_key(idempotency_key)
+    tx = _existing(idempotency_key, fingerprint)
+    if tx is not None:
+        return tx
+    try:
+        with transaction.atomic():
+            return body()
+    except IntegrityError as exc:
+        # Lost a race for the same key (unique violation): return the winner's result.
+        tx = _existing(idempotency_key, fingerprint)
+        if tx is not None:
+            return tx
+        if "ledger_account_balance_non_negative" in str(exc):
+            raise InsufficientFunds("The account cannot pay this amount.") from exc
+        raise
+
+
+def _ensure(specs: Iterable[_Spec]) -> None:
+    Account.objects.bulk_create(
+        [
+            Account(
+                key=s.key,
+                kind=s.kind,
+                owner_id=s.owner_id,
+                license_ref=s.license_ref,
+                balance=0 if s.bounded else None,
+            )
+            for s in specs
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def _lock(specs: list[_Spec]) -> dict[str, Account]:
+    """Lock the bounded accounts (creating missing ones) in id order; fetch system accounts."""
+    bounded = [s for s in specs if s.bounded]
+    system = [s for s in specs if not s.bounded]
+    out: dict[str, Account] = {}
+    if bounded:
+        keys = [s.key for s in bounded]
+
+        def fetch() -> dict[str, Account]:
+            qs = Account.objects.select_for_update().filter(key__in=keys).order_by("id")
+            return {a.key: a for a in qs}
+
+        locked = fetch()
+        if len(locked) < len(keys):
+            _ensure(s for s in bounded if s.key not in locked)
+            locked = fetch()
+        for s in bounded:
+            if s.owner_id is not None and locked[s.key].owner_id != s.owner_id:
+                raise LedgerError(f"Account {s.key} belongs to another user.")
+        out.update(locked)
+    if system:
+        keys = [s.key for s in system]
+        found = {a.key: a for a in Account.objects.filter(key__in=keys)}
+        if len(found) < len(keys):
+            _ensure(s for s in system if s.key not in found)
+            found = {a.key: a for a in Account.objects.filter(key__in=keys)}
+        out.update(found)
+    return out
+
+
+def _post(
+    *,
+    kind: TransactionKind,
+    idempotency_key: str,
+    fingerprint: str,
+    legs: list[tuple[Account, int]],
+    memo: str = "",
+    license_ref: str = "",
+    document_ref: str = "",
+    external_ref: str = "",
+    details: dict[str, Any] | None = None,
+) -> Transaction:
+    """Write one balanced transaction. Bounded accounts in `legs` must be locked by `_lock`."""
+    merged: dict[int, list] = {}
+    for account, amount in legs:
+        entry = merged.setdefault(account.pk, [account, 0])
+        entry[1] += amount
+    if sum(amount for _, amount in merged.values()) != 0:
+        raise LedgerError("Internal error: unbalanced transaction.")
+    now = timezone.now()
+    tx = Transaction.objects.create(
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        kind=kind,
+        memo=memo[:255],
+        license_ref=license_ref,
+        document_ref=document_ref,
+        external_ref=external_ref,
+        details=details or {},
+        created_at=now,
+    )
+    postings: list[Posting] = []
+    deltas: dict[int, int] = {}
+    for account, amount in merged.values():
+        if amount == 0:
+            continue
+        balance_after = None
+        if account.is_bounded:
+            balance_after = account.balance + amount
+            if balance_after < 0:
+                raise InsufficientFunds(
+                    f"{account.get_kind_display()} has {account.balance} nano-USD; "
+                    f"{-amount} needed."
+                )
+            account.balance = balance_after
+            deltas[account.pk] = amount
+        postings.append(
+            Posting(
+                transaction=tx,
+                account=account,
+                amount=amount,
+                balance_after=balance_after,
+                created_at=now,
+            )
+        )
+    if postings:
+        Posting.objects.bulk_create(postings)
+    if deltas:
+        Account.objects.filter(pk__in=list(deltas)).update(
+            balance=F("balance")
+            + Case(*(When(pk=pk, then=Value(d)) for pk, d in deltas.items()), default=Value(0))
+        )
+    return tx
+
+
+# --- money-moving services -------------------------------------------------------------------
+
+
+def credit_topup(
+    *, agent, amount_nano: int, idempotency_key: str, external_ref: str = ""
+) -> Transaction:
+    """Stripe clearing -> agent wallet (called from the signed Stripe webhook)."""
+    _check_amount(amount_nano)
+    fp = _fingerprint("topup", agent=agent.pk, amount=amount_nano, ref=external_ref)
+
+    def body() -> Transaction:
+        wallet, clearing = _wallet(agent.pk), _system(AccountKind.STRIPE_CLEARING)
+        acc = _lock([wallet, clearing])
+        return _post(
+            kind=TransactionKind.TOPUP,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(acc[clearing.key], -amount_nano), (acc[wallet.key], amount_nano)],
+            memo="Wallet top-up",
+            external_ref=external_ref,
+        )
+
+    return _idempotent(idempotency_key, fp, body)
+
+
+def purchase_license(
+    *, agent, license_ref: str, amount_nano: int, idempotency_key: str, document_ref: str = ""
+) -> Transaction:
+    """Agent wallet -> escrow(license_ref). Raises InsufficientFunds (API: 402).
+
+    A zero price (a free license) records a transaction with no postings and opens the escrow.
+    """
+    _check_amount(amount_nano, allow_zero=True)
+    if not license_ref:
+        raise LedgerError("license_ref is required.")
+    fp = _fingerprint("purchase", agent=agent.pk, license=license_ref, amount=amount_nano)
+
+    def body() -> Transaction:
+        wallet, escrow = _wallet(agent.pk), _escrow(license_ref, agent.pk)
+        acc = _lock([wallet, escrow])
+        return _post(
+            kind=TransactionKind.LICENSE_PURCHASE,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(acc[wallet.key], -amount_nano), (acc[escrow.key], amount_nano)],
+            memo=f"License {license_ref}",
+            license_ref=license_ref,
+            document_ref=document_ref,
+        )
+
+    return _idempotent(idempotency_key, fp, body)
+
+
+def split_amount(amount_nano: int, publisher_share: Decimal) -> tuple[int, int]:
+    """(publisher, platform): publisher = floor(amount x share), platform = the remainder."""
+    share = Decimal(str(publisher_share))
+    if not Decimal(0) <= share <= Decimal(1):
+        raise LedgerError("publisher_share must be between 0 and 1.")
+    publisher = int((share * amount_nano).to_integral_value(rounding=ROUND_FLOOR))
+    return publisher, amount_nano - publisher
+
+
+def settle_load(
+    *,
+    license_ref: str,
+    publisher,
+    amount_nano: int,
+    publisher_share: Decimal,
+    idempotency_key: str,
+    agent=None,
+    compute_nano: int = 0,
+    memo: str = "",
+    document_ref: str = "",
+) -> Transaction:
+    """Meter one served load, in ONE transaction:
+
+    - escrow(license_ref) -> publisher payable (floor(amount x share)) + platform revenue (the
+      remainder); raises InsufficientFunds when the escrow cannot pay `amount_nano`;
+    - if compute_nano > 0: agent wallet -> platform compute revenue. The compute charge is
+      CAPPED at the wallet balance, so a load that was served always settles; what could not be
+      charged is recorded in `details["compute_uncharged_nano"]`. `agent` defaults to the
+      license's owner (the agent who bought the escrow).
+    """
+    _check_amount(amount_nano, allow_zero=True)
+    _check_amount(compute_nano, allow_zero=True)
+    publisher_nano, platform_nano = split_amount(amount_nano, publisher_share)
+    fp = _fingerprint(
+        "settle",
+        license=license_ref,
+        publisher=publisher.pk,
+        amount=amount_nano,
+        share=str(publisher_share),
+        agent=getattr(agent, "pk", None),
+        compute=compute_nano,
+    )
+
+    def body() -> Transaction:
+        escrow = Account.objects.filter(key=escrow_key(license_ref)).only("owner_id").first()
+        if escrow is None:
+            raise InsufficientFunds(f"No escrow for license {license_ref!r}.")
+        agent_id = agent.pk if agent is not None else escrow.owner_id
+        specs = [
+            _escrow(license_ref, escrow.owner_id),
+            _payable(publisher.pk),
+            _system(AccountKind.PLATFORM_REVENUE),
+        ]
+        if compute_nano > 0:
+            specs += [_wallet(agent_id), _system(AccountKind.PLATFORM_COMPUTE_REVENUE)]
+        acc = _lock(specs)
+        esc = acc[specs[0].key]
+        if esc.balance < amount_nano:
+            raise InsufficientFunds(
+                f"Escrow of {license_ref!r} has {esc.balance} nano-USD; {amount_nano} needed."
+            )
+        legs = [
+            (esc, -amount_nano),
+            (acc[specs[1].key], publisher_nano),
+            (acc[specs[2].key], platform_nano),
+        ]
+        charged = 0
+        if compute_nano > 0:
+            wallet = acc[specs[3].key]
+            charged = min(compute_nano, wallet.balance)
+            legs += [(wallet, -charged), (acc[specs[4].key], charged)]
+        return _post(
+            kind=TransactionKind.LOAD_SETTLEMENT,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=legs,
+            memo=memo or f"Load of {license_ref}",
+            license_ref=license_ref,
+            document_ref=document_ref,
+            details={
+                "publisher_id": publisher.pk,
+                "publisher_nano": publisher_nano,
+                "platform_nano": platform_nano,
+                "publisher_share": str(publisher_share),
+                "compute_requested_nano": compute_nano,
+                "compute_charged_nano": charged,
+                "compute_uncharged_nano": compute_nano - charged,
+            },
+        )
+
+    return _idempotent(idempotency_key, fp, body)
+
+
+def record_egress(
+    *,
+    agent,
+    amount_nano: int,
+    idempotency_key: str,
+    memo: str = "",
+    license_ref: str = "",
+    document_ref: str = "",
+) -> Transaction:
+    """Agent wallet -> platform revenue for KV shipping bytes. Raises InsufficientFunds."""
+    _check_amount(amount_nano, allow_zero=True)
+    fp = _fingerprint("egress", agent=agent.pk, amount=amount_nano, license=license_ref)
+
+    def body() -> Transaction:
+        wallet, revenue = _wallet(agent.pk), _system(AccountKind.PLATFORM_REVENUE)
+        acc = _lock([wallet, revenue])
+        return _post(
+            kind=TransactionKind.EGRESS,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(acc[wallet.key], -amount_nano), (acc[revenue.key], amount_nano)],
+            memo=memo or "KV egress",
+            license_ref=license_ref,
+            document_ref=document_ref,
+        )
+
+    return _idempotent(idempotency_key, fp, body)
+
+
+def refund_escrow(*, license_ref: str, agent, idempotency_key: str) -> Transaction | None:
+    """All remaining escrow of the license -> the agent's wallet (license expired or revoked).
+
+    Returns None (and posts nothing) when there is nothing to refund.
+    """
+    fp = _fingerprint("refund", license=license_ref, agent=agent.pk)
+
+    def body() -> Transaction | None:
+        if not Account.objects.filter(key=escrow_key(license_ref)).exists():
+            return None
+        escrow, wallet = _escrow(license_ref, agent.pk), _wallet(agent.pk)
+        acc = _lock([escrow, wallet])
+        remaining = acc[escrow.key].balance
+        if remaining == 0:
+            return None
+        return _post(
+            kind=TransactionKind.ESCROW_REFUND,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(acc[escrow.key], -remaining), (acc[wallet.key], remaining)],
+            memo=f"Refund of license {license_ref}",
+            license_ref=license_ref,
+        )
+
+    return _idempotent(idempotency_key, fp, body)
+
+
+# --- payouts ---------------------------------------------------------------------------------
+
+
+def _payout_event(payout: Payout, from_status: str, actor, note: str = "") -> None:
+    PayoutEvent.objects.create(
+        payout=payout,
+        from_status=from_status,
+        to_status=payout.status,
+        actor=actor if getattr(actor, "pk", None) else None,
+        note=note,
+    )
+
+
+def _set_status(payout: Payout, status: PayoutStatus, actor, note: str = "", **fields) -> None:
+    previous = payout.status
+    payout.status = status
+    for name, value in fields.items():
+        setattr(payout, name, value)
+    payout.save(update_fields=["status", "updated_at", *fields])
+    _payout_event(payout, previous, actor, note)
+
+
+def _locked_payout(payout: Payout | int) -> Payout:
+    pk = payout.pk if isinstance(payout, Payout) else payout
+    return Payout.objects.select_for_update().select_related("publisher").get(pk=pk)
+
+
+@transaction.atomic
+def create_payout(
+    *, publisher, amount_nano: int | None = None, actor=None, note: str = ""
+) -> Payout:
+    """A payout pending review, for whole cents of the publisher's payable (default: all of it,
+    rounded down to a cent; the sub-cent remainder stays payable). Nothing is posted until
+    approval; at most one open payout per publisher (a partial unique index)."""
+    acc = _lock([_payable(publisher.pk)])[payable_key(publisher.pk)]
+    if amount_nano is None:
+        amount_nano = acc.balance - acc.balance % NANO_PER_CENT
+    _check_amount(amount_nano)
+    if amount_nano % NANO_PER_CENT:
+        raise InvalidAmount("Payouts are whole cents (multiples of 10,000,000 nano-USD).")
+    if amount_nano > acc.balance:
+        raise InsufficientFunds(f"Payable is {acc.balance} nano-USD; {amount_nano} requested.")
+    if Payout.objects.filter(publisher=publisher, status__in=OPEN_PAYOUT_STATUSES).exists():
+        raise PayoutStateError("This publisher already has an open payout.")
+    payout = Payout.objects.create(publisher=publisher, amount_nano=amount_nano)
+    _payout_event(payout, "", actor, note or "created")
+    return payout
+
+
+def create_due_payouts(*, threshold_nano: int | None = None) -> list[Payout]:
+    """Settlement run: a payout (pending review) for every publisher whose payable is at least
+    the threshold and who has no open payout. Each payout is its own transaction."""
+    threshold = settings.PAYOUT_THRESHOLD_NANO_USD if threshold_nano is None else threshold_nano
+    threshold = max(threshold, NANO_PER_CENT)
+    due = (
+        Account.objects.filter(kind=AccountKind.PUBLISHER_PAYABLE, balance__gte=threshold)
+        .exclude(owner__payouts__status__in=OPEN_PAYOUT_STATUSES)
+        .select_related("owner")
+        .order_by("id")
+    )
+    created = []
+    for account in due:
+        try:
+            created.append(create_payout(publisher=account.owner, note="settlement run"))
+        except (PayoutStateError, IntegrityError):
+            continue  # a concurrent run created it
+    return created
+
+
+def approve_payout(*, payout: Payout | int, actor, send_transfer: bool = True) -> Payout:
+    """pending_review -> approved: posts payable -> Stripe clearing, then sends the Stripe
+    transfer (outside the database transaction). Called inside an outer transaction, the
+    transfer is sent after that transaction commits."""
+    with transaction.atomic():
+        payout = _locked_payout(payout)
+        if payout.status != PayoutStatus.PENDING_REVIEW:
+            raise PayoutStateError(f"Payout #{payout.pk} is {payout.status}, not pending review.")
+        payable, clearing = _payable(payout.publisher_id), _system(AccountKind.STRIPE_CLEARING)
+        key = f"payout:{payout.pk}"
+        acc = _lock([payable, clearing])
+        tx = _post(
+            kind=TransactionKind.PAYOUT,
+            idempotency_key=key,
+            fingerprint=_fingerprint("payout", payout=payout.pk, amount=payout.amount_nano),
+            legs=[(acc[payable.key], -payout.amount_nano), (acc[clearing.key], payout.amount_nano)],
+            memo=f"Payout #{payout.pk}",
+        )
+        _set_status(payout, PayoutStatus.APPROVED, actor, "approved", transaction=tx)
+    if send_transfer:
+        payout_id = payout.pk
+        transaction.on_commit(lambda: _send_quietly(payout_id))
+    return payout
+
+
+def _send_quietly(payout_id: int) -> None:
+    try:
+        send_payout_transfer(payout_id=payout_id)
+    except LedgerError as exc:  # left approved; the retry task or an admin sends it again
+        log.warning("payout %s: transfer not sent: %s", payout_id, exc)
+
+
+def send_payout_transfer(*, payout_id: int) -> Payout:
+    """Send the Stripe transfer of an approved payout, at most once.
+
+    The Stripe idempotency key is "payout-<id>", so a retry after a timeout or a crash (ours or
+    the network's) never creates a second transfer; a payout already paid is not sent again.
+    Transient Stripe errors leave the payout approved and raise PaymentProviderError (retry);
+    a refusal (invalid request, e.g. no such destination) fails the payout and reverses it.
+    """
+    payout = Payout.objects.select_related("publisher").get(pk=payout_id)
+    if payout.status != PayoutStatus.APPROVED:
+        return payout
+    connect = ConnectAccount.objects.filter(publisher_id=payout.publisher_id).first()
+    if connect is None:
+        return mark_payout_failed(
+            payout=payout, reason="The publisher has no Stripe Connect account.", actor=None
+        )
+    try:
+        transfer = stripe_gateway.create_transfer(
+            amount_cents=payout.amount_cents,
+            destination=connect.stripe_account_id,
+            idempotency_key=payout.stripe_idempotency_key,
+            payout_id=payout.pk,
+        )
+    except stripe.InvalidRequestError as exc:
+        return mark_payout_failed(payout=payout, reason=f"Stripe refused: {exc}", actor=None)
+    except stripe.StripeError as exc:
+        raise PaymentProviderError(
+            f"Stripe transfer for payout #{payout.pk} failed: {exc}"
+        ) from exc
+    with transaction.atomic():
+        payout = _locked_payout(payout)
+        if payout.status == PayoutStatus.APPROVED:
+            _set_status(
+                payout, PayoutStatus.PAID, None, f"transfer {transfer.id}",
+                stripe_transfer_id=transfer.id,
+            )
+    return payout
+
+
+@transaction.atomic
+def reject_payout(*, payout: Payout | int, actor, note: str = "") -> Payout:
+    """pending_review -> rejected. Nothing had been posted; the payable stays."""
+    payout = _locked_payout(payout)
+    if payout.status != PayoutStatus.PENDING_REVIEW:
+        raise PayoutStateError(f"Payout #{payout.pk} is {payout.status}, not pending review.")
+    _set_status(payout, PayoutStatus.REJECTED, actor, note or "rejected")
+    return payout
+
+
+@transaction.atomic
+def mark_payout_failed(*, payout: Payout | int, reason: str, actor=None) -> Payout:
+    """approved|paid -> failed: the transfer failed or was reversed. Posts the reversal
+    (Stripe clearing -> payable), so the publisher's payable is whole again."""
+    payout = _locked_payout(payout)
+    if payout.status not in (PayoutStatus.APPROVED, PayoutStatus.PAID):
+        raise PayoutStateError(f"Payout #{payout.pk} is {payout.status}; nothing to reverse.")
+    payable, clearing = _payable(payout.publisher_id), _system(AccountKind.STRIPE_CLEARING)
+    acc = _lock([payable, clearing])
+    tx = _post(
+        kind=TransactionKind.PAYOUT_REVERSAL,
+        idempotency_key=f"payout-reversal:{payout.pk}",
+        fingerprint=_fingerprint("payout_reversal", payout=payout.pk, amount=payout.amount_nano),
+        legs=[(acc[clearing.key], -payout.amount_nano), (acc[payable.key], payout.amount_nano)],
+        memo=f"Reversal of payout #{payout.pk}",
+        details={"reason": reason[:500]},
+    )
+    _set_status(
+        payout, PayoutStatus.FAILED, actor, reason, reversal_transaction=tx,
+        failure_reason=reason,
+    )
+    return payout
+
+
+# --- Stripe bookkeeping ----------------------------------------------------------------------
+
+
+@transaction.atomic
+def record_checkout_session(*, agent, session_id: str, amount_cents: int) -> TopUp:
+    return TopUp.objects.create(agent=agent, session_id=session_id, amount_cents=amount_cents)
+
+
+@transaction.atomic
+def save_connect_account(*, publisher, stripe_account_id: str) -> ConnectAccount:
+    connect, _ = ConnectAccount.objects.get_or_create(
+        publisher=publisher, defaults={"stripe_account_id": stripe_account_id}
+    )
+    return connect
+
+
+def _credit_checkout_session(session: dict[str, Any]) -> str:
+    from django.contrib.auth import get_user_model
+
+    session_id = session["id"]
+    if session.get("payment_status") != "paid":
+        return "not paid yet"
+    amount_cents = int(session.get("amount_total") or 0)
+    topup = TopUp.objects.select_for_update().filter(session_id=session_id).first()
+    if topup is not None:
+        agent = topup.agent
+    else:
+        agent_id = session.get("client_reference_id") or (session.get("metadata") or {}).get(
+            "agent_id"
+        )
+        if not agent_id:
+            return "no agent on session"
+        agent = get_user_model().objects.get(pk=int(agent_id))
+    tx = credit_topup(
+        agent=agent,
+        amount_nano=amount_cents * NANO_PER_CENT,
+        idempotency_key=f"stripe-checkout:{session_id}",
+        external_ref=session_id,
+    )
+    if topup is not None and topup.status != TopUpStatus.PAID:
+        topup.status, topup.transaction, topup.paid_at = TopUpStatus.PAID, tx, timezone.now()
+        topup.save(update_fields=["status", "transaction", "paid_at"])
+    return f"credited {amount_cents} cents as transaction {tx.pk}"
+
+
+@transaction.atomic
+def handle_stripe_event(*, event_id: str, event_type: str, data_object: dict[str, Any]) -> str:
+    """Apply one verified Stripe event, once: the event id is recorded in the same transaction
+    (unique), so redeliveries are no-ops. Top-ups are credited from checkout.session.completed
+    with payment_status "paid" and from checkout.session.async_payment_succeeded, keyed by the
+    session id, so a session is credited once whichever events arrive."""
+    _, created = StripeEvent.objects.get_or_create(
+        event_id=event_id, defaults={"type": event_type}
+    )
+    if not created:
+        return "duplicate"
+    if event_type in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        result = _credit_checkout_session(data_object)
+    elif event_type == "account.updated":
+        n = ConnectAccount.objects.filter(stripe_account_id=data_object.get("id")).update(
+            payouts_enabled=bool(data_object.get("payouts_enabled"))
+        )
+        result = f"updated {n} connect account(s)"
+    elif event_type == "transfer.reversed":
+        payout = Payout.objects.filter(stripe_transfer_id=data_object.get("id")).first()
+        if payout is not None and payout.status == PayoutStatus.PAID:
+            mark_payout_failed(payout=payout, reason="Stripe transfer reversed")
+            result = f"payout {payout.pk} reversed"
+        else:
+            result = "no matching paid payout"
+    else:
+        result = "ignored"
+    StripeEvent.objects.filter(event_id=event_id).update(result=result[:255])
+    return result

@@ -1,0 +1,129 @@
+"""The only module that talks to Stripe (official SDK, `stripe.StripeClient`).
+
+The client uses `stripe.RequestsClient` explicitly (the SDK's default sync client when
+`requests` is installed), so tests can stub Stripe's HTTP with the `responses` library while
+our code and the SDK's request/response handling run for real. STRIPE_API_BASE points the SDK
+at stripe-mock or a test server when set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import stripe
+from django.conf import settings
+
+from ledger.errors import StripeNotConfigured
+
+
+def client() -> stripe.StripeClient:
+    if not settings.STRIPE_SECRET_KEY:
+        raise StripeNotConfigured("Stripe is not configured (STRIPE_SECRET_KEY is empty).")
+    base = settings.STRIPE_API_BASE
+    return stripe.StripeClient(
+        settings.STRIPE_SECRET_KEY,
+        http_client=stripe.RequestsClient(),
+        base_addresses={"api": base, "connect": base, "files": base} if base else None,
+        max_network_retries=getattr(settings, "STRIPE_MAX_NETWORK_RETRIES", 2),
+    )
+
+
+def create_topup_checkout(*, agent, amount_cents: int, success_url: str, cancel_url: str) -> str:
+    """Create a Checkout Session for a wallet top-up and return its URL. The wallet is credited
+    only when Stripe's signed webhook says the session is paid."""
+    from ledger.services import record_checkout_session
+
+    if amount_cents <= 0:
+        raise ValueError("amount_cents must be positive")
+    session = client().v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": "usd",
+                        "unit_amount": amount_cents,
+                        "product_data": {"name": "kvmarket wallet top-up"},
+                    },
+                }
+            ],
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+            "client_reference_id": str(agent.pk),
+            "customer_email": agent.email,
+            "metadata": {"agent_id": str(agent.pk), "purpose": "wallet_topup"},
+        }
+    )
+    record_checkout_session(agent=agent, session_id=session.id, amount_cents=amount_cents)
+    return session.url
+
+
+def connect_onboarding_link(*, publisher, return_url: str, refresh_url: str) -> str:
+    """Create (once) the publisher's Connect Express account and return an onboarding link."""
+    from ledger.models import ConnectAccount
+    from ledger.services import save_connect_account
+
+    stripe_client = client()
+    connect = ConnectAccount.objects.filter(publisher=publisher).first()
+    if connect is None:
+        account = stripe_client.v1.accounts.create(
+            params={
+                "type": "express",
+                "email": publisher.email,
+                "capabilities": {"transfers": {"requested": True}},
+                "metadata": {"publisher_id": str(publisher.pk)},
+            },
+            options={"idempotency_key": f"connect-account-{publisher.pk}"},
+        )
+        connect = save_connect_account(publisher=publisher, stripe_account_id=account.id)
+    link = stripe_client.v1.account_links.create(
+        params={
+            "account": connect.stripe_account_id,
+            "return_url": return_url,
+            "refresh_url": refresh_url,
+            "type": "account_onboarding",
+        }
+    )
+    return link.url
+
+
+def create_transfer(
+    *, amount_cents: int, destination: str, idempotency_key: str, payout_id: int
+) -> stripe.Transfer:
+    return client().v1.transfers.create(
+        params={
+            "amount": amount_cents,
+            "currency": "usd",
+            "destination": destination,
+            "metadata": {"payout_id": str(payout_id)},
+        },
+        options={"idempotency_key": idempotency_key},
+    )
+
+
+def list_transfers() -> list[dict[str, Any]]:
+    """Every transfer on the platform account (auto-paginated)."""
+    page = client().v1.transfers.list(params={"limit": 100})
+    return [
+        {"id": t.id, "amount": t.amount, "metadata": dict(t.metadata or {})}
+        for t in page.auto_paging_iter()
+    ]
+
+
+def list_paid_checkout_sessions() -> list[dict[str, Any]]:
+    """Completed, paid Checkout Sessions created for wallet top-ups (auto-paginated)."""
+    page = client().v1.checkout.sessions.list(params={"limit": 100, "status": "complete"})
+    out = []
+    for s in page.auto_paging_iter():
+        if s.payment_status != "paid":
+            continue
+        if (s.metadata or {}).get("purpose") != "wallet_topup":
+            continue
+        out.append({"id": s.id, "amount_total": s.amount_total})
+    return out
+
+
+def construct_event(payload: bytes, sig_header: str | None) -> stripe.Event:
+    """Verify the Stripe-Signature header (raises stripe.SignatureVerificationError)."""
+    return stripe.Webhook.construct_event(payload, sig_header, settings.STRIPE_WEBHOOK_SECRET)
