@@ -3,7 +3,8 @@
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -60,10 +61,19 @@ def json_exception_handler(exc: Exception, context: dict[str, Any]) -> Response 
     return response
 
 
-def json_404(request, exception=None) -> JsonResponse:  # noqa: ANN001
-    """handler404 for /api/ paths; pages keep Django's HTML 404."""
-    return JsonResponse(error_body("not_found", "Not found."), status=404)
+def _is_api(request) -> bool:  # noqa: ANN001
+    return request.path.startswith("/api/")
 
 
-def json_500(request) -> JsonResponse:  # noqa: ANN001
-    return JsonResponse(error_body("server_error", "Internal server error."), status=500)
+def json_404(request, exception=None) -> HttpResponse:  # noqa: ANN001
+    """handler404: JSON for /api/ paths; pages keep Django's HTML 404."""
+    if _is_api(request):
+        return JsonResponse(error_body("not_found", "Not found."), status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def json_500(request) -> HttpResponse:  # noqa: ANN001
+    """handler500: JSON for /api/ paths (never a stack trace); pages get the HTML 500."""
+    if _is_api(request):
+        return JsonResponse(error_body("server_error", "Internal server error."), status=500)
+    return defaults.server_error(request)

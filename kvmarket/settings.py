@@ -7,13 +7,18 @@ kvmarket.settings_production, which refuses an insecure SECRET_KEY and DEBUG.
 """
 
 import json
+import os
 from pathlib import Path
 
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# A .env file beside manage.py fills in unset variables; KVMARKET_ENV_FILE names another file
+# ("" reads none: the tests use that to load settings from a controlled environment).
+ENV_FILE = os.environ.get("KVMARKET_ENV_FILE", str(BASE_DIR / ".env"))
+if ENV_FILE:
+    environ.Env.read_env(ENV_FILE, overwrite=False)
 
 VAR_DIR = Path(env("KVMARKET_VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -26,7 +31,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "kvmarket.apps.KvmarketAdminConfig",  # django.contrib.admin, staff only
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -116,11 +121,13 @@ STORAGES = {
 }
 
 # --- REST API -------------------------------------------------------------------------------
+# Requests per API key (marketplace.throttling reads this setting on every request).
+API_KEY_THROTTLE_RATE = env("API_KEY_THROTTLE_RATE", default="600/min")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["marketplace.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_THROTTLE_CLASSES": ["marketplace.throttling.ApiKeyRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_KEY_THROTTLE_RATE", default="600/min")},
+    "DEFAULT_THROTTLE_RATES": {"api_key": API_KEY_THROTTLE_RATE},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "kvmarket.api_errors.json_exception_handler",
     "UNAUTHENTICATED_USER": None,

@@ -17,4 +17,5 @@ urlpatterns = [
     path("", include("marketplace.urls")),
 ]
 
+handler404 = "kvmarket.api_errors.json_404"
 handler500 = "kvmarket.api_errors.json_500"
