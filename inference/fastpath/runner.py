@@ -31,6 +31,8 @@ class _PrefixSlot:
         self.prefix = prefix
         self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=decoder.device)
         self.graphs: dict[int, _Graph] = {}
+        # A private memory pool per slot: its graphs are freed together with it.
+        self.pool = torch.cuda.graph_pool_handle() if decoder.device.type == "cuda" else None
 
 
 class FastReuse:
@@ -47,7 +49,6 @@ class FastReuse:
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots
         self._slots: OrderedDict[tuple[int, int], _PrefixSlot] = OrderedDict()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # --- slots and graphs ------------------------------------------------------------------
     def _slot(self, prefix: PrefixKV, batch: int) -> _PrefixSlot:
@@ -86,7 +87,7 @@ class FastReuse:
         torch.cuda.current_stream().wait_stream(side)
         slot.state.reset()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=slot.pool):
             logits = self.decoder.forward(
                 input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
             )
