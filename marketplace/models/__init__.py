@@ -1,5 +1,18 @@
 """Marketplace models, one module per area (accounts, documents, licenses)."""
 
 from marketplace.models.accounts import ApiKey, Role, User
+from marketplace.models.documents import Document, DocumentStatus
+from marketplace.models.licenses import License, LicenseStatus, Load, LoadKind, LoadStatus
 
-__all__ = ["ApiKey", "Role", "User"]
+__all__ = [
+    "ApiKey",
+    "Document",
+    "DocumentStatus",
+    "License",
+    "LicenseStatus",
+    "Load",
+    "LoadKind",
+    "LoadStatus",
+    "Role",
+    "User",
+]

@@ -1,0 +1,144 @@
+"""Celery tasks (thin): precompute on the model's GPU queue, completions, housekeeping.
+
+GPU workers run ``celery -A kvmarket worker -Q gpu.<slug> --pool solo``; each also consumes
+its direct queue ``worker.<hostname>`` (marketplace.workers) for completions routed to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import shared_task
+
+from kvmarket.celery import gpu_queue_name
+from marketplace import workers  # noqa: F401 - registers the worker's direct queue
+from marketplace.services import documents as document_services
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 0.5
+CANCEL_CHECK_INTERVAL_SECONDS = 2.0
+
+
+def enqueue_precompute(*, document_id: int, model_slug: str) -> str:
+    result = precompute_document.apply_async(
+        args=[document_id], queue=gpu_queue_name(model_slug)
+    )
+    return result.id
+
+
+@shared_task(
+    name="marketplace.tasks.precompute_document",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noqa: ANN001
+    """Prefill a document's KV, verify it, record it on the Document.
+
+    Idempotent: a ready document is skipped, and the artifact is content-addressed, so a
+    redelivered or repeated task (same text, same model) finds the existing artifact instead of
+    computing it again. The engine writes the artifact to a temp file and renames it, so a
+    worker killed mid-way leaves nothing partial; acks_late + reject_on_worker_lost make the
+    broker redeliver the task to another worker.
+    """
+    from inference.errors import KVError
+    from marketplace import engine
+
+    document = document_services.start_precompute(
+        document_id=document_id, task_id=self.request.id or ""
+    )
+    if document is None:
+        return None
+    last = {"progress": 0.0, "cancel": time.monotonic(), "cancelled": False}
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last["progress"] >= PROGRESS_INTERVAL_SECONDS:
+            last["progress"] = now
+            document_services.record_progress(
+                document_id=document_id, tokens_done=done, tokens_total=total
+            )
+
+    def should_cancel() -> bool:
+        now = time.monotonic()
+        if now - last["cancel"] >= CANCEL_CHECK_INTERVAL_SECONDS:
+            last["cancel"] = now
+            last["cancelled"] = document_services.precompute_cancelled(document_id=document_id)
+        return bool(last["cancelled"])
+
+    try:
+        result = engine.precompute(
+            slug=document.model_slug, text=document.text, progress=progress,
+            should_cancel=should_cancel,
+        )
+    except KVError as exc:
+        if exc.code == "precompute_cancelled":
+            log.info("Precompute of document %s cancelled", document_id)
+            return None
+        document_services.record_precompute_failure(
+            document_id=document_id, code=exc.code, message=exc.message
+        )
+        return {"ok": False, "error": exc.to_dict()}
+    except Exception as exc:
+        document_services.record_precompute_failure(
+            document_id=document_id, code="internal_error", message=f"{type(exc).__name__}: {exc}"
+        )
+        raise
+    document_services.record_precompute_success(document_id=document_id, result=result)
+    return {"ok": True, "key": result["key"], "n_tokens": result["n_tokens"]}
+
+
+@shared_task(name="marketplace.tasks.run_completion", bind=True, acks_late=False)
+def run_completion(
+    self,  # noqa: ANN001
+    *,
+    load_id: int,
+    model_slug: str,
+    artifact_key: str,
+    messages: list[dict[str, Any]] | None = None,
+    prompt: str | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> dict[str, Any]:
+    """Continue from the artifact; pure compute (the API process records and charges).
+
+    Not acks_late: a completion lost with its worker is not retried behind the API's back
+    (the API times out with 504 and charges nothing; the client may retry).
+    """
+    from inference.errors import KVError
+    from marketplace import engine
+
+    try:
+        out = engine.generate(
+            slug=model_slug, artifact_key=artifact_key, messages=messages, prompt=prompt,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+        )
+    except KVError as exc:
+        return {"ok": False, "error": exc.to_dict(), "worker": self.request.hostname}
+    return {"ok": True, "worker": self.request.hostname, "load_id": load_id, **out}
+
+
+@shared_task(name="marketplace.tasks.expire_licenses")
+def expire_licenses() -> int:
+    from marketplace.services.licenses import expire_licenses as expire
+
+    return expire()
+
+
+@shared_task(name="marketplace.tasks.expire_stale_loads")
+def expire_stale_loads() -> int:
+    from marketplace.services.completions import expire_stale_loads as expire
+
+    return expire()
+
+
+@shared_task(name="marketplace.tasks.collect_artifacts")
+def collect_artifacts() -> list[str]:
+    return document_services.collect_artifacts()

@@ -1,0 +1,91 @@
+"""Routing completions to GPU workers.
+
+Every worker also consumes a direct queue of its own, ``worker.<hostname>`` (added at start-up
+by the celeryd_after_setup handler below). To send a completion for an artifact we list the
+live workers that consume the model's queue ``gpu.<slug>`` (``inspect().active_queues()``,
+cached for a few seconds) and pick one by rendezvous (highest-random-weight) hashing of
+(artifact key, worker hostname): the same artifact always lands on the same worker while it is
+alive, so its KV stays hot in that worker's GPU/host tier, and when a worker joins or leaves
+only the artifacts it owned move. With no worker information (no reply, a broker without
+broadcast, or an eager test setup) the task goes to the shared ``gpu.<slug>`` queue, which
+any worker of the model consumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+from celery.signals import celeryd_after_setup
+
+from kvmarket.celery import app, gpu_queue_name
+
+log = logging.getLogger(__name__)
+
+DIRECT_QUEUE_PREFIX = "worker."
+WORKERS_CACHE_SECONDS = 10.0
+INSPECT_TIMEOUT_SECONDS = 0.5
+
+_cache_lock = threading.Lock()
+_cache: dict[str, object] = {"at": 0.0, "queues": None}
+
+
+def direct_queue_name(hostname: str) -> str:
+    return f"{DIRECT_QUEUE_PREFIX}{hostname}"
+
+
+@celeryd_after_setup.connect(weak=False)
+def add_direct_queue(sender: str, instance, **_: object) -> None:  # noqa: ANN001
+    """Each worker consumes ``worker.<its hostname>`` besides the queues given with -Q."""
+    instance.app.amqp.queues.select_add(direct_queue_name(sender))
+
+
+def _active_queues() -> dict[str, list[str]] | None:
+    """{hostname: [queue names]} of live workers, cached for WORKERS_CACHE_SECONDS."""
+    now = time.monotonic()
+    with _cache_lock:
+        if _cache["queues"] is not None and now - float(_cache["at"]) < WORKERS_CACHE_SECONDS:
+            return _cache["queues"]  # type: ignore[return-value]
+    try:
+        replies = app.control.inspect(timeout=INSPECT_TIMEOUT_SECONDS).active_queues() or {}
+    except Exception:  # noqa: BLE001 - no broadcast on this broker, or the broker is down
+        log.info("Could not list workers; using shared queues.", exc_info=True)
+        replies = {}
+    queues = {host: [q.get("name", "") for q in qs or []] for host, qs in replies.items()}
+    with _cache_lock:
+        _cache["at"] = time.monotonic()
+        _cache["queues"] = queues
+    return queues
+
+
+def forget_workers() -> None:
+    with _cache_lock:
+        _cache["at"] = 0.0
+        _cache["queues"] = None
+
+
+def workers_for_model(slug: str) -> list[str]:
+    """Hostnames of live workers consuming ``gpu.<slug>`` that also have their direct queue."""
+    shared = gpu_queue_name(slug)
+    queues = _active_queues() or {}
+    return sorted(
+        host for host, names in queues.items()
+        if shared in names and direct_queue_name(host) in names
+    )
+
+
+def rendezvous_pick(key: str, hosts: list[str]) -> str | None:
+    """Highest-random-weight choice: stable per key, minimal movement when hosts change."""
+    if not hosts:
+        return None
+    return max(hosts, key=lambda h: hashlib.sha256(f"{key}\x00{h}".encode()).digest())
+
+
+def completion_queue(slug: str, artifact_key: str) -> tuple[str, str | None]:
+    """(queue name, chosen hostname or None) for a completion on this artifact."""
+    host = rendezvous_pick(artifact_key, workers_for_model(slug))
+    if host is None:
+        return gpu_queue_name(slug), None
+    return direct_queue_name(host), host

@@ -1,0 +1,123 @@
+"""Marketplace test helpers: funded agents, ready documents, a fake GPU worker."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from marketplace.models import Document, DocumentStatus, Role
+from tests.support.accounts import make_api_key, make_user
+
+NANO = 10**9
+_seq = itertools.count(1)
+
+
+def fund(agent, usd: float = 10.0) -> None:  # noqa: ANN001
+    from ledger.services import credit_topup
+
+    credit_topup(
+        agent=agent, amount_nano=int(usd * NANO), idempotency_key=f"test-topup-{next(_seq)}"
+    )
+
+
+def wallet(agent) -> int:  # noqa: ANN001
+    from ledger.selectors import wallet_balance
+
+    return wallet_balance(agent)
+
+
+def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = None,  # noqa: ANN001
+                        listed: bool = True, text: str | None = None) -> Document:
+    text = text or f"Document text {next(_seq)}."
+    return Document.objects.create(
+        publisher=publisher,
+        title=f"Doc {next(_seq)}",
+        text=text,
+        model_slug="tiny-qwen3",
+        price_per_load_nano=price,
+        status=DocumentStatus.READY,
+        n_tokens=n_tokens,
+        tokens_done=n_tokens,
+        tokens_total=n_tokens,
+        artifact_key=hashlib.sha256(text.encode()).hexdigest(),
+        artifact_bytes=1234,
+        listed=listed,
+        verification={"passed": True, "bitwise_equal": True, "greedy_matched": 24,
+                      "greedy_total": 24, "match_rate": 1.0, "max_logit_diff": 0.0,
+                      "dtype": "float32"},
+    )
+
+
+@pytest.fixture
+def funded_agent(agent_user):  # noqa: ANN001, ANN201
+    fund(agent_user, 10.0)
+    return agent_user
+
+
+@pytest.fixture
+def ready_document(publisher_user) -> Document:  # noqa: ANN001
+    return make_ready_document(publisher_user)
+
+
+@pytest.fixture
+def other_agent_client(db):  # noqa: ANN001, ANN201
+    from rest_framework.test import APIClient
+
+    agent = make_user(role=Role.AGENT)
+    fund(agent, 10.0)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key(agent)}")
+    client.user = agent
+    return client
+
+
+@pytest.fixture
+def publisher_client(publisher_user):  # noqa: ANN001, ANN201
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(publisher_user)
+    return client
+
+
+FAKE_RESULT = {
+    "ok": True,
+    "worker": "fake@worker",
+    "text": "Hello world.",
+    "deltas": ["Hello", " world", "."],
+    "finish_reason": "stop",
+    "usage": {"cached_tokens": 1000, "suffix_tokens": 12, "output_tokens": 3},
+    "timings": {"load_s": 0.01, "ttft_s": 0.02, "total_s": 0.05},
+}
+
+
+class FakeWorker:
+    """Replaces the dispatch to a GPU worker: returns a canned result or raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.behaviour: Callable[[dict[str, Any]], dict[str, Any]] = lambda call: dict(FAKE_RESULT)
+
+    def __call__(self, *, load, document, params, timeout):  # noqa: ANN001, ANN204
+        call = {"load": load, "document": document, "params": params, "timeout": timeout}
+        self.calls.append(call)
+        return self.behaviour(call)
+
+
+@pytest.fixture
+def fake_worker(monkeypatch) -> FakeWorker:  # noqa: ANN001
+    from marketplace.services import completions
+
+    worker = FakeWorker()
+    monkeypatch.setattr(completions, "dispatch_generation", worker)
+    return worker
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:  # noqa: ANN001
+    """Users are made in almost every test; PBKDF2 would dominate the runtime."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
