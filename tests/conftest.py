@@ -85,6 +85,15 @@ def artifacts_dir() -> Path:
     return ARTIFACTS_DIR
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing() -> Iterator[None]:
+    """PBKDF2 costs ~0.5 s a user on a small machine: tests hash with MD5 instead."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
     """Throttle counters live in the cache: start every test with an empty one."""
