@@ -45,7 +45,13 @@ def main() -> None:
     state = SuffixState(fast.decoder, batch=1, capacity=128, device=torch.device("cuda"))
     ids = torch.tensor([suffix], device="cuda")
     for label, fn in (
-        ("eager", lambda: (state.reset(), fast.decoder.forward(ids, prefix=prefix, state=state))),
+        (
+            "eager",
+            lambda: (
+                state.reset(),
+                fast.decoder.forward(ids, prefix=prefix, state=state, fresh=True),
+            ),
+        ),
         ("graph", lambda: fast.first_logits(prefix, [suffix])),
     ):
         for _ in range(3):

@@ -18,7 +18,6 @@ captured in a CUDA graph (see graphs.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +33,7 @@ class LayerWeights:
     input_norm: torch.Tensor
     qkv: torch.Tensor  # [q_dim + 2 * kv_dim, hidden], q, k and v projections fused
     qkv_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None  # Qwen3 normalises q and k per head
-    k_norm: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: Qwen3 normalises q and k per head
     o_proj: torch.Tensor
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
@@ -59,7 +57,7 @@ class SuffixState:
     def __init__(
         self, decoder: FastDecoder, *, batch: int, capacity: int, device: torch.device
     ) -> None:
-        shape = (batch, capacity, decoder.n_kv_heads, decoder.head_dim)
+        shape = (batch, decoder.n_kv_heads, capacity, decoder.head_dim)
         self.keys = [torch.zeros(shape, dtype=decoder.dtype, device=device) for _ in decoder.layers]
         self.values = [
             torch.zeros(shape, dtype=decoder.dtype, device=device) for _ in decoder.layers
@@ -70,6 +68,13 @@ class SuffixState:
 
     def reset(self) -> None:
         self.lengths.zero_()
+
+
+def _stacked_qk_norm(attn: torch.nn.Module, n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
+    if getattr(attn, "q_norm", None) is None:
+        return None
+    q, k = attn.q_norm.weight.detach(), attn.k_norm.weight.detach()
+    return torch.cat([q.expand(n_heads, -1), k.expand(n_kv_heads, -1)]).contiguous()
 
 
 class FastDecoder:
@@ -115,8 +120,7 @@ class FastDecoder:
                         [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
                     ).detach(),
                     qkv_bias=None if biases[0] is None else torch.cat(biases).detach(),
-                    q_norm=getattr(getattr(attn, "q_norm", None), "weight", None),
-                    k_norm=getattr(getattr(attn, "k_norm", None), "weight", None),
+                    qk_norm=_stacked_qk_norm(attn, self.n_heads, self.n_kv_heads),
                     o_proj=attn.o_proj.weight,
                     post_norm=layer.post_attention_layernorm.weight,
                     gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
@@ -126,77 +130,64 @@ class FastDecoder:
         self.intermediate = self.layers[0].down.shape[1]
 
     # --- pieces ----------------------------------------------------------------------------
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Same operation order as transformers' RMSNorm, so float32 results agree closely.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x [B, S, H, D]; positions [B, S]
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [B, S, 1, D] for all layers: rope(x) = x*cos + roll(x)*sin."""
         freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(x.dtype)[:, :, None, :]
-        sin = emb.sin().to(x.dtype)[:, :, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        sin = torch.cat((-freqs, freqs), dim=-1).sin()
+        return cos.to(self.dtype)[:, :, None, :], sin.to(self.dtype)[:, :, None, :]
 
-    def _fold(self, q: torch.Tensor) -> torch.Tensor:
-        """[B, S, Hq, D] -> [B, Hkv, G*S, D]: a KV head's query heads become extra rows."""
-        b, s = q.shape[:2]
-        q = q.view(b, s, self.n_kv_heads, self.group, self.head_dim)
-        return q.permute(0, 2, 3, 1, 4).reshape(b, self.n_kv_heads, self.group * s, self.head_dim)
-
-    def _unfold(self, o: torch.Tensor, s: int) -> torch.Tensor:
-        """[B, Hkv, G*S, D] -> [B, S, Hq*D]."""
-        b = o.shape[0]
-        o = o.view(b, self.n_kv_heads, self.group, s, self.head_dim).permute(0, 3, 1, 2, 4)
-        return o.reshape(b, s, self.n_heads * self.head_dim)
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # roll by half swaps the halves: [x2, x1]; with sin's sign folded in, [-x2, x1] * sin.
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin)
 
     def _prefix_attention(
-        self, qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_chunks: int
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All rows of all batch members against the shared prefix: no mask, no copy of K/V."""
-        b, hkv, rows, d = qf.shape
-        # Batch rows join the query axis: one attention call serves the whole batch.
-        q = qf.permute(1, 0, 2, 3).reshape(1, hkv, b * rows, d)
-        n_tokens = keys.shape[1]
-        chunk = math.ceil(n_tokens / n_chunks)
-        outs, lses = [], []
-        for start in range(0, n_tokens, chunk):
-            k = keys[None, :, start : start + chunk]
-            v = values[None, :, start : start + chunk]
-            out, lse = _attention_with_lse(q, k, v, self.scale)
-            outs.append(out)
-            lses.append(lse)
-        out, lse = _merge(outs, lses)
-        out = out.view(hkv, b, rows, d).permute(1, 0, 2, 3)
-        lse = lse.view(hkv, b, rows).permute(1, 0, 2)
-        return out, lse
+        """Every query of every batch row against the shared prefix: no mask, no K/V copy.
+
+        q [B, S, Hq, D]. A KV head's query heads and all batch rows are folded into one query
+        axis, so one attention call serves the whole batch with K/V read once.
+        Returns out [B, Hkv, G, S, D] and lse [B, Hkv, G, S].
+        """
+        b, s = q.shape[:2]
+        hkv, g, d = self.n_kv_heads, self.group, self.head_dim
+        qf = q.view(b, s, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(1, hkv, b * g * s, d)
+        out, lse = _attention_with_lse(qf, keys[None], values[None], self.scale)
+        out = out.view(hkv, b, g, s, d).permute(1, 0, 2, 3, 4)
+        return out, lse.view(hkv, b, g, s).permute(1, 0, 2, 3)
+
+    def _fresh_suffix_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's first suffix tokens against themselves: plain causal attention.
+
+        The suffix is short, so repeating its KV heads is cheap; padding sits after each row's
+        real tokens, and causality keeps it out of their view.
+        """
+        b, s = q.shape[:2]
+        hkv, g, d = self.n_kv_heads, self.group, self.head_dim
+        qt = q.transpose(1, 2)
+        kt = k.transpose(1, 2).repeat_interleave(g, dim=1)
+        vt = v.transpose(1, 2).repeat_interleave(g, dim=1)
+        out, lse = _attention_with_lse(qt, kt, vt, self.scale, causal=True)
+        return out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
 
     def _suffix_attention(
-        self,
-        qf: torch.Tensor,
-        state: SuffixState,
-        layer: int,
-        q_pos: torch.Tensor,
-        end: torch.Tensor,
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row against its own suffix tokens, causally, over the fixed-size buffer."""
-        keys = state.keys[layer].permute(0, 2, 1, 3)  # [B, Hkv, C, D]
-        values = state.values[layer].permute(0, 2, 1, 3)
-        scores = torch.matmul(qf, keys.transpose(-1, -2)).float() * self.scale
-        k_idx = torch.arange(state.capacity, device=qf.device)
-        # q_pos [B, S] is each query's index in the suffix; end [B] the row's valid length.
-        visible = (k_idx[None, None, :] <= q_pos[:, :, None]) & (
-            k_idx[None, None, :] < end[:, None, None]
-        )
-        visible = visible.repeat(1, self.group, 1)[:, None]  # rows are (group, S) ordered
-        scores = scores.masked_fill(~visible, float("-inf"))
+        """Each row against its own suffix buffer [B, Hkv, C, D], masked by bias."""
+        b, s = q.shape[:2]
+        hkv, g, d = self.n_kv_heads, self.group, self.head_dim
+        qf = q.view(b, s, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * s, d)
+        scores = torch.matmul(qf, keys.transpose(-1, -2)).float().mul_(self.scale).add_(bias)
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse[..., None]).to(values.dtype)
-        return torch.matmul(probs, values), lse
+        probs = scores.sub_(lse[..., None]).exp_().to(values.dtype)
+        out = torch.matmul(probs, values)
+        return out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
 
     # --- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -208,97 +199,96 @@ class FastDecoder:
         state: SuffixState,
         n_valid: torch.Tensor | None = None,
         all_logits: bool = False,
-        prefix_chunks: int | None = None,
+        fresh: bool = False,
         layer_ready: list[torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
         """Run input_ids [B, S] after the prefix and the rows' earlier suffix tokens.
 
-        n_valid [B] says how many of each row's S tokens are real (the rest is padding); the
-        suffix lengths advance by it. Returns the logits of each row's last real token [B, V],
-        or of every position [B, S, V] with all_logits. layer_ready holds per-layer events of
-        a prefix still being copied in: layer i's attention waits for event i, no earlier.
+        n_valid [B] says how many of each row's S tokens are real (padding follows them); the
+        suffix lengths advance by it. fresh=True promises the suffix buffers are empty (the
+        first step of a request), which allows plain causal attention over the new tokens.
+        Returns the logits of each row's last real token [B, V], or of every position
+        [B, S, V] with all_logits. layer_ready holds per-layer events of a prefix still being
+        copied in: layer i's attention waits for event i, no earlier.
         """
         b, s = input_ids.shape
+        device = input_ids.device
         if n_valid is None:
-            n_valid = torch.full((b,), s, dtype=torch.long, device=input_ids.device)
+            n_valid = torch.full((b,), s, dtype=torch.long, device=device)
         start = state.lengths
-        q_pos = start[:, None] + torch.arange(s, device=input_ids.device)[None, :]
-        end = start + n_valid
-        positions = q_pos + prefix.n_tokens
-        rows = torch.arange(b, device=input_ids.device)[:, None]
-        if prefix_chunks is None:
-            prefix_chunks = prefix_chunk_count(prefix.n_tokens, b * s * self.group, self.n_kv_heads)
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q_pos = start[:, None] + torch.arange(s, device=device)[None, :]
+        cos, sin = self._rope_tables(q_pos + prefix.n_tokens)
+        rows = torch.arange(b, device=device)[:, None]
+        write = q_pos.clamp(max=state.capacity - 1)
+        bias = None
+        if not fresh:
+            k_idx = torch.arange(state.capacity, device=device)
+            visible = (k_idx[None, None, :] <= q_pos[:, :, None]) & (
+                k_idx[None, None, :] < (start + n_valid)[:, None, None]
+            )
+            bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+            bias = bias.repeat(1, self.group, 1)[:, None]  # query rows are (group, S) ordered
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
 
         x = F.embedding(input_ids, self.embed)
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w.input_norm)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            q = qkv[..., :q_dim].view(b, s, self.n_heads, self.head_dim)
-            k = qkv[..., q_dim : q_dim + kv_dim].view(b, s, self.n_kv_heads, self.head_dim)
-            v = qkv[..., q_dim + kv_dim :].view(b, s, self.n_kv_heads, self.head_dim)
-            if w.q_norm is not None:
-                q = self._rms_norm(q, w.q_norm)
-                k = self._rms_norm(k, w.k_norm)
-            q = self._rope(q, positions)
-            k = self._rope(k, positions)
-            # Padding rows may write past a row's end; they are masked and later overwritten.
-            write = q_pos.clamp(max=state.capacity - 1)
-            state.keys[i].index_put_((rows, write), k)
-            state.values[i].index_put_((rows, write), v)
-            qf = self._fold(q)
-            out_s, lse_s = self._suffix_attention(qf, state, i, q_pos, end)
+            qkv = F.linear(h, w.qkv, w.qkv_bias).view(b, s, hq + 2 * hkv, d)
+            qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
+            if w.qk_norm is not None:
+                qk = self._rms_norm(qk, None) * w.qk_norm
+            qk = self._rope(qk, cos, sin)
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+            # Padding may write past a row's end; it is masked and later overwritten.
+            state.keys[i][rows, :, write] = k
+            state.values[i][rows, :, write] = v
+            if fresh:
+                out, lse = self._fresh_suffix_attention(q, k, v)
+            else:
+                out, lse = self._suffix_attention(q, state.keys[i], state.values[i], bias)
             if prefix.n_tokens:
                 keys, values = prefix.layers[i]
                 if layer_ready is not None:
                     torch.cuda.current_stream().wait_event(layer_ready[i])
-                out_p, lse_p = self._prefix_attention(qf, keys, values, prefix_chunks)
-                out, _ = _merge([out_p, out_s], [lse_p, lse_s])
-            else:
-                out = out_s
-            x = x + F.linear(self._unfold(out.to(x.dtype), s), w.o_proj)
+                out_p, lse_p = self._prefix_attention(q, keys, values)
+                out = _merge(out_p, lse_p, out, lse)
+            out = out.to(x.dtype).permute(0, 3, 1, 2, 4).reshape(b, s, hq * d)
+            x = x + F.linear(out, w.o_proj)
             h = self._rms_norm(x, w.post_norm)
             gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down)
         state.lengths.add_(n_valid)
         if not all_logits:
-            x = x[torch.arange(b, device=x.device), n_valid - 1]
+            x = x[torch.arange(b, device=device), n_valid - 1]
         return F.linear(self._rms_norm(x, self.final_norm), self.lm_head)
 
 
-def prefix_chunk_count(n_tokens: int, rows_per_kv_head: int, n_kv_heads: int) -> int:
-    """Split long prefixes along the key axis (flash-decoding) so enough blocks run at once.
-
-    Flash attention parallelises over (query blocks x heads); a single request has few query
-    rows, so without a split only a handful of SMs would read a 32k-token prefix.
-    """
-    if n_tokens == 0:
-        return 1
-    blocks = max(1, math.ceil(rows_per_kv_head / 128)) * n_kv_heads
-    wanted = max(1, 264 // blocks)  # about two blocks per SM on an H100
-    return max(1, min(wanted, n_tokens // 512 or 1))
-
-
 def _attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention without a mask, returning (out, log-sum-exp per row in float32)."""
+    """Softmax attention returning (out, log-sum-exp per row in float32).
+
+    Causal means top-left aligned, which is what we want only when queries and keys are the
+    same tokens (the fresh suffix).
+    """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, False, False, scale=scale
+            q, k, v, 0.0, causal, False, scale=scale
         )[:2]
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if causal:
+        n_q, n_k = scores.shape[-2:]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention over disjoint key sets: weights are exp(lse_i - lse_total)."""
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    lse = torch.stack(lses)
-    total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total)[..., None]
-    out = (torch.stack(outs).float() * weights).sum(dim=0)
-    return out.to(outs[0].dtype), total
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Combine attention over two disjoint key sets: a's weight is sigmoid(lse_a - lse_b)."""
+    weight_a = torch.sigmoid(lse_a - lse_b)[..., None]
+    out_b = out_b.float()
+    return torch.addcmul(out_b, out_a.float() - out_b, weight_a)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.fastpath.model import FastDecoder, PrefixKV, SuffixState
+from inference.fastpath.transfer import HostPrefix
 
 
 @dataclass
@@ -27,10 +28,21 @@ class _Graph:
 class _PrefixSlot:
     """Per (prefix, batch size): the suffix buffers and the graphs that read them."""
 
-    def __init__(self, decoder: FastDecoder, prefix: PrefixKV, batch: int, capacity: int) -> None:
+    def __init__(
+        self,
+        decoder: FastDecoder,
+        prefix: PrefixKV,
+        batch: int,
+        capacity: int,
+        source: HostPrefix | None = None,
+        staging: torch.Tensor | None = None,
+    ) -> None:
         self.prefix = prefix
+        # A prefix that lives in host memory is copied in, layer by layer, inside the graph.
+        self.source = source
+        self.staging = staging
         self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=decoder.device)
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
         # A private memory pool per slot: its graphs are freed together with it.
         self.pool = torch.cuda.graph_pool_handle() if decoder.device.type == "cuda" else None
 
@@ -63,46 +75,89 @@ class FastReuse:
         self._slots.move_to_end(key)
         return slot
 
+    def _host_slot(self, source: HostPrefix, batch: int) -> _PrefixSlot:
+        key = (id(source), batch)
+        slot = self._slots.get(key)
+        if slot is None or slot.source is not source:
+            staging = torch.empty_like(source.buffer, device=self.decoder.device)
+            prefix = PrefixKV([(staging[i, 0], staging[i, 1]) for i in range(staging.shape[0])])
+            slot = _PrefixSlot(self.decoder, prefix, batch, self.capacity, source, staging)
+            self._slots[key] = slot
+            while len(self._slots) > self.max_slots:
+                self._slots.popitem(last=False)
+        self._slots.move_to_end(key)
+        return slot
+
+    def forget_host(self, source: HostPrefix) -> None:
+        for key in [k for k, s in self._slots.items() if s.source is source]:
+            del self._slots[key]
+
     def forget(self, prefix: PrefixKV) -> None:
         """Drop the graphs and buffers of a prefix (when it leaves GPU memory)."""
         for key in [k for k, s in self._slots.items() if s.prefix is prefix]:
             del self._slots[key]
 
-    def _graph(self, slot: _PrefixSlot, q_len: int) -> _Graph:
-        cached = slot.graphs.get(q_len)
+    def _graph(self, slot: _PrefixSlot, q_len: int, fresh: bool) -> _Graph:
+        cached = slot.graphs.get((q_len, fresh))
         if cached is not None:
             return cached
         batch = slot.state.batch
         device = self.decoder.device
         input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
         n_valid = torch.full((batch,), q_len, dtype=torch.long, device=device)
+        if slot.source is not None:
+            slot.staging.copy_(slot.source.buffer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up kernels and autotuning outside the capture
                 slot.state.reset()
                 self.decoder.forward(
-                    input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+                    input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
                 )
         torch.cuda.current_stream().wait_stream(side)
         slot.state.reset()
         graph = torch.cuda.CUDAGraph()
+        copy_in = fresh and slot.source is not None
         with torch.cuda.graph(graph, pool=slot.pool):
+            ready = self._copy_in(slot) if copy_in else None
             logits = self.decoder.forward(
-                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+                input_ids,
+                prefix=slot.prefix,
+                state=slot.state,
+                n_valid=n_valid,
+                fresh=fresh,
+                layer_ready=ready,
             )
+            if copy_in:
+                torch.cuda.current_stream().wait_stream(slot.copy_stream)
         captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
-        slot.graphs[q_len] = captured
+        slot.graphs[(q_len, fresh)] = captured
         return captured
 
+    @staticmethod
+    def _copy_in(slot: _PrefixSlot) -> list[torch.cuda.Event]:
+        """Per-layer host-to-GPU copies on a side stream; layer i's attention waits on event i."""
+        if not hasattr(slot, "copy_stream"):
+            slot.copy_stream = torch.cuda.Stream()
+        slot.copy_stream.wait_stream(torch.cuda.current_stream())
+        events = []
+        with torch.cuda.stream(slot.copy_stream):
+            for i in range(slot.staging.shape[0]):
+                slot.staging[i].copy_(slot.source.buffer[i], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                events.append(event)
+        return events
+
     def _step(
-        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor
+        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor, *, fresh: bool
     ) -> torch.Tensor:
         if not self.use_graphs:
             return self.decoder.forward(
-                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid
+                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
             )
-        g = self._graph(slot, input_ids.shape[1])
+        g = self._graph(slot, input_ids.shape[1], fresh)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.n_valid.copy_(n_valid, non_blocking=True)
         g.graph.replay()
@@ -113,7 +168,17 @@ class FastReuse:
     def first_logits(self, prefix: PrefixKV, suffixes: list[list[int]]) -> torch.Tensor:
         """Logits after each suffix [B, V]: B agents' suffixes against one shared prefix."""
         slot, ids, n_valid = self._start(prefix, suffixes)
-        return self._step(slot, ids, n_valid).clone()
+        return self._step(slot, ids, n_valid, fresh=True).clone()
+
+    @torch.inference_mode()
+    def first_logits_from_host(self, source: HostPrefix, suffixes: list[list[int]]) -> torch.Tensor:
+        """Like first_logits for a prefix in (pinned) host memory: the copy to the GPU runs
+        layer by layer, overlapped with the compute of the layers already there."""
+        slot = self._host_slot(source, len(suffixes))
+        slot, ids, n_valid = self._start(slot.prefix, suffixes, slot=slot)
+        if not self.use_graphs:
+            slot.staging.copy_(source.buffer)
+        return self._step(slot, ids, n_valid, fresh=True).clone()
 
     @torch.inference_mode()
     def greedy(
@@ -123,18 +188,18 @@ class FastReuse:
         slot, ids, n_valid = self._start(prefix, suffixes)
         if max(len(s) for s in suffixes) + max_new_tokens > self.capacity:
             raise ValueError("suffix plus new tokens exceed the suffix capacity")
-        logits = self._step(slot, ids, n_valid)
+        logits = self._step(slot, ids, n_valid, fresh=True)
         ones = torch.ones_like(n_valid)
         generated = []
         for step in range(max_new_tokens):
             next_ids = logits.argmax(dim=-1, keepdim=True)
             generated.append(next_ids)
             if step + 1 < max_new_tokens:
-                logits = self._step(slot, next_ids, ones)
+                logits = self._step(slot, next_ids, ones, fresh=False)
         return torch.cat(generated, dim=1).tolist()
 
     def _start(
-        self, prefix: PrefixKV, suffixes: list[list[int]]
+        self, prefix: PrefixKV, suffixes: list[list[int]], *, slot: _PrefixSlot | None = None
     ) -> tuple[_PrefixSlot, torch.Tensor, torch.Tensor]:
         if not suffixes or any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token")
@@ -144,7 +209,7 @@ class FastReuse:
             longest = min(self.capacity, -(-longest // 16) * 16)
         if max(len(s) for s in suffixes) > self.capacity:
             raise ValueError(f"a suffix exceeds the capacity of {self.capacity} tokens")
-        slot = self._slot(prefix, len(suffixes))
+        slot = slot or self._slot(prefix, len(suffixes))
         slot.state.reset()
         padded = [s + [0] * (longest - len(s)) for s in suffixes]
         ids = torch.tensor(padded, dtype=torch.long).to(self.decoder.device, non_blocking=True)

@@ -120,16 +120,20 @@ def read_artifact_into_host(
     threads: int = 8,
     tensor_sha256: dict[str, str] | None = None,
     on_layer: Callable[[int, HostPrefix], None] | None = None,
+    into: HostPrefix | None = None,
 ) -> HostPrefix:
     """Read an artifact's K/V tensors into one pinned buffer with parallel preads.
 
     tensor_sha256 (name -> hex), when given, is checked per tensor in the reading threads, so
     verification runs at the speed of many cores instead of one sha256 stream.
     on_layer(i, host) is called in this thread, in layer order, once layer i is in host memory.
+    into: a host buffer of the right shape to reuse (its GPU graphs stay valid).
     """
     path = Path(path)
     layout = _layout(path)
-    host = HostPrefix.empty(layout.n_layers, *layout.shape, layout.dtype)
+    host = into or HostPrefix.empty(layout.n_layers, *layout.shape, layout.dtype)
+    if tuple(host.buffer.shape) != (layout.n_layers, 2, *layout.shape):
+        raise ValueError("the host buffer does not match the artifact's shape")
     flat = host.buffer.view(torch.uint8).view(layout.n_layers, 2, -1).numpy()
     fd = os.open(path, os.O_RDONLY)
 
@@ -165,28 +169,3 @@ def read_artifact_into_host(
     finally:
         os.close(fd)
     return host
-
-
-def stream_file_to_device(
-    path: str | Path,
-    device: torch.device,
-    *,
-    threads: int = 8,
-    tensor_sha256: dict[str, str] | None = None,
-) -> DevicePrefix:
-    """Disk to GPU with the stages overlapped: each layer is sent as soon as it is read."""
-    layout = _layout(Path(path))
-    target = torch.empty((layout.n_layers, 2, *layout.shape), dtype=layout.dtype, device=device)
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    events: list[torch.cuda.Event] = []
-
-    def send(i: int, host: HostPrefix) -> None:
-        with torch.cuda.stream(stream):
-            target[i].copy_(host.buffer[i], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-            events.append(event)
-
-    read_artifact_into_host(path, threads=threads, tensor_sha256=tensor_sha256, on_layer=send)
-    return DevicePrefix(_views(target), events, target)
