@@ -41,14 +41,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # The demo uses the embedded defaults only: whatever DATABASE_URL / broker the shell exports
-# (for example a test setup) is dropped, so `make run` never touches the test services.
+# (for example a test setup) is dropped and .env is not read, so `make run` never touches the
+# test services or a deployment's settings.
 run: $(STAMP)
-	env -u DATABASE_URL -u CELERY_BROKER_URL -u CELERY_RESULT_BACKEND \
+	env -u DATABASE_URL -u CELERY_BROKER_URL -u CELERY_RESULT_BACKEND KVMARKET_ENV_FILE= \
 		$(PY) -m kvmarket.devserver --host $(HOST) --port $(PORT)
 
 test: export DATABASE_URL ?= $(TEST_DATABASE_URL)
 test: export CELERY_BROKER_URL ?= $(TEST_CELERY_BROKER_URL)
 test: export CELERY_RESULT_BACKEND ?= $(TEST_CELERY_RESULT_BACKEND)
+test: export KVMARKET_ENV_FILE ?=
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	@mkdir -p test-artifacts

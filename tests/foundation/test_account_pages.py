@@ -153,3 +153,10 @@ def test_unknown_page_is_an_html_404_and_unknown_api_path_a_json_404(client, set
     api = client.get("/api/v1/no-such-endpoint")
     assert api.status_code == 404
     assert api.json()["error"]["code"] == "not_found"
+
+
+def test_healthz_answers_before_host_checks(client, settings) -> None:
+    settings.ALLOWED_HOSTS = ["kvmarket.example.com"]
+    response = client.get("/healthz", HTTP_HOST="127.0.0.1:8000")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert client.get("/", HTTP_HOST="evil.example").status_code == 400

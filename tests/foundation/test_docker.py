@@ -1,0 +1,77 @@
+"""docker/compose.yml is valid and has the production shape (the client only; no engine here)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = REPO_ROOT / "docker" / "compose.yml"
+
+pytestmark = pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client")
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    proc = _compose("config", "--format", "json")
+    if "is not a docker command" in proc.stderr or "unknown command" in proc.stderr:
+        pytest.fail("the docker compose CLI plugin is missing: .ci/run installs it")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_config_succeeds() -> None:
+    proc = _compose("config", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_has_every_service_with_a_healthcheck(config) -> None:
+    services = config["services"]
+    assert set(services) >= {"postgres", "redis", "web", "worker", "gpu-worker", "beat"}
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_web_migrates_then_runs_gunicorn(config) -> None:
+    web = config["services"]["web"]
+    command = " ".join(web["command"])
+    assert command.index("migrate") < command.index("gunicorn kvmarket.wsgi:application")
+    assert web["environment"]["DJANGO_SETTINGS_MODULE"] == "kvmarket.settings_production"
+    assert web["environment"]["DATABASE_URL"].startswith("postgres://")
+    assert web["environment"]["CELERY_BROKER_URL"].startswith("redis://redis:")
+    assert web["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_gpu_worker_reserves_a_gpu_and_runs_solo_with_prefetch_one(config) -> None:
+    gpu = config["services"]["gpu-worker"]
+    command = gpu["command"]
+    assert command[:4] == ["celery", "-A", "kvmarket", "worker"]
+    assert command[command.index("--pool") + 1] == "solo"
+    assert command[command.index("-Q") + 1] == "gpu.tiny-qwen3"
+    assert command[command.index("--prefetch-multiplier") + 1] == "1"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+def test_beat_uses_the_database_scheduler(config) -> None:
+    command = config["services"]["beat"]["command"]
+    assert "beat" in command
+    assert "django_celery_beat.schedulers:DatabaseScheduler" in command
+
+
+def test_images_run_as_a_non_root_user() -> None:
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (REPO_ROOT / "docker" / name).read_text()
+        assert "\nUSER kvmarket" in text, name
+    assert "FROM python:3.11-slim" in (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:" in (REPO_ROOT / "docker" / "Dockerfile.gpu").read_text()
