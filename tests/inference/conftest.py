@@ -1,0 +1,47 @@
+"""Fixtures for the KV engine tests. No Django: these tests run with ``-p no:django`` too.
+
+The built-in model and one store of precomputed documents are shared by the whole session so
+the suite stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from inference import BUILTIN_MODEL_ID, KVStore, get_model, precompute  # noqa: E402
+from tests.inference.helpers import DOCS  # noqa: E402
+
+torch.set_num_threads(2)
+
+@pytest.fixture(scope="session")
+def loaded():
+    return get_model(BUILTIN_MODEL_ID)
+
+
+@pytest.fixture(scope="session")
+def loaded_bf16():
+    return get_model(BUILTIN_MODEL_ID, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> KVStore:
+    return KVStore(tmp_path_factory.mktemp("kv-shared"))
+
+
+@pytest.fixture(scope="session")
+def doc_keys(loaded, shared_store) -> dict[str, str]:
+    """Every test document precomputed once into the shared store."""
+    return {doc: precompute(loaded, doc, store=shared_store, chunk_size=64).key for doc in DOCS}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KVStore:
+    return KVStore(tmp_path / "kv")
