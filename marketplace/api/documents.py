@@ -213,7 +213,7 @@ class DocumentKVView(MarketplaceView):
             )
         if not Document.objects.filter(pk=pk).exists():
             raise ApiError(status_code=404, code="not_found", message="No such document.")
-        load, path = completion_services.start_kv_download(
+        load, path, replayed = completion_services.start_kv_download(
             agent=request.user, license_id=int(raw), document_id=pk,
             idempotency_key=idempotency_key(request),
         )
@@ -225,4 +225,6 @@ class DocumentKVView(MarketplaceView):
         )
         response["X-Kvmarket-Load"] = str(load.pk)
         response["X-Kvmarket-Egress-Bytes"] = str(load.egress_bytes)
+        if replayed:
+            response["Idempotent-Replayed"] = "true"
         return response

@@ -436,8 +436,8 @@ def _precheck_compute_funds(
 
 def start_kv_download(
     *, agent: User, license_id: int, document_id: int, idempotency_key: str | None
-) -> tuple[Load, Any]:
-    """Reserve and charge a shipping-mode load; returns (load, artifact path) to stream."""
+) -> tuple[Load, Any, bool]:
+    """Reserve and charge a shipping-mode load; returns (load, artifact path, replayed)."""
     from ledger.errors import InsufficientFunds
     from marketplace import engine
 
@@ -457,7 +457,7 @@ def start_kv_download(
             status=503,
         )
     if reservation.replay:
-        return load, path
+        return load, path, True
     size = path.stat().st_size
     result = {
         "ok": True,
@@ -476,4 +476,4 @@ def start_kv_download(
             message="Your wallet cannot pay the egress for this download; top it up.",
             status=402,
         ) from exc
-    return load, path
+    return load, path, False

@@ -27,7 +27,9 @@ def test_bad_key_is_401_json(anon_api_client):
 def test_agent_catalogue_shows_ready_listed_only(api_client, publisher_user):
     ready = make_ready_document(publisher_user, n_tokens=3774)
     make_ready_document(publisher_user, listed=False)
-    Document.objects.create(publisher=publisher_user, title="draft", text="x", model_slug="tiny-qwen3")
+    Document.objects.create(
+        publisher=publisher_user, title="draft", text="x", model_slug="tiny-qwen3"
+    )
     r = api_client.get("/api/v1/documents")
     assert r.status_code == 200
     body = r.json()

@@ -1,0 +1,78 @@
+"""manage.py seed_demo: a demo publisher, a demo agent with an API key and wallet credit, and a
+demo document on the built-in model queued for precompute. Safe to run again: accounts and the
+document are reused, the wallet credit uses a fixed idempotency key (credited once), and a new
+API key is printed on each run (keys are stored hashed, so an old one cannot be shown again).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from marketplace.models import Document, Role, User
+from marketplace.services.accounts import create_api_key
+from marketplace.services.documents import create_document, queue_precompute
+
+PUBLISHER_EMAIL = "publisher@demo.kvmarket"
+AGENT_EMAIL = "agent@demo.kvmarket"
+DEFAULT_PASSWORD = "kvmarket-demo-2026"
+DEMO_TITLE = "Moby-Dick, chapter 1: Loomings (opening)"
+DEMO_TEXT = Path(__file__).resolve().parents[2] / "demo" / "moby_dick_loomings.txt"
+WALLET_CREDIT_NANO = 20 * 10**9  # $20
+TOPUP_KEY = "seed_demo:agent-wallet-credit"
+
+
+class Command(BaseCommand):
+    help = "Create (idempotently) the demo publisher, agent, wallet credit and document."
+
+    def add_arguments(self, parser) -> None:  # noqa: ANN001
+        parser.add_argument(
+            "--password", default=os.environ.get("KVMARKET_DEMO_PASSWORD", DEFAULT_PASSWORD),
+            help="Password for both demo accounts (env KVMARKET_DEMO_PASSWORD).",
+        )
+        parser.add_argument("--model", default=next(iter(settings.KVMARKET_MODELS)),
+                            help="Model slug of the demo document.")
+        parser.add_argument("--no-precompute", action="store_true",
+                            help="Create the document without queueing its precompute.")
+
+    def handle(self, *args, **opts) -> None:  # noqa: ANN002, ANN003
+        from ledger.services import credit_topup
+
+        password = opts["password"]
+        with transaction.atomic():
+            publisher = self._user(PUBLISHER_EMAIL, Role.PUBLISHER, "Demo Publisher", password)
+            agent = self._user(AGENT_EMAIL, Role.AGENT, "Demo Agent", password)
+            key = create_api_key(user=agent, name="seed_demo").raw_key
+            credit_topup(agent=agent, amount_nano=WALLET_CREDIT_NANO, idempotency_key=TOPUP_KEY,
+                         external_ref="seed_demo")
+            document = Document.objects.filter(publisher=publisher, title=DEMO_TITLE).first()
+            if document is None:
+                document = create_document(
+                    publisher=publisher, title=DEMO_TITLE, text=DEMO_TEXT.read_text(),
+                    model_slug=opts["model"], submit=not opts["no_precompute"],
+                )
+            elif not opts["no_precompute"]:
+                document = queue_precompute(document=document)  # re-queues a failed one only
+        document.refresh_from_db()
+        out = self.stdout.write
+        out(self.style.SUCCESS("Demo data ready."))
+        out(f"  publisher: {PUBLISHER_EMAIL} / {password}")
+        out(f"  agent:     {AGENT_EMAIL} / {password}")
+        out(f"  agent API key (new, shown once): {key}")
+        out(f"  wallet credit: ${WALLET_CREDIT_NANO / 10**9:.2f} (once, key {TOPUP_KEY!r})")
+        out(f"  document {document.pk}: {document.title!r} on {document.model_slug}, "
+            f"status {document.status}")
+
+    def _user(self, email: str, role: Role, name: str, password: str) -> User:
+        user = User.objects.filter(email=email).first()
+        if user is None:
+            user = User.objects.create_user(email=email, password=password, role=role,
+                                            display_name=name)
+        elif not user.check_password(password):
+            user.set_password(password)
+            user.save(update_fields=["password"])
+        return user

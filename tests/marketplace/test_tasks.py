@@ -1,0 +1,284 @@
+"""Precompute task (fake engine, run in-process), routing, housekeeping, seed_demo, schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from marketplace import workers
+from marketplace.models import Document, DocumentStatus, License, Load
+from tests.marketplace.conftest import make_ready_document
+
+pytestmark = pytest.mark.django_db
+
+
+def _result(key: str = "a" * 64, n: int = 40, reused: bool = False) -> dict:
+    return {"key": key, "n_tokens": n, "seconds": 0.5, "bytes": 4096, "flops": 1e9,
+            "reused": reused, "verification": {"passed": True, "greedy_matched": 24}}
+
+
+@pytest.fixture
+def queued_document(publisher_user) -> Document:  # noqa: ANN001
+    return Document.objects.create(
+        publisher=publisher_user, title="t", text="Some text.", model_slug="tiny-qwen3",
+        status=DocumentStatus.QUEUED,
+    )
+
+
+def test_precompute_task_records_progress_and_result(queued_document, monkeypatch):
+    from marketplace import engine, tasks
+
+    seen = []
+
+    def fake(*, slug, text, progress, should_cancel):  # noqa: ANN001, ANN202
+        assert slug == "tiny-qwen3" and text == "Some text."
+        for done in (10, 20, 30, 40):
+            progress(done, 40)
+            doc = Document.objects.get(pk=queued_document.pk)
+            seen.append((doc.status, doc.tokens_done, doc.tokens_total))
+            assert should_cancel() is False
+        return _result()
+
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "precompute", fake)
+    tasks.precompute_document.apply(args=[queued_document.pk])
+    assert seen == [("precomputing", d, 40) for d in (10, 20, 30, 40)]
+    doc = Document.objects.get(pk=queued_document.pk)
+    assert doc.status == "ready" and doc.n_tokens == 40 and doc.artifact_key == "a" * 64
+    assert doc.verification["passed"] is True and doc.precompute_attempts == 1
+
+    # Idempotent: a redelivered task for a ready document does no work.
+    monkeypatch.setattr(engine, "precompute", lambda **kw: pytest.fail("recomputed"))
+    tasks.precompute_document.apply(args=[queued_document.pk])
+
+
+def test_precompute_progress_is_throttled(queued_document, monkeypatch):
+    from marketplace import engine, services, tasks
+
+    writes = []
+    real = services.documents.record_progress
+    monkeypatch.setattr(
+        services.documents, "record_progress",
+        lambda **kw: writes.append(kw["tokens_done"]) or real(**kw),
+    )
+
+    def fake(*, slug, text, progress, should_cancel):  # noqa: ANN001, ANN202
+        for done in range(1, 1001):
+            progress(done, 1000)
+        return _result(n=1000)
+
+    monkeypatch.setattr(engine, "precompute", fake)
+    tasks.precompute_document.apply(args=[queued_document.pk])
+    assert writes[-1] == 1000 and len(writes) <= 3
+
+
+def test_precompute_failure_is_recorded(queued_document, monkeypatch):
+    from inference.errors import DocumentTooLong
+    from marketplace import engine, tasks
+
+    def fake(**kw):  # noqa: ANN003, ANN202
+        raise DocumentTooLong("The document has 9000 tokens; the model takes 2048.")
+
+    monkeypatch.setattr(engine, "precompute", fake)
+    tasks.precompute_document.apply(args=[queued_document.pk])
+    doc = Document.objects.get(pk=queued_document.pk)
+    assert doc.status == "failed" and doc.error_code == "document_too_long"
+    assert "9000 tokens" in doc.error
+
+
+def test_unexpected_precompute_error_is_recorded_and_raised(queued_document, monkeypatch):
+    from marketplace import engine, tasks
+
+    monkeypatch.setattr(engine, "precompute", lambda **kw: 1 / 0)
+    result = tasks.precompute_document.apply(args=[queued_document.pk])
+    assert result.failed()
+    doc = Document.objects.get(pk=queued_document.pk)
+    assert doc.status == "failed" and doc.error_code == "internal_error"
+
+
+def test_precompute_task_options():
+    from marketplace.tasks import precompute_document, run_completion
+
+    assert precompute_document.acks_late and precompute_document.reject_on_worker_lost
+    assert not run_completion.acks_late
+
+
+def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
+    from marketplace import tasks
+
+    sent = {}
+
+    class Result:
+        id = "tid"
+
+    def fake_apply_async(*, args, queue):  # noqa: ANN001, ANN202
+        sent.update(args=args, queue=queue)
+        return Result()
+
+    monkeypatch.setattr(tasks.precompute_document, "apply_async", fake_apply_async)
+    assert tasks.enqueue_precompute(document_id=7, model_slug="tiny-qwen3") == "tid"
+    assert sent == {"args": [7], "queue": "gpu.tiny-qwen3"}
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+def test_rendezvous_is_stable_and_moves_little():
+    hosts = [f"w{i}@h" for i in range(5)]
+    keys = [f"{i:064x}" for i in range(400)]
+    before = {k: workers.rendezvous_pick(k, hosts) for k in keys}
+    assert before == {k: workers.rendezvous_pick(k, list(reversed(hosts))) for k in keys}
+    assert len(set(before.values())) == 5  # spread over all workers
+    after = {k: workers.rendezvous_pick(k, hosts[:-1]) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "w4@h" for k in moved)  # only the departed worker's keys move
+    assert workers.rendezvous_pick("k", []) is None
+
+
+def test_completion_queue_prefers_direct_queue(monkeypatch):
+    monkeypatch.setattr(workers, "_active_queues", lambda: {
+        "a@h": ["gpu.tiny-qwen3", "worker.a@h"],
+        "b@h": ["gpu.tiny-qwen3", "worker.b@h"],
+        "c@h": ["default", "worker.c@h"],  # not a GPU worker of this model
+        "d@h": ["gpu.tiny-qwen3"],  # no direct queue
+    })
+    assert workers.workers_for_model("tiny-qwen3") == ["a@h", "b@h"]
+    queue, host = workers.completion_queue("tiny-qwen3", "f" * 64)
+    assert host in ("a@h", "b@h") and queue == f"worker.{host}"
+    monkeypatch.setattr(workers, "_active_queues", lambda: {})
+    assert workers.completion_queue("tiny-qwen3", "f" * 64) == ("gpu.tiny-qwen3", None)
+
+
+def test_active_queues_is_cached_and_survives_broker_errors(monkeypatch):
+    from kvmarket.celery import app
+
+    calls = []
+
+    class Inspect:
+        def active_queues(self):  # noqa: ANN202
+            calls.append(1)
+            return {"a@h": [{"name": "gpu.tiny-qwen3"}, {"name": "worker.a@h"}]}
+
+    workers.forget_workers()
+    monkeypatch.setattr(app.control, "inspect", lambda timeout: Inspect())
+    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
+    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
+    assert len(calls) == 1
+    workers.forget_workers()
+
+    def broken(timeout):  # noqa: ANN001, ANN202
+        raise ConnectionError("no broker")
+
+    monkeypatch.setattr(app.control, "inspect", broken)
+    assert workers._active_queues() == {}
+    workers.forget_workers()
+
+
+# --- housekeeping ----------------------------------------------------------------------------
+
+
+def test_stale_pending_loads_are_failed_uncharged(publisher_user, funded_agent):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from marketplace.models import LoadKind
+    from marketplace.services.completions import expire_stale_loads, reserve_load
+    from marketplace.services.licenses import purchase_license
+
+    doc = make_ready_document(publisher_user)
+    lic, _ = purchase_license(agent=funded_agent, document_id=doc.pk, loads=1)
+    reserve_load(agent=funded_agent, license_id=lic.pk, document_id=doc.pk, kind=LoadKind.CHAT,
+                 idempotency_key=None, payload={})
+    assert License.objects.get(pk=lic.pk).loads_used == 1
+    assert expire_stale_loads() == 0
+    Load.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    assert expire_stale_loads() == 1
+    load = Load.objects.get()
+    assert load.status == "failed" and load.amount_nano == 0
+    assert License.objects.get(pk=lic.pk).loads_used == 0
+
+
+def test_collect_artifacts_keeps_what_live_licenses_need(publisher_user, funded_agent,
+                                                         monkeypatch):
+    from marketplace import engine
+    from marketplace.services.documents import collect_artifacts, unlist_document
+    from marketplace.services.licenses import purchase_license
+
+    deleted = []
+    monkeypatch.setattr(engine, "delete_artifact", deleted.append)
+    with_license = make_ready_document(publisher_user)
+    without = make_ready_document(publisher_user)
+    purchase_license(agent=funded_agent, document_id=with_license.pk, loads=1)
+    unlist_document(document=with_license, publisher=publisher_user)
+    unlist_document(document=without, publisher=publisher_user)
+    assert collect_artifacts() == [without.artifact_key]
+    assert deleted == [without.artifact_key]
+    assert Document.objects.get(pk=without.pk).status == "draft"
+    assert Document.objects.get(pk=with_license.pk).status == "ready"
+
+
+def test_loads_used_constraint_is_enforced_by_the_database(publisher_user, funded_agent):
+    from django.db import IntegrityError, transaction
+
+    from marketplace.services.licenses import purchase_license
+
+    doc = make_ready_document(publisher_user)
+    lic, _ = purchase_license(agent=funded_agent, document_id=doc.pk, loads=2)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        License.objects.filter(pk=lic.pk).update(loads_used=3)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        License.objects.filter(pk=lic.pk).update(loads_used=-1)
+
+
+# --- seed_demo and schema --------------------------------------------------------------------
+
+
+def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from ledger.selectors import wallet_balance
+    from marketplace.models import User
+
+    queued = []
+    monkeypatch.setattr(
+        "marketplace.tasks.enqueue_precompute",
+        lambda *, document_id, model_slug: queued.append(document_id) or "t",
+    )
+    outs = []
+    for _ in range(2):
+        out = StringIO()
+        with django_capture_on_commit_callbacks(execute=True):
+            call_command("seed_demo", stdout=out)
+        outs.append(out.getvalue())
+    agent = User.objects.get(email="agent@demo.kvmarket")
+    assert User.objects.get(email="publisher@demo.kvmarket").role == "publisher"
+    assert wallet_balance(agent) == 20 * 10**9
+    doc = Document.objects.get()
+    assert doc.status == "queued" and "Call me Ishmael" in doc.text
+    assert queued == [doc.pk]
+    assert "kvm_" in outs[0] and "kvmarket-demo-2026" in outs[0]
+    assert agent.api_keys.count() == 2
+
+
+def test_schema_generates_without_warnings():
+    from django.urls import include, path
+    from drf_spectacular.drainage import GENERATOR_STATS
+    from drf_spectacular.generators import SchemaGenerator
+
+    # The marketplace's own API (the ledger's endpoints are checked in the ledger's tests).
+    patterns = [path("api/v1/", include("marketplace.api_urls"))]
+    GENERATOR_STATS.reset()
+    schema = SchemaGenerator(patterns=patterns).get_schema(request=None, public=True)
+    assert not GENERATOR_STATS._warn_cache and not GENERATOR_STATS._error_cache
+    paths = schema["paths"]
+    for p in ["/api/v1/documents", "/api/v1/documents/{id}", "/api/v1/documents/{id}/kv",
+              "/api/v1/licenses", "/api/v1/licenses/{id}", "/api/v1/chat/completions",
+              "/api/v1/completions"]:
+        assert p in paths, p
+
+
+def test_schema_and_docs_pages(client):
+    assert client.get("/api/schema/").status_code == 200
+    assert client.get("/api/docs/").status_code == 200
