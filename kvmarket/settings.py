@@ -173,6 +173,12 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)
+CELERY_BEAT_SCHEDULE = {
+    "ledger-settle-payouts": {
+        "task": "ledger.tasks.settle_payouts",
+        "schedule": float(SETTLEMENT_INTERVAL_SECONDS),
+    },
+}
 
 # --- Models and KV storage ------------------------------------------------------------------
 # The model registry: slug -> how to load it. Each model gets its own GPU queue "gpu.<slug>".

@@ -106,7 +106,12 @@ def list_transfers() -> list[dict[str, Any]]:
     """Every transfer on the platform account (auto-paginated)."""
     page = client().v1.transfers.list(params={"limit": 100})
     return [
-        {"id": t.id, "amount": t.amount, "metadata": dict(t.metadata or {})}
+        {
+            "id": t.id,
+            "amount": t.amount,
+            "reversed": bool(t.reversed),
+            "metadata": dict(t.metadata or {}),
+        }
         for t in page.auto_paging_iter()
     ]
 
