@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.fastpath.model import PrefixKV  # noqa: E402
+from inference.fastpath.model import NATIVE_GQA_FLASH, PrefixKV  # noqa: E402
 from inference.fastpath.runner import FastReuse  # noqa: E402
 from inference.fastpath.transfer import HostPrefix, read_artifact_into_host  # noqa: E402
 
@@ -231,26 +231,47 @@ def bench_length(model, fast: FastReuse, n_tokens: int, args, device: str, tmp: 
 
 
 def exactness(args, device: str) -> dict:
-    """float32: batched == one-at-a-time, token for token; fast vs transformers logits."""
+    """Token agreement and logit differences on a short model (float32 and bf16)."""
     model = build_model(args.model_config, device, torch.float32, layers=args.exact_layers)
-    fast = FastReuse(model, capacity=128, use_graphs=device == "cuda")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(7)
     doc = torch.randint(0, vocab, (1, 512), generator=gen)
     suffixes = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 17, 32, 48)]
-    _, cache = hf_prefill(model, doc.to(device))
-    prefix = PrefixKV([(c.keys[0].contiguous(), c.values[0].contiguous()) for c in cache.layers])
-    one = [fast.greedy(prefix, [s], 24)[0] for s in suffixes]
-    batched = fast.greedy(prefix, suffixes, 24)
+    full = torch.cat([doc, torch.tensor([suffixes[-1]])], 1).to(device)
     with torch.inference_mode():
-        ref = model(torch.cat([doc, torch.tensor([suffixes[-1]])], 1).to(device)).logits[0, -1]
-    fast_logits = fast.first_logits(prefix, [suffixes[-1]])[0]
-    return {
-        "dtype": "float32",
-        "layers": model.config.num_hidden_layers,
-        "batched_equals_single": batched == one,
-        "fast_vs_one_shot_max_logit_diff": (fast_logits - ref).abs().max().item(),
-    }
+        ref32 = model(full).logits[0, -1].float()
+    report = {"layers": model.config.num_hidden_layers}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        fast = FastReuse(model, capacity=128)
+        _, cache = hf_prefill(model, doc.to(device))
+        prefix = PrefixKV(
+            [(c.keys[0].contiguous(), c.values[0].contiguous()) for c in cache.layers]
+        )
+        one = [fast.greedy(prefix, [s], 24)[0] for s in suffixes]
+        batched = fast.greedy(prefix, suffixes, 24)
+        single_logits = torch.cat([fast.first_logits(prefix, [s]) for s in suffixes])
+        batch_logits = fast.first_logits(prefix, suffixes)
+        with torch.inference_mode():
+            hf_one_shot = model(full).logits[0, -1].float()
+        name = str(dtype).replace("torch.", "")
+        report[name] = {
+            "batched_tokens_equal_single": batched == one,
+            "batched_token_match": sum(
+                a == b for x, y in zip(batched, one, strict=True) for a, b in zip(x, y, strict=True)
+            ),
+            "tokens_compared": sum(len(x) for x in one),
+            "batched_vs_single_max_logit_diff": (batch_logits - single_logits).abs().max().item(),
+            "fast_vs_fp32_reference_max_logit_diff": (single_logits[-1].float() - ref32)
+            .abs()
+            .max()
+            .item(),
+            "transformers_vs_fp32_reference_max_logit_diff": (hf_one_shot - ref32)
+            .abs()
+            .max()
+            .item(),
+        }
+    return report
 
 
 def main() -> None:
@@ -282,6 +303,7 @@ def main() -> None:
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "cuda_graphs": fast.use_graphs,
+        "flash_native_gqa": NATIVE_GQA_FLASH,
         "results": [],
     }
     with tempfile.TemporaryDirectory() as tmp:

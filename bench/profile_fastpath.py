@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("--model-config", default="qwen3-4b")
     parser.add_argument("--n-tokens", type=int, default=3774)
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     # Flash LSE agrees with the math path?
     q = torch.randn(1, 8, 192, 128, device="cuda", dtype=torch.bfloat16)
@@ -52,7 +54,7 @@ def main() -> None:
                 fast.decoder.forward(ids, prefix=prefix, state=state, fresh=True),
             ),
         ),
-        ("graph", lambda: fast.first_logits(prefix, [suffix])),
+        ("graph", lambda: fast.first_logits(prefix, [suffix] * args.batch)),
     ):
         for _ in range(3):
             fn()
@@ -67,7 +69,7 @@ def main() -> None:
         ) as prof:
             fn()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

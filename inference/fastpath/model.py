@@ -28,6 +28,22 @@ from inference.errors import UnsupportedArchitecture
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "mistral", "qwen2")
 
 
+def _flash_takes_grouped_heads() -> bool:
+    """Whether this build's flash kernel accepts fewer K/V heads than query heads."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        q = torch.zeros(1, 4, 16, 64, device="cuda", dtype=torch.bfloat16)
+        kv = torch.zeros(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
+        torch.ops.aten._scaled_dot_product_flash_attention(q, kv, kv, 0.0, True, False)
+        return True
+    except RuntimeError:
+        return False
+
+
+NATIVE_GQA_FLASH = _flash_takes_grouped_heads()
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
@@ -170,9 +186,9 @@ class FastDecoder:
         """
         b, s = q.shape[:2]
         hkv, g, d = self.n_kv_heads, self.group, self.head_dim
-        qt = q.transpose(1, 2)
-        kt = k.transpose(1, 2).repeat_interleave(g, dim=1)
-        vt = v.transpose(1, 2).repeat_interleave(g, dim=1)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if not (q.is_cuda and NATIVE_GQA_FLASH):
+            kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
         out, lse = _attention_with_lse(qt, kt, vt, self.scale, causal=True)
         return out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
 
@@ -240,8 +256,12 @@ class FastDecoder:
             qk = self._rope(qk, cos, sin)
             q, k = qk[:, :, :hq], qk[:, :, hq:]
             # Padding may write past a row's end; it is masked and later overwritten.
-            state.keys[i][rows, :, write] = k
-            state.values[i][rows, :, write] = v
+            if fresh:  # empty buffers: the new tokens go to the front, a plain slice copy
+                state.keys[i][:, :, :s].copy_(k.transpose(1, 2))
+                state.values[i][:, :, :s].copy_(v.transpose(1, 2))
+            else:
+                state.keys[i][rows, :, write] = k
+                state.values[i][rows, :, write] = v
             if fresh:
                 out, lse = self._fresh_suffix_attention(q, k, v)
             else:
