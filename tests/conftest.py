@@ -2,6 +2,8 @@
 
 - agent_user / publisher_user / staff_user: users (password tests.support.accounts.TEST_PASSWORD)
 - agent_key: a raw API key of agent_user; api_client: DRF APIClient sending "Bearer <agent_key>"
+- browser_page: a playwright Page in Debian's chromium; artifacts_dir: test-artifacts/ for
+  screenshots
 - celery_worker_factory: start(queues, **kw) runs a real worker process (see
   tests.support.celery_worker.start_celery_worker); it needs committed data, so it pulls in
   `transactional_db`. Workers stop when the test ends.
@@ -76,6 +78,24 @@ def celery_worker_factory(transactional_db) -> Iterator[Callable[..., CeleryWork
             return stack.enter_context(start_celery_worker(queues, **kwargs))
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def live_server(django_db_setup, live_server):  # noqa: ANN001, ANN201
+    """pytest-django's live server, set up after (so torn down before) the test database:
+    its thread's connection is closed before the test database is dropped."""
+    return live_server
+
+
+@pytest.fixture
+def browser_page(artifacts_dir: Path):  # noqa: ANN201
+    """A playwright Page in Debian's chromium (skips when /usr/bin/chromium is missing)."""
+    from tests.support.browser import chromium_available, chromium_page
+
+    if not chromium_available():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    with chromium_page() as page:
+        yield page
 
 
 @pytest.fixture

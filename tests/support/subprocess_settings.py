@@ -35,7 +35,9 @@ def run_python(code: str, env: dict[str, str], timeout: float = 60) -> subproces
     )  # fmt: skip
 
 
-def run_manage(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def run_manage(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
