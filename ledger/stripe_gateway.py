@@ -105,27 +105,31 @@ def create_transfer(
 def list_transfers() -> list[dict[str, Any]]:
     """Every transfer on the platform account (auto-paginated)."""
     page = client().v1.transfers.list(params={"limit": 100})
-    return [
-        {
-            "id": t.id,
-            "amount": t.amount,
-            "reversed": bool(t.reversed),
-            "metadata": dict(t.metadata or {}),
-        }
-        for t in page.auto_paging_iter()
-    ]
+    out = []
+    for obj in page.auto_paging_iter():
+        t = obj.to_dict()  # StripeObject (SDK >= 13) is not a mapping
+        out.append(
+            {
+                "id": t["id"],
+                "amount": t["amount"],
+                "reversed": bool(t.get("reversed")),
+                "metadata": t.get("metadata") or {},
+            }
+        )
+    return out
 
 
 def list_paid_checkout_sessions() -> list[dict[str, Any]]:
     """Completed, paid Checkout Sessions created for wallet top-ups (auto-paginated)."""
     page = client().v1.checkout.sessions.list(params={"limit": 100, "status": "complete"})
     out = []
-    for s in page.auto_paging_iter():
-        if s.payment_status != "paid":
+    for obj in page.auto_paging_iter():
+        s = obj.to_dict()
+        if s.get("payment_status") != "paid":
             continue
-        if (s.metadata or {}).get("purpose") != "wallet_topup":
+        if (s.get("metadata") or {}).get("purpose") != "wallet_topup":
             continue
-        out.append({"id": s.id, "amount_total": s.amount_total})
+        out.append({"id": s["id"], "amount_total": s["amount_total"]})
     return out
 
 
