@@ -187,7 +187,7 @@ class FastDecoder:
         b, s = q.shape[:2]
         hkv, g, d = self.n_kv_heads, self.group, self.head_dim
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if not (q.is_cuda and NATIVE_GQA_FLASH):
+        if not (_uses_flash(q) and NATIVE_GQA_FLASH):
             kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
         out, lse = _attention_with_lse(qt, kt, vt, self.scale, causal=True)
         return out.view(b, hkv, g, s, d), lse.view(b, hkv, g, s)
@@ -283,6 +283,10 @@ class FastDecoder:
         return F.linear(self._rms_norm(x, self.final_norm), self.lm_head)
 
 
+def _uses_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +295,7 @@ def _attention_with_lse(
     Causal means top-left aligned, which is what we want only when queries and keys are the
     same tokens (the fresh suffix).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if _uses_flash(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale
         )[:2]
