@@ -359,8 +359,10 @@ def dispatch_generation(
     except CeleryTimeout:
         app.control.revoke(async_result.id)
         raise CompletionTimeout(timeout) from None
-    finally:
-        pass
+    if async_result.state == "REVOKED":
+        # The task expired in the queue before a worker took it (expires=timeout): a timeout.
+        async_result.forget()
+        raise CompletionTimeout(timeout)
     if async_result.failed() or not isinstance(result, dict):
         log.error("Completion task %s failed: %r", async_result.id, result)
         async_result.forget()

@@ -1,0 +1,53 @@
+"""Shared pieces of the integration tests: one real worker per module, waiting helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from marketplace.models import Document
+
+GPU_QUEUES = ["default", "gpu.tiny-qwen3"]
+
+DOCUMENT_TEXT = (
+    "The lighthouse keeper of Skerry Point kept a logbook in green ink. Every evening at dusk "
+    "he lit the lamp, wound the clockwork that turned the lens, and wrote the weather, the "
+    "ships he saw and the number of gulls on the rail. In the winter of 1911 the supply boat "
+    "failed to come for six weeks, and he lived on oatmeal, dried cod and tea."
+)
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
+             interval: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_until_ready(document_id: int, *, timeout: float = 180.0) -> tuple[Document, list]:
+    """Poll the document until it is ready; returns it and the progress values seen."""
+    seen: list[tuple[str, int, int]] = []
+
+    def check() -> Document | None:
+        doc = Document.objects.get(pk=document_id)
+        point = (doc.status, doc.tokens_done, doc.tokens_total)
+        if not seen or seen[-1] != point:
+            seen.append(point)
+        if doc.status == "failed":
+            raise AssertionError(f"precompute failed: {doc.error_code}: {doc.error}")
+        return doc if doc.status == "ready" else None
+
+    doc = wait_for(check, timeout=timeout, what=f"document {document_id} to be ready")
+    return doc, seen
+
+
+def partial_files(kv_dir: Path) -> list[Path]:
+    return [p for p in kv_dir.rglob("*") if p.is_file() and not (
+        p.name.endswith(".safetensors") or p.name.endswith(".verify.json")
+    )]
