@@ -178,6 +178,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "ledger.tasks.settle_payouts",
         "schedule": float(SETTLEMENT_INTERVAL_SECONDS),
     },
+    # Marketplace housekeeping: close expired licenses (refunding unused escrow) and fail,
+    # uncharged, loads left pending by a dead API process.
+    "marketplace-expire-licenses": {
+        "task": "marketplace.tasks.expire_licenses",
+        "schedule": 3600.0,
+    },
+    "marketplace-expire-stale-loads": {
+        "task": "marketplace.tasks.expire_stale_loads",
+        "schedule": 300.0,
+    },
 }
 
 # --- Models and KV storage ------------------------------------------------------------------
