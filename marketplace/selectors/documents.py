@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db.models import Count, Q, QuerySet, Sum
 
-from marketplace.models import Document, DocumentStatus, LoadKind, LoadStatus, Role, User
+from marketplace.models import Document, DocumentStatus, LoadStatus, Role, User
 
 
 def catalogue() -> QuerySet[Document]:
@@ -54,24 +54,21 @@ def model_label(slug: str) -> str:
 
 def document_stats(document: Document) -> dict[str, int | float]:
     """Loads served, revenue billed for loads, and prefill compute saved (tokens and FLOPs)."""
+    ok = Q(loads__status=LoadStatus.SUCCEEDED)
     agg = document.licenses.aggregate(
-        loads=Count("loads", filter=Q(loads__status=LoadStatus.SUCCEEDED)),
-        generation_loads=Count(
-            "loads",
-            filter=Q(loads__status=LoadStatus.SUCCEEDED) & ~Q(loads__kind=LoadKind.KV_DOWNLOAD),
-        ),
-        billed=Sum("loads__amount_nano", filter=Q(loads__status=LoadStatus.SUCCEEDED)),
-        cached=Sum("loads__cached_tokens", filter=Q(loads__status=LoadStatus.SUCCEEDED)),
-        licenses=Count("id", distinct=True),
+        n_loads=Count("loads", filter=ok),
+        n_billed=Sum("loads__amount_nano", filter=ok),
+        n_cached=Sum("loads__cached_tokens", filter=ok),
+        n_licenses=Count("id", distinct=True),
     )
-    loads = agg["loads"] or 0
+    loads = agg["n_loads"] or 0
     n = document.n_tokens or 0
-    per_load_flops = (document.precompute_flops or 0.0)
+    per_load_flops = document.precompute_flops or 0.0
     return {
-        "licenses": agg["licenses"] or 0,
+        "licenses": agg["n_licenses"] or 0,
         "loads": loads,
-        "billed_nano": int(agg["billed"] or 0),
-        "cached_tokens_served": int(agg["cached"] or 0),
+        "billed_nano": int(agg["n_billed"] or 0),
+        "cached_tokens_served": int(agg["n_cached"] or 0),
         "prefill_tokens_saved": loads * n,
         "prefill_flops_saved": loads * per_load_flops,
     }

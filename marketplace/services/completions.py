@@ -358,6 +358,7 @@ def dispatch_generation(
         result = async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
     except CeleryTimeout:
         app.control.revoke(async_result.id)
+        workers.forget_workers()  # the chosen worker may be gone: list the live ones again
         raise CompletionTimeout(timeout) from None
     if async_result.state == "REVOKED":
         # The task expired in the queue before a worker took it (expires=timeout): a timeout.

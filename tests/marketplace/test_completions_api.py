@@ -359,3 +359,45 @@ def test_loads_history(api_client, funded_agent, ready_document, fake_worker):
     api_client.post(CHAT, chat_body(ready_document, lic), format="json")
     rows = api_client.get("/api/v1/loads").json()["results"]
     assert len(rows) == 1 and rows[0]["status"] == "succeeded" and rows[0]["cached_tokens"] == 1000
+
+
+def test_too_many_pending_loads_is_429(api_client, funded_agent, ready_document, fake_worker,
+                                       monkeypatch):
+    from marketplace.services import completions
+
+    lic = buy(api_client, ready_document)
+    monkeypatch.setattr(completions, "MAX_PENDING_LOADS_PER_AGENT", 0)
+    r = api_client.post(CHAT, chat_body(ready_document, lic), format="json")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
+    assert License.objects.get(pk=lic["id"]).loads_used == 0
+
+
+def test_concurrent_requests_never_overdraw_a_license(transactional_db, publisher_user,
+                                                       agent_user):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    from marketplace.models import LoadKind
+    from marketplace.services.completions import reserve_load
+    from marketplace.services.licenses import purchase_license
+
+    fund(agent_user, 1.0)
+    doc = make_ready_document(publisher_user)
+    lic, _ = purchase_license(agent=agent_user, document_id=doc.pk, loads=2)
+
+    def attempt(i: int) -> str:
+        try:
+            reserve_load(agent=agent_user, license_id=lic.pk, document_id=doc.pk,
+                         kind=LoadKind.CHAT, idempotency_key=f"c{i}", payload={})
+            return "ok"
+        except MarketplaceError as exc:
+            return exc.code
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(attempt, range(6)))
+    assert outcomes.count("ok") == 2
+    assert set(outcomes) - {"ok"} == {"license_exhausted"}
+    assert License.objects.get(pk=lic.pk).loads_used == 2
