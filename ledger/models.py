@@ -117,11 +117,13 @@ class Transaction(models.Model):
     fingerprint = models.CharField(max_length=64)
     kind = models.CharField(max_length=32, choices=TransactionKind.choices)
     memo = models.CharField(max_length=255, blank=True, default="")
-    license_ref = models.CharField(max_length=160, blank=True, default="", db_index=True)
-    document_ref = models.CharField(max_length=160, blank=True, default="", db_index=True)
-    external_ref = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    # Few indexes on purpose: every settlement inserts a row here (hot path). Reads go
+    # through postings (indexed by account) or the unique idempotency key.
+    license_ref = models.CharField(max_length=160, blank=True, default="")
+    document_ref = models.CharField(max_length=160, blank=True, default="")
+    external_ref = models.CharField(max_length=255, blank=True, default="")
     details = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["-id"]
@@ -145,7 +147,10 @@ class Posting(models.Model):
     transaction = models.ForeignKey(
         Transaction, on_delete=models.PROTECT, related_name="postings"
     )
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="postings")
+    # Indexed by ledger_post_account_id_idx (account, -id) below; no second FK index.
+    account = models.ForeignKey(
+        Account, on_delete=models.PROTECT, related_name="postings", db_index=False
+    )
     amount = models.BigIntegerField()
     # The account's balance right after this posting (bounded accounts only).
     balance_after = models.BigIntegerField(null=True, blank=True)
