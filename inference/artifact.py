@@ -90,11 +90,12 @@ class KVArtifact:
     def to(self, device: str | torch.device, *, pin: bool = False) -> KVArtifact:
         """A copy on another device (pinned host memory when ``pin`` and CUDA are available)."""
 
+        pin = pin and torch.device(device).type == "cpu" and torch.cuda.is_available()
+
         def move(t: torch.Tensor) -> torch.Tensor:
-            out = t.to(device, copy=True)
-            if pin and out.device.type == "cpu" and torch.cuda.is_available():
-                out = out.pin_memory()
-            return out
+            if pin:  # allocate pinned and copy once (pin_memory() would copy twice)
+                return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t)
+            return t.to(device, copy=True)
 
         return KVArtifact(
             key=self.key,

@@ -39,7 +39,21 @@ QWEN3_4B_CONFIG: dict[str, Any] = {
     "bos_token_id": 151643,
     "eos_token_id": 151645,
 }
-MODEL_CONFIGS = {"qwen3-4b": QWEN3_4B_CONFIG}
+# A few-layer stand-in that exercises the random-weights path on CPU (tests).
+QWEN3_TEST_CONFIG: dict[str, Any] = {
+    **QWEN3_4B_CONFIG,
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 2048,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+MODEL_CONFIGS = {"qwen3-4b": QWEN3_4B_CONFIG, "qwen3-test": QWEN3_TEST_CONFIG}
 
 
 def build_random_model(name: str, *, dtype: str, device: str) -> Any:
@@ -87,7 +101,7 @@ def _builtin_doc_ids(loaded: Any, n: int) -> list[int]:
 def _synthetic_ids(vocab: int, n: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     # Stay below the special tokens that sit at the end of Qwen's vocabulary.
-    return torch.randint(0, min(vocab, 150000), (n,), generator=gen).tolist()
+    return torch.randint(2, min(vocab, 150000), (n,), generator=gen).tolist()
 
 
 def _cold_ttft(loaded: Any, ids: list[int], chunk: int) -> tuple[float, int]:

@@ -323,14 +323,12 @@ def precompute_ids(
     values = [layer.values[0] for layer in cache.layers]
     art = KVArtifact(key=key, manifest={}, token_ids=list(ids), keys=keys, values=values,
                      nbytes=tensor_nbytes(keys, values))
-    cpu_tensors = {n: t.to("cpu") for n, t in art.tensors().items()}
-    art.manifest = build_manifest(
-        key=key, loaded=loaded, token_ids=list(ids), payload_hash=payload_sha256(cpu_tensors),
-        extra={"chunk_size": chunk_size},
+    host_art = art if art.device.type == "cpu" else art.to("cpu", pin=True)
+    art.manifest = host_art.manifest = build_manifest(
+        key=key, loaded=loaded, token_ids=list(ids),
+        payload_hash=payload_sha256(host_art.tensors()), extra={"chunk_size": chunk_size},
     )
-    if loaded.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    size = store.put(art, loaded)
+    size = store.put(host_art, loaded, device_artifact=None if art is host_art else art)
     return PrecomputeResult(
         key, len(ids), round(time.perf_counter() - t0, 6), size, flops, str(path), False
     )

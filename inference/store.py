@@ -148,18 +148,29 @@ class KVStore:
         return sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"??/*{SUFFIX}"))
 
     # -- writes --------------------------------------------------------------------------
-    def put(self, artifact: KVArtifact, loaded: LoadedModel | None = None) -> int:
-        """Write to disk (and S3); warm the memory tiers. Returns the file size."""
+    def put(
+        self,
+        artifact: KVArtifact,
+        loaded: LoadedModel | None = None,
+        *,
+        device_artifact: KVArtifact | None = None,
+    ) -> int:
+        """Write to disk (and S3); warm the memory tiers. Returns the file size.
+
+        ``artifact`` should be on the host; ``device_artifact`` (same content, on the GPU) lets
+        the GPU tier keep the tensors precompute already produced instead of copying back.
+        """
+        if artifact.device.type != "cpu":
+            device_artifact = device_artifact or artifact
+            artifact = artifact.to("cpu", pin=True)
         path = self.path(artifact.key)
         size = write_artifact(path, artifact)
         if self.s3 is not None:
             self._client().upload_file(str(path), self.s3.bucket, self.s3.object_key(artifact.key))
-        host_art = artifact if artifact.device.type == "cpu" else artifact.to("cpu", pin=True)
         with self._lock:
-            self.host.put(host_art)
+            self.host.put(artifact)
             if loaded is not None and loaded.device.startswith("cuda") and self.gpu.budget:
-                on_device = artifact.device.type == "cuda"
-                self.gpu.put(artifact if on_device else artifact.to(loaded.device))
+                self.gpu.put(device_artifact or artifact.to(loaded.device))
         return size
 
     def delete(self, key: str) -> None:

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", help="continue training a saved model (keeps its tokenizer)")
     args = parser.parse_args(argv)
 
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -166,14 +167,20 @@ def main(argv: list[str] | None = None) -> None:
     texts = build_corpus()
     paras = paragraphs(texts)
     print(f"corpus: {len(texts)} texts, {sum(map(len, texts))} chars, {len(paras)} paragraphs")
-    raw_tok = train_tokenizer(texts)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw_tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        model_max_length=4096,
-    )
+    if args.init_from:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        raw_tok = tokenizer.backend_tokenizer
+    else:
+        raw_tok = train_tokenizer(texts)
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=raw_tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>"],
+            model_max_length=4096,
+        )
     tokenizer.chat_template = CHAT_TEMPLATE
     eot = raw_tok.token_to_id("<|endoftext|>")
 
@@ -201,7 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         eos_token_id=raw_tok.token_to_id("<|im_end|>"),
         pad_token_id=eot,
     )
-    model = Qwen3ForCausalLM(config)
+    previous: dict = {}
+    if args.init_from:
+        model = Qwen3ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        previous = json.loads((Path(args.init_from) / "training.json").read_text())
+        previous.pop("log", None)
+    else:
+        model = Qwen3ForCausalLM(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params}")
@@ -271,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "final_loss_ema": round(ema or 0.0, 4),
+        "continued_from": previous or None,
         "seconds": round(time.time() - t0, 1),
         "log": log,
     }

@@ -62,6 +62,14 @@ def test_cli_bench_small(capsys):
     assert "skipped" in too_long
 
 
+def test_cli_bench_random_weights(capsys):
+    data = _run(capsys, ["bench", "--model-config", "qwen3-test", "--device", "cpu",
+                         "--lengths", "40", "--repeats", "1", "--decode-tokens", "3"])
+    assert data["model"] == "random/qwen3-test" and data["dtype"] == "bfloat16"
+    row = data["results"][0]
+    assert row["suffix_tokens"] == 32 and row["first_token_match"] is True
+
+
 @pytest.mark.slow
 def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "inference", "inspect", "--store",
