@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         print(f"== starting the Celery worker (queues: {', '.join(queues)})", flush=True)
-        procs.append(subprocess.Popen(worker_cmd, cwd=REPO_ROOT))
+        # Own sessions: Ctrl-C reaches only this process, which then stops both in order.
+        procs.append(subprocess.Popen(worker_cmd, cwd=REPO_ROOT, start_new_session=True))
         print("== starting the web server", flush=True)
-        procs.append(subprocess.Popen(web_cmd, cwd=REPO_ROOT))
+        procs.append(subprocess.Popen(web_cmd, cwd=REPO_ROOT, start_new_session=True))
         base = f"http://{args.host}:{args.port}"
         time.sleep(2)
         print(
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     return proc.returncode or 1
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("\n== stopping", flush=True)
+        print("\n== stopping the web server and the worker", flush=True)
         return 0
     finally:
         _stop(procs)
