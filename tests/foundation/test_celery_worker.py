@@ -1,5 +1,7 @@
 """A task runs through a real Celery worker process (Redis in CI, the filesystem broker else)."""
 
+import os
+
 import pytest
 from django.conf import settings
 
@@ -13,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_ping_runs_in_a_real_worker_process(celery_worker_factory) -> None:
     worker = celery_worker_factory(["default"])
     assert worker.is_alive()
-    assert worker.process.pid != __import__("os").getpid()
+    assert worker.process.pid != os.getpid()
     result = ping.apply_async(args=["hello"], queue="default")
     assert result.get(timeout=30) == "hello"
     assert result.successful()
@@ -37,3 +39,10 @@ def test_worker_stops_when_the_context_exits(transactional_db) -> None:
     with start_celery_worker(["default"]) as worker:
         assert worker.is_alive()
     assert not worker.is_alive()
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI only")
+def test_ci_runs_on_postgresql_and_redis() -> None:
+    assert settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    assert settings.CELERY_BROKER_URL.startswith("redis://")
+    assert settings.CELERY_RESULT_BACKEND.startswith("redis://")
