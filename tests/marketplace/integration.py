@@ -18,6 +18,17 @@ DOCUMENT_TEXT = (
 )
 
 
+def model_available() -> bool:
+    """The registry's tiny-qwen3 weights exist (the built-in model is trained into the repo)."""
+    from django.conf import settings
+
+    from inference.models import BUILTIN_DIR, BUILTIN_MODEL_ID
+
+    ref = settings.KVMARKET_MODELS["tiny-qwen3"]["ref"]
+    path = BUILTIN_DIR if ref in (BUILTIN_MODEL_ID, "builtin", "tiny-qwen3") else Path(ref)
+    return (path / "config.json").is_file()
+
+
 def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
              interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout

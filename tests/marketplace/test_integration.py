@@ -19,6 +19,7 @@ from tests.marketplace.conftest import NANO, fund, wallet
 from tests.marketplace.integration import (
     DOCUMENT_TEXT,
     GPU_QUEUES,
+    model_available,
     partial_files,
     wait_until_ready,
 )
@@ -28,6 +29,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 if not django_settings.USING_POSTGRES or not django_settings.CELERY_BROKER_URL.startswith("redis"):
     pytest.skip("needs PostgreSQL and Redis (DATABASE_URL, CELERY_BROKER_URL)",
+                allow_module_level=True)
+if not model_available():
+    pytest.skip("the tiny-qwen3 weights are missing (python -m inference.builtin.train)",
                 allow_module_level=True)
 
 
