@@ -487,7 +487,10 @@ def settle_load(
             specs += [_wallet(agent_id), _system(AccountKind.PLATFORM_COMPUTE_REVENUE)]
         acc = _lock(specs, idempotency_key=idempotency_key)
         if specs[0].key not in acc:
-            raise InsufficientFunds(f"No escrow for license {license_ref!r}.")
+            if amount_nano > 0:
+                raise InsufficientFunds(f"No escrow for license {license_ref!r}.")
+            # a free license (no purchase, so no escrow): only compute can be charged
+            acc[specs[0].key] = Account(key=specs[0].key, kind=specs[0].kind, balance=0)
         esc = acc[specs[0].key]
         if esc.balance < amount_nano:
             raise InsufficientFunds(

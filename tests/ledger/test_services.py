@@ -191,3 +191,14 @@ def test_publisher_earnings(agent, publisher):
     assert earnings["totals"] == {"loads": 3, "earned_nano": 2400}
     assert earnings["payable_nano"] == 2400
     assert selectors.publisher_earnings(publisher, document_ref="other")["totals"]["loads"] == 0
+
+
+def test_free_license_without_escrow_settles_compute_only(agent, publisher):
+    services.credit_topup(agent=agent, amount_nano=500, idempotency_key="t")
+    tx = services.settle_load(
+        license_ref="free-never-bought", publisher=publisher, amount_nano=0,
+        publisher_share=Decimal("0.8"), idempotency_key="s", agent=agent, compute_nano=300,
+    )
+    assert tx.details["compute_charged_nano"] == 300
+    assert selectors.wallet_balance(agent) == 200
+    assert selectors.payable_balance(publisher) == 0
