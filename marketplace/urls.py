@@ -3,6 +3,8 @@
 from django.urls import path
 
 from marketplace.views import accounts as account_views
+from marketplace.views import agent as agent_views
+from marketplace.views import publisher as publisher_views
 
 urlpatterns = [
     path("", account_views.home, name="home"),
@@ -23,4 +25,41 @@ urlpatterns = [
         account_views.api_key_revoke,
         name="api-key-revoke",
     ),
+    # --- publisher pages ----------------------------------------------------------------------
+    path("publisher/", publisher_views.dashboard, name="publisher-dashboard"),
+    path(
+        "publisher/documents/",
+        publisher_views.dashboard_documents,
+        name="publisher-documents-partial",
+    ),
+    path("publisher/documents/new/", publisher_views.document_create, name="document-create"),
+    path(
+        "publisher/documents/<int:document_id>/",
+        publisher_views.document_detail,
+        name="document-detail",
+    ),
+    path(
+        "publisher/documents/<int:document_id>/status/",
+        publisher_views.document_status,
+        name="document-status",
+    ),
+    path(
+        "publisher/documents/<int:document_id>/retry/",
+        publisher_views.document_retry,
+        name="document-retry",
+    ),
+    path(
+        "publisher/documents/<int:document_id>/unlist/",
+        publisher_views.document_unlist,
+        name="document-unlist",
+    ),
+    path(
+        "publisher/documents/<int:document_id>/relist/",
+        publisher_views.document_relist,
+        name="document-relist",
+    ),
+    path("publisher/payouts/connect/", publisher_views.stripe_connect, name="publisher-connect"),
+    # --- agent console ------------------------------------------------------------------------
+    path("console/", agent_views.console, name="agent-console"),
+    path("console/topup/", agent_views.topup, name="agent-topup"),
 ]
