@@ -23,11 +23,24 @@ def chromium_available() -> bool:
 @contextlib.contextmanager
 def chromium_page(*, width: int = 1200, height: int = 800, timeout_ms: int = 15_000) -> Iterator:
     """A playwright Page in headless Debian chromium."""
+    # playwright's sync API runs an event loop; the ORM calls made by the test are still sync.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with _browser_page(width, height, timeout_ms) as page:
+            yield page
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@contextlib.contextmanager
+def _browser_page(width: int, height: int, timeout_ms: int) -> Iterator:
     from django.db import connections
     from playwright.sync_api import sync_playwright
 
-    # playwright's sync API runs an event loop; the ORM calls made by the test are still sync.
-    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": width, "height": height})
