@@ -1,0 +1,141 @@
+"""Page-test helpers: logged-in Django test clients per role, the precompute task boundary,
+ready documents and settled loads made through the real marketplace and ledger services."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from marketplace.models import Document, Role
+from tests.support.accounts import make_user
+
+NANO = 10**9
+_seq = itertools.count(1)
+
+
+def login_client(user) -> Client:  # noqa: ANN001
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def publisher_client(publisher_user) -> Client:  # noqa: ANN001
+    return login_client(publisher_user)
+
+
+@pytest.fixture
+def other_publisher(db):  # noqa: ANN001, ANN201
+    return make_user(role=Role.PUBLISHER, display_name="Other Publisher")
+
+
+@pytest.fixture
+def other_publisher_client(other_publisher) -> Client:  # noqa: ANN001
+    return login_client(other_publisher)
+
+
+@pytest.fixture
+def agent_client(agent_user) -> Client:  # noqa: ANN001
+    return login_client(agent_user)
+
+
+@dataclass
+class SentTasks:
+    """Precompute tasks handed to Celery (recorded at the broker boundary, never run)."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, args=None, kwargs=None, **options):  # noqa: ANN001, ANN204
+        self.calls.append({"args": list(args or []), "kwargs": kwargs or {}, **options})
+        return _Sent(f"task-{next(_seq)}")
+
+
+@dataclass
+class _Sent:
+    id: str
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch) -> SentTasks:  # noqa: ANN001
+    """Replace only the broker send of marketplace.tasks.precompute_document."""
+    from marketplace import tasks
+
+    sent = SentTasks()
+    monkeypatch.setattr(tasks.precompute_document, "apply_async", sent)
+    return sent
+
+
+@pytest.fixture
+def stripe_on(settings):  # noqa: ANN001
+    settings.STRIPE_SECRET_KEY = "sk_test_kvmarket_pages"
+    settings.STRIPE_API_BASE = ""
+    settings.STRIPE_MAX_NETWORK_RETRIES = 0
+
+
+@pytest.fixture
+def stripe_off(settings):  # noqa: ANN001
+    settings.STRIPE_SECRET_KEY = ""
+
+
+VERIFICATION = {
+    "passed": True, "bitwise_equal": True, "kv_equal": True, "greedy_matched": 24,
+    "greedy_total": 24, "match_rate": 1.0, "max_logit_diff": 0.0, "dtype": "float32",
+    "device": "cpu",
+}
+
+
+def make_document(publisher, *, status: str = "ready", n_tokens: int = 1000,  # noqa: ANN001
+                  price: int | None = None, title: str | None = None, **fields) -> Document:
+    text = fields.pop("text", f"Document text {next(_seq)}.")
+    ready = status == "ready"
+    return Document.objects.create(
+        publisher=publisher,
+        title=title or f"Doc {next(_seq)}",
+        text=text,
+        model_slug="tiny-qwen3",
+        price_per_load_nano=price,
+        status=status,
+        n_tokens=n_tokens if ready else None,
+        tokens_done=fields.pop("tokens_done", n_tokens if ready else 0),
+        tokens_total=fields.pop("tokens_total", n_tokens if ready else 0),
+        artifact_key=f"{next(_seq):064x}" if ready else "",
+        artifact_bytes=150_000 * n_tokens if ready else None,
+        precompute_flops=2.5e9 * n_tokens if ready else None,
+        precompute_seconds=0.42 if ready else None,
+        verification=dict(VERIFICATION) if ready else None,
+        **fields,
+    )
+
+
+def fund(agent, usd: float = 10.0) -> None:  # noqa: ANN001
+    from ledger.services import credit_topup
+
+    credit_topup(agent=agent, amount_nano=int(usd * NANO), idempotency_key=f"pages-{next(_seq)}")
+
+
+WORKER_RESULT = {
+    "ok": True, "worker": "gpu@test", "text": "Hello.", "deltas": ["Hello", "."],
+    "finish_reason": "stop",
+    "usage": {"cached_tokens": 1000, "suffix_tokens": 12, "output_tokens": 3},
+    "timings": {"load_s": 0.01, "ttft_s": 0.02, "total_s": 0.05},
+}
+
+
+def settled_load(agent, document: Document, *, loads: int = 2):  # noqa: ANN001, ANN201
+    """Buy a license and settle one load through the real services, as the API does after a
+    worker's result came back (reserve_load -> charge_load)."""
+    from marketplace.models import LoadKind
+    from marketplace.services.completions import charge_load, reserve_load
+    from marketplace.services.licenses import purchase_license
+
+    license, _ = purchase_license(agent=agent, document_id=document.pk, loads=loads)
+    reservation = reserve_load(
+        agent=agent, license_id=license.pk, document_id=document.pk, kind=LoadKind.CHAT,
+        idempotency_key=f"load-{next(_seq)}", payload={"messages": []},
+    )
+    load = charge_load(load=reservation.load, result=dict(WORKER_RESULT))
+    return license, load
