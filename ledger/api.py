@@ -85,7 +85,9 @@ class TopUpView(_LedgerView):
     @extend_schema(
         summary="Start a wallet top-up (Stripe Checkout)",
         request=TopUpSerializer,
-        responses={201: inline_serializer("TopUpCheckout", {"checkout_url": serializers.URLField()})},
+        responses={
+            201: inline_serializer("TopUpCheckout", {"checkout_url": serializers.URLField()})
+        },
     )
     def post(self, request: Request) -> Response:
         body = TopUpSerializer(data=request.data)
