@@ -125,6 +125,13 @@ def document_daily(*, publisher: User, document: Document, days: int = 30) -> li
     return publisher_earnings(publisher, days=days, document_ref=document_ref(document))["days"]
 
 
+def _plain(value) -> str:  # noqa: ANN001
+    """A Decimal without trailing zeros, never in exponent form: 0.100000 -> "0.1"."""
+    from decimal import Decimal
+
+    return format(Decimal(value).normalize(), "f")
+
+
 def tariff_hints() -> list[dict[str, Any]]:
     """Per model: the tariff's default price of a load of 1,000 cached tokens (the form hint)."""
     from django.conf import settings
@@ -140,8 +147,8 @@ def tariff_hints() -> list[dict[str, Any]]:
                 "label": cfg.get("label", slug),
                 "per_1k_nano": int(tariff.load_price_nano(1000)),
                 "per_1m_nano": int(tariff.load_price_nano(1_000_000)),
-                "multiplier": tariff.cache_read_multiplier,
-                "input_price_usd_per_mtok": tariff.input_price_usd_per_mtok,
+                "multiplier": _plain(tariff.cache_read_multiplier),
+                "input_price_usd_per_mtok": _plain(tariff.input_price_usd_per_mtok),
                 "publisher_share": tariff.publisher_share,
             }
         )

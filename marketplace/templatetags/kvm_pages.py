@@ -66,3 +66,16 @@ def percent(value: float | None, digits: int = 1) -> str:
 @register.filter
 def get_item(mapping: dict, key: str):  # noqa: ANN201
     return mapping.get(key) if isinstance(mapping, dict) else None
+
+
+@register.filter
+def sci(value: float | None) -> str:
+    """A small float, readable: 0 -> "0", 1.67e-06 -> "1.67e-06", 0.25 -> "0.25"."""
+    if value is None or value == "":
+        return "—"
+    value = float(value)
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e6:
+        return f"{value:.3g}" if "e" in f"{value:.3g}" else f"{value:.2e}"
+    return f"{value:.4g}"

@@ -16,3 +16,12 @@ def test_flops_and_bytes() -> None:
     assert flops(None) == "—"
     assert nbytes(512) == "512 B"
     assert nbytes(1536) == "1.5 KiB"
+
+
+def test_sci() -> None:
+    from marketplace.templatetags.kvm_pages import sci
+
+    assert sci(0.0) == "0"
+    assert sci(1.6689300537109375e-06) == "1.67e-06"
+    assert sci(0.25) == "0.25"
+    assert sci(None) == "—"

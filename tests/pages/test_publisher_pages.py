@@ -188,7 +188,7 @@ def test_document_page_numbers_verification_and_chart(
     assert "Ready" in html and "1,000" in html
     assert "143 MiB" in html  # 150,000 bytes/token x 1000 tokens
     assert "✓ Verified" in html and "24/24" in html and "bitwise identical" in html
-    assert "max logit diff 0.0" in html
+    assert re.search(r"max logit diff 0\s", html)
     assert 'id="doc-loads">1<' in html and 'id="doc-earned">$0.0008<' in html
     assert "<svg" in html and 'class="bar"' in html and "<polyline" in html
     assert "1 load, $0.0008" in html  # the bar's tooltip for today
