@@ -29,7 +29,7 @@ from typing import Any
 
 import stripe
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
@@ -374,6 +374,143 @@ def _post(
     return tx
 
 
+# --- the PostgreSQL one-round-trip path ------------------------------------------------------
+#
+# On PostgreSQL the idempotent services (top-up, purchase, settlement, egress) call the
+# ledger_post() function of migration 0004: account creation, the row locks (bounded accounts,
+# id order), the idempotency check, the balance floors, the transaction, its postings and the
+# balance updates happen in ONE statement. Outside a transaction that statement is its own
+# transaction (no BEGIN/COMMIT round trips); inside one (e.g. the marketplace's settlement) it
+# runs in a savepoint, like the ORM path. Python still computes every amount (the split, the
+# legs) and the fingerprint; the database enforces the floors, the zero sum (deferred trigger),
+# immutability and the unique key exactly as for the ORM path.
+
+_POST_SQL = (
+    "SELECT status, tx_id, tx_fingerprint, charged FROM ledger_post("
+    "%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::text[], %s::text[],"
+    " %s::bigint[], %s::text[], %s::boolean[], %s::boolean[], %s::bigint[], %s::integer,"
+    " %s::integer, %s::bigint)"
+)
+_psycopg = None
+
+
+def _call_post(params: tuple) -> tuple:
+    global _psycopg
+    if _psycopg is None:
+        import psycopg
+
+        _psycopg = psycopg
+    connection.ensure_connection()
+    with connection.wrap_database_errors, _psycopg.Cursor(connection.connection) as cur:
+        cur.execute(_POST_SQL, params, prepare=True)  # server-side binding, prepared once
+        return cur.fetchone()
+
+
+def _post_fast(
+    *,
+    kind: TransactionKind,
+    idempotency_key: str,
+    fingerprint: str,
+    legs: list[tuple[_Spec, int]],
+    cap: tuple[_Spec, _Spec, int] | None = None,
+    memo: str = "",
+    license_ref: str = "",
+    document_ref: str = "",
+    external_ref: str = "",
+    details: dict[str, Any] | None = None,
+    missing_message: str = "",
+) -> Transaction:
+    """Post one idempotent transaction through ledger_post() (see migration 0004).
+
+    `legs` are (account spec, signed amount); `cap` is (from, to, at most): a transfer capped
+    at the from-account's balance (the compute charge), recorded in details as
+    compute_charged_nano / compute_uncharged_nano.
+    """
+    _check_key(idempotency_key)
+    merged: dict[str, list] = {}
+    for spec, amount in legs:
+        entry = merged.get(spec.key)
+        if entry is None:
+            merged[spec.key] = [spec, amount]
+        else:
+            entry[1] += amount
+    cap_from = cap_to = None
+    cap_amount = 0
+    if cap is not None:
+        for spec in cap[:2]:
+            merged.setdefault(spec.key, [spec, 0])
+        keys = list(merged)
+        cap_from, cap_to = keys.index(cap[0].key) + 1, keys.index(cap[1].key) + 1
+        cap_amount = cap[2]
+    entries = list(merged.values())
+    if sum(amount for _, amount in entries) != 0:
+        raise LedgerError("Internal error: unbalanced transaction.")
+    details = details or {}
+    memo = memo[:255]
+    now = timezone.now()
+    params = (
+        idempotency_key, fingerprint, str(kind), memo, license_ref, document_ref, external_ref,
+        json.dumps(details), now,
+        [s.key for s, _ in entries],
+        [str(s.kind) for s, _ in entries],
+        [s.owner_id for s, _ in entries],
+        [s.license_ref for s, _ in entries],
+        [s.bounded for s, _ in entries],
+        [s.create for s, _ in entries],
+        [amount for _, amount in entries],
+        cap_from, cap_to, cap_amount,
+    )
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic():  # a savepoint: a failure leaves the caller's tx usable
+                status, tx_id, tx_fp, charged = _call_post(params)
+        else:
+            status, tx_id, tx_fp, charged = _call_post(params)  # one statement, one transaction
+    except DatabaseError as exc:
+        state = getattr(exc.__cause__, "sqlstate", None)
+        message = getattr(getattr(exc.__cause__, "diag", None), "message_primary", "") or ""
+        # as in _idempotent: a failure may be the loser's side of a same-key race
+        tx = _existing(idempotency_key, fingerprint)
+        if tx is not None:
+            return tx
+        if state == "LDG01" or (
+            isinstance(exc, IntegrityError) and "ledger_account_balance_non_negative" in str(exc)
+        ):
+            raise InsufficientFunds(message or "The account cannot pay this amount.") from None
+        if state == "LDG02":
+            raise LedgerError(message) from None
+        if state == "LDG03":
+            raise InsufficientFunds(missing_message or message) from None
+        raise
+    if status == "replay":
+        if tx_fp != fingerprint:
+            raise IdempotencyConflict(
+                f"Idempotency key {idempotency_key!r} was already used for a different request."
+            )
+        return Transaction.objects.get(pk=tx_id)
+    if cap is not None:
+        details = {
+            **details,
+            "compute_charged_nano": charged,
+            "compute_uncharged_nano": cap_amount - charged,
+        }
+    tx = Transaction(
+        id=tx_id,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        kind=kind,
+        memo=memo,
+        license_ref=license_ref,
+        document_ref=document_ref,
+        external_ref=external_ref,
+        details=details,
+        created_at=now,
+    )
+    tx._state.adding = False
+    tx._state.db = connection.alias
+    return tx
+
+
 # --- money-moving services -------------------------------------------------------------------
 
 
@@ -383,6 +520,16 @@ def credit_topup(
     """Stripe clearing -> agent wallet (called from the signed Stripe webhook)."""
     _check_amount(amount_nano)
     fp = _fingerprint("topup", agent=agent.pk, amount=amount_nano, ref=external_ref)
+    if _fast():
+        wallet, clearing = _wallet(agent.pk), _system(AccountKind.STRIPE_CLEARING)
+        return _post_fast(
+            kind=TransactionKind.TOPUP,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(clearing, -amount_nano), (wallet, amount_nano)],
+            memo="Wallet top-up",
+            external_ref=external_ref,
+        )
 
     def body() -> Transaction:
         wallet, clearing = _wallet(agent.pk), _system(AccountKind.STRIPE_CLEARING)
@@ -410,6 +557,17 @@ def purchase_license(
     if not license_ref:
         raise LedgerError("license_ref is required.")
     fp = _fingerprint("purchase", agent=agent.pk, license=license_ref, amount=amount_nano)
+    if _fast():
+        wallet, escrow = _wallet(agent.pk), _escrow(license_ref, agent.pk)
+        return _post_fast(
+            kind=TransactionKind.LICENSE_PURCHASE,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(wallet, -amount_nano), (escrow, amount_nano)],
+            memo=f"License {license_ref}",
+            license_ref=license_ref,
+            document_ref=document_ref,
+        )
 
     def body() -> Transaction:
         wallet, escrow = _wallet(agent.pk), _escrow(license_ref, agent.pk)
@@ -470,7 +628,7 @@ def settle_load(
         compute=compute_nano,
     )
 
-    def body() -> Transaction:
+    def buyer_id() -> int | None:
         agent_id = getattr(agent, "pk", None)
         if compute_nano > 0 and agent_id is None:  # default: the agent who bought the license
             agent_id = (
@@ -478,6 +636,40 @@ def settle_load(
                 .values_list("owner_id", flat=True)
                 .first()
             )
+        return agent_id
+
+    if _fast():
+        agent_id = buyer_id()
+        cap = None
+        if compute_nano > 0 and agent_id is not None:
+            cap = (_wallet(agent_id), _system(AccountKind.PLATFORM_COMPUTE_REVENUE), compute_nano)
+        return _post_fast(
+            kind=TransactionKind.LOAD_SETTLEMENT,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[
+                (_escrow(license_ref, None, create=False), -amount_nano),
+                (_payable(publisher.pk), publisher_nano),
+                (_system(AccountKind.PLATFORM_REVENUE), platform_nano),
+            ],
+            cap=cap,  # the compute charge, capped at the wallet balance (in the database)
+            memo=memo or f"Load of {license_ref}",
+            license_ref=license_ref,
+            document_ref=document_ref,
+            details={
+                "publisher_id": publisher.pk,
+                "publisher_nano": publisher_nano,
+                "platform_nano": platform_nano,
+                "publisher_share": str(publisher_share),
+                "compute_requested_nano": compute_nano,
+                "compute_charged_nano": 0,
+                "compute_uncharged_nano": compute_nano,
+            },
+            missing_message=f"No escrow for license {license_ref!r}.",
+        )
+
+    def body() -> Transaction:
+        agent_id = buyer_id()
         specs = [
             _escrow(license_ref, None, create=False),
             _payable(publisher.pk),
@@ -540,6 +732,17 @@ def record_egress(
     """Agent wallet -> platform revenue for KV shipping bytes. Raises InsufficientFunds."""
     _check_amount(amount_nano, allow_zero=True)
     fp = _fingerprint("egress", agent=agent.pk, amount=amount_nano, license=license_ref)
+    if _fast():
+        wallet, revenue = _wallet(agent.pk), _system(AccountKind.PLATFORM_REVENUE)
+        return _post_fast(
+            kind=TransactionKind.EGRESS,
+            idempotency_key=idempotency_key,
+            fingerprint=fp,
+            legs=[(wallet, -amount_nano), (revenue, amount_nano)],
+            memo=memo or "KV egress",
+            license_ref=license_ref,
+            document_ref=document_ref,
+        )
 
     def body() -> Transaction:
         wallet, revenue = _wallet(agent.pk), _system(AccountKind.PLATFORM_REVENUE)
