@@ -1,0 +1,113 @@
+"""The GPU fast path's logic, checked on CPU with the trained built-in model (float32).
+
+CUDA graphs, flash attention and pinned copies only run on the GPU machine (bench/); what is
+checked here is that the split prefix/suffix attention, its log-sum-exp merge, padding and
+per-row lengths compute the same thing as transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference.fastpath.model import FastDecoder, PrefixKV
+from inference.fastpath.runner import FastReuse
+from inference.fastpath.transfer import HostPrefix, read_artifact_into_host
+from tests.inference.helpers import DOCS, QUESTIONS
+
+
+@pytest.fixture(scope="module")
+def fast(loaded) -> FastReuse:
+    return FastReuse(loaded.model, capacity=96)
+
+
+def _prefix(shared_store, doc_keys, loaded, doc: str):
+    art = shared_store.load(doc_keys[doc], loaded)
+    return art, PrefixKV(list(zip(art.keys, art.values, strict=True)))
+
+
+def _suffix_ids(loaded, question: str) -> list[int]:
+    return loaded.tokenizer(" " + question, add_special_tokens=False)["input_ids"]
+
+
+def _cold_greedy(loaded, ids: list[int], steps: int) -> list[int]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = loaded.model(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_fast_greedy_matches_cold_prefill_token_for_token(loaded, shared_store, doc_keys, fast):
+    distinct = set()
+    for doc, question in list(zip(DOCS, QUESTIONS * 4, strict=False))[:6]:
+        art, prefix = _prefix(shared_store, doc_keys, loaded, doc)
+        suffix = _suffix_ids(loaded, question)
+        got = fast.greedy(prefix, [suffix], 24)[0]
+        assert got == _cold_greedy(loaded, art.token_ids + suffix, 24)
+        distinct.update(got)
+    assert len(distinct) >= 8  # a trained model: the comparison is not trivially equal
+
+
+def test_batched_rows_equal_one_at_a_time(loaded, shared_store, doc_keys, fast):
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[0])
+    suffixes = [_suffix_ids(loaded, q) for q in QUESTIONS]  # different lengths: padding
+    assert len({len(s) for s in suffixes}) > 1
+    one_at_a_time = [fast.greedy(prefix, [s], 24)[0] for s in suffixes]
+    assert fast.greedy(prefix, suffixes, 24) == one_at_a_time
+
+
+def test_logits_match_transformers_and_prefix_is_never_written(loaded, shared_store, doc_keys):
+    art, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[1])
+    before = [(k.clone(), v.clone()) for k, v in prefix.layers]
+    suffix = _suffix_ids(loaded, QUESTIONS[2])
+    decoder = FastDecoder(loaded.model)
+    fast = FastReuse(loaded.model, capacity=64)
+    logits = fast.first_logits(prefix, [suffix])[0]
+    with torch.inference_mode():
+        expected = loaded.model(torch.tensor([art.token_ids + suffix])).logits[0, -1]
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=0)
+    assert decoder.n_kv_heads == art.keys[0].shape[0]
+    for (k0, v0), (k1, v1) in zip(before, prefix.layers, strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_host_prefix_gives_bitwise_the_same_logits(loaded, shared_store, doc_keys, fast):
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[2])
+    suffix = _suffix_ids(loaded, QUESTIONS[0])
+    host = HostPrefix.from_layers(prefix.layers)
+    assert torch.equal(
+        fast.first_logits_from_host(host, [suffix]), fast.first_logits(prefix, [suffix])
+    )
+    fast.forget_host(host)
+
+
+def test_artifact_read_into_host_memory_is_verified_per_tensor(
+    loaded, shared_store, doc_keys, tmp_path
+):
+    import hashlib
+    import shutil
+
+    from inference.errors import ArtifactCorrupted
+
+    key = doc_keys[DOCS[3]]
+    art = shared_store.load(key, loaded)
+    hashes = {
+        f"layers.{i}.{kind}": hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+        for i, (k, v) in enumerate(zip(art.keys, art.values, strict=True))
+        for kind, t in (("keys", k), ("values", v))
+    }
+    host = read_artifact_into_host(shared_store.path(key), threads=4, tensor_sha256=hashes)
+    for i, (k, v) in enumerate(zip(art.keys, art.values, strict=True)):
+        assert torch.equal(host.buffer[i, 0], k) and torch.equal(host.buffer[i, 1], v)
+
+    damaged = tmp_path / "damaged.safetensors"
+    shutil.copy(shared_store.path(key), damaged)
+    with damaged.open("r+b") as fh:  # flip one byte near the end: inside the last tensor
+        fh.seek(-10, 2)
+        byte = fh.read(1)
+        fh.seek(-10, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactCorrupted):
+        read_artifact_into_host(damaged, threads=4, tensor_sha256=hashes)
