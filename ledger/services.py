@@ -406,6 +406,21 @@ def _call_post(params: tuple) -> tuple:
         return cur.fetchone()
 
 
+# Array parameters travel as PostgreSQL array literals (cast in _POST_SQL): psycopg's generic
+# list dumper (type detection per element) was a third of the fast path's client CPU.
+def _text_array(values: list[str]) -> str:
+    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return "{" + ",".join(f'"{v}"' for v in quoted) + "}"
+
+
+def _int_array(values: list[int | None]) -> str:
+    return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+
+
+def _bool_array(values: list[bool]) -> str:
+    return "{" + ",".join("t" if v else "f" for v in values) + "}"
+
+
 def _post_fast(
     *,
     kind: TransactionKind,
@@ -448,16 +463,17 @@ def _post_fast(
     details = details or {}
     memo = memo[:255]
     now = timezone.now()
+    specs = [s for s, _ in entries]
     params = (
         idempotency_key, fingerprint, str(kind), memo, license_ref, document_ref, external_ref,
         json.dumps(details), now,
-        [s.key for s, _ in entries],
-        [str(s.kind) for s, _ in entries],
-        [s.owner_id for s, _ in entries],
-        [s.license_ref for s, _ in entries],
-        [s.bounded for s, _ in entries],
-        [s.create for s, _ in entries],
-        [amount for _, amount in entries],
+        _text_array([s.key for s in specs]),
+        _text_array([str(s.kind) for s in specs]),
+        _int_array([s.owner_id for s in specs]),
+        _text_array([s.license_ref for s in specs]),
+        _bool_array([s.bounded for s in specs]),
+        _bool_array([s.create for s in specs]),
+        _int_array([amount for _, amount in entries]),
         cap_from, cap_to, cap_amount,
     )
     try:

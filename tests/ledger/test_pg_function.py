@@ -105,3 +105,15 @@ def test_pg_function_and_orm_path_post_identical_postings(monkeypatch):
     capped = rows[6]  # the third settlement: compute capped at what the wallet had left
     assert capped[2]["compute_charged_nano"] == 1_000_000 - 500_000 - 1_000
     assert capped[2]["compute_uncharged_nano"] == 10**9 - capped[2]["compute_charged_nano"]
+
+
+def test_array_literals_round_trip():
+    texts = ['a"b', "c\\d", "x,y{}", "", "NULL", " sp ", "é"]
+    ints = [1, None, -5, 10**15]
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT %s::text[], %s::bigint[], %s::boolean[]",
+            [services._text_array(texts), services._int_array(ints),
+             services._bool_array([True, False])],
+        )
+        assert cur.fetchone() == (texts, ints, [True, False])
