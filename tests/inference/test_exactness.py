@@ -155,3 +155,20 @@ def test_max_tokens_gives_length(loaded, shared_store, doc_keys):
     assert gen.usage.output_tokens == len(gen.token_ids) <= 3
     if gen.usage.output_tokens == 3:
         assert gen.finish_reason == "length"
+
+
+def test_verify_detects_a_wrong_cache(loaded, tmp_path):
+    from inference import KVStore
+
+    store = KVStore(tmp_path / "kv")
+    key = precompute(loaded, DOCS[9], store=store).key
+    good = store.load(key, loaded)
+    # A same-shaped artifact whose stored K/V are slightly off: every check must notice.
+    bad = good.to("cpu")
+    bad.keys[0] = bad.keys[0] + 1e-3
+    store.host.discard(key)
+    store.host.put(bad)
+    report = verify(loaded, store, key, suffixes=QUESTIONS[:1], steps=4, save=False)
+    assert not report.kv_equal and not report.bitwise_equal and not report.passed
+    assert report.max_logit_diff > 0
+    assert not store.verification_path(key).exists()
