@@ -24,12 +24,20 @@ from .artifact import (
     ENGINE_VERSION,
     KVArtifact,
     build_manifest,
+    check_manifest,
     content_key,
     payload_sha256,
     read_manifest,
     tensor_nbytes,
 )
-from .errors import DocumentTooLong, InvalidRequest, PrecomputeCancelled
+from .errors import (
+    ArtifactCorrupted,
+    ArtifactTruncated,
+    DocumentTooLong,
+    InvalidRequest,
+    PrecomputeCancelled,
+    UnsupportedVersion,
+)
 from .models import LoadedModel
 from .store import KVStore
 
@@ -308,7 +316,7 @@ def precompute_ids(
     key = content_key(loaded.fingerprint, loaded.tokenizer_fingerprint, loaded.dtype, ids)
     path = store.path(key)
     flops = estimate_flops(loaded, len(ids))
-    if store.contains(key):
+    if store.contains(key) and _existing_is_readable(path, loaded):
         if progress:
             progress(len(ids), len(ids))
         size = path.stat().st_size if path.exists() else 0
@@ -332,6 +340,17 @@ def precompute_ids(
     return PrecomputeResult(
         key, len(ids), round(time.perf_counter() - t0, 6), size, flops, str(path), False
     )
+
+
+def _existing_is_readable(path: Path, loaded: LoadedModel) -> bool:
+    """Header check of an artifact already on disk; a damaged one is recomputed (overwritten)."""
+    if not path.is_file():
+        return True  # held only in S3: the store verifies it on download
+    try:
+        check_manifest(read_manifest(path), loaded)
+    except (ArtifactCorrupted, ArtifactTruncated, UnsupportedVersion):
+        return False
+    return True
 
 
 # -- generation -------------------------------------------------------------------------------

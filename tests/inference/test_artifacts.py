@@ -83,6 +83,15 @@ def test_precompute_is_idempotent(loaded, store, artifact_path):
     assert again.reused and again.key == key and path.stat().st_mtime_ns == mtime
 
 
+def test_precompute_rewrites_a_truncated_artifact(loaded, store, artifact_path):
+    key, path = artifact_path
+    path.write_bytes(path.read_bytes()[:50])
+    again = precompute(loaded, DOC, store=store)
+    assert again.key == key and not again.reused
+    store.evict_memory()
+    assert store.load(key, loaded).key == key
+
+
 @pytest.mark.parametrize("where", [0.5, 0.9, 0.999])
 def test_flipped_payload_byte(loaded, store, artifact_path, where):
     key, path = artifact_path
