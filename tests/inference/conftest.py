@@ -19,7 +19,9 @@ if str(REPO) not in sys.path:
 from inference import BUILTIN_MODEL_ID, KVStore, get_model, precompute  # noqa: E402
 from tests.inference.helpers import DOCS  # noqa: E402
 
-torch.set_num_threads(2)
+# One intra-op thread: the model is tiny, and extra threads only add sync cost (and lose
+# badly when other processes share the two cores).
+torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def loaded():

@@ -33,6 +33,9 @@ import tempfile
 import inference, inference.cli, inference.bench, inference.store, inference.engine  # noqa
 from inference import BUILTIN_MODEL_ID, KVStore, generate, get_model, precompute
 
+import torch
+
+torch.set_num_threads(1)
 loaded = get_model(BUILTIN_MODEL_ID)
 store = KVStore(tempfile.mkdtemp())
 key = precompute(loaded, "A tiny document about modules.", store=store).key
