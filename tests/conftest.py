@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+# Django-dependent helpers are imported inside the fixtures, so the inference tests also run
+# with Django absent (`pytest tests/inference -p no:django`).
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.accounts import TEST_PASSWORD, make_api_key, make_user
 from tests.support.celery_worker import CeleryWorker, start_celery_worker
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -25,12 +26,15 @@ ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 @pytest.fixture
 def password() -> str:
+    from tests.support.accounts import TEST_PASSWORD
+
     return TEST_PASSWORD
 
 
 @pytest.fixture
 def agent_user(db):  # noqa: ANN001, ANN201
     from marketplace.models import Role
+    from tests.support.accounts import make_user
 
     return make_user(role=Role.AGENT, display_name="Test Agent")
 
@@ -38,6 +42,7 @@ def agent_user(db):  # noqa: ANN001, ANN201
 @pytest.fixture
 def publisher_user(db):  # noqa: ANN001, ANN201
     from marketplace.models import Role
+    from tests.support.accounts import make_user
 
     return make_user(role=Role.PUBLISHER, display_name="Test Publisher")
 
@@ -45,12 +50,15 @@ def publisher_user(db):  # noqa: ANN001, ANN201
 @pytest.fixture
 def staff_user(db):  # noqa: ANN001, ANN201
     from marketplace.models import Role
+    from tests.support.accounts import make_user
 
     return make_user(role=Role.STAFF, display_name="Test Staff")
 
 
 @pytest.fixture
 def agent_key(agent_user) -> str:  # noqa: ANN001
+    from tests.support.accounts import make_api_key
+
     return make_api_key(agent_user)
 
 
@@ -105,9 +113,21 @@ def artifacts_dir() -> Path:
     return ARTIFACTS_DIR
 
 
+def _django_configured() -> bool:
+    """False when the tests run without Django (the inference library's own tests)."""
+    try:
+        from django.conf import settings
+    except ImportError:
+        return False
+    return settings.configured
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _fast_password_hashing() -> Iterator[None]:
     """PBKDF2 costs ~0.5 s a user on a small machine: tests hash with MD5 instead."""
+    if not _django_configured():
+        yield
+        return
     from django.test import override_settings
 
     with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
@@ -117,6 +137,9 @@ def _fast_password_hashing() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
     """Throttle counters live in the cache: start every test with an empty one."""
+    if not _django_configured():
+        yield
+        return
     from django.core.cache import cache
 
     cache.clear()
