@@ -36,6 +36,7 @@ from .errors import (
     DocumentTooLong,
     InvalidRequest,
     PrecomputeCancelled,
+    UnsupportedArchitecture,
     UnsupportedVersion,
 )
 from .models import LoadedModel
@@ -157,6 +158,64 @@ def forward(loaded: LoadedModel, ids: list[int], cache: Any, logits_to_keep: int
         input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **kwargs
     )
     return out.logits[0]
+
+
+class _CacheSession:
+    """transformers' forward over a growing DynamicCache (CPU, and any model on GPU)."""
+
+    def __init__(self, loaded: LoadedModel, cache: Any) -> None:
+        self.loaded = loaded
+        self.cache = cache
+
+    def seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def step(self, ids: list[int]) -> torch.Tensor:
+        return forward(self.loaded, ids, self.cache)[-1]
+
+    def close(self) -> None:
+        pass
+
+
+_FAST_REUSE: dict[int, Any] = {}
+FAST_PATH_CAPACITY = 1024  # suffix + output tokens a fast-path request may hold
+
+
+def _fast_reuse(loaded: LoadedModel) -> Any | None:
+    """The GPU fast path for this model (inference.fastpath), or None where it does not apply:
+    on CPU, for architectures it does not cover, or with KVMARKET_FASTPATH=0.
+    KVMARKET_FASTPATH=1 turns it on on CPU too (eager, for tests)."""
+    switch = os.environ.get("KVMARKET_FASTPATH", "")
+    if switch == "0" or (switch != "1" and not str(loaded.device).startswith("cuda")):
+        return None
+    if id(loaded) not in _FAST_REUSE:
+        from .fastpath.runner import FastReuse
+
+        try:
+            _FAST_REUSE[id(loaded)] = FastReuse(loaded.model, capacity=FAST_PATH_CAPACITY)
+        except UnsupportedArchitecture:
+            _FAST_REUSE[id(loaded)] = None
+    return _FAST_REUSE[id(loaded)]
+
+
+def _reuse_session(loaded: LoadedModel, art: KVArtifact, feed: list[int], max_tokens: int) -> Any:
+    """Fast path on the GPU when it applies (graphs when the KV is already in GPU memory),
+    else transformers over a fresh cache that copies the stored tensors."""
+    fast = _fast_reuse(loaded)
+    if fast is not None and len(feed) + max_tokens <= fast.capacity:
+        from .fastpath.model import PrefixKV
+
+        if art.device.type == "cuda":
+            # One PrefixKV per hot artifact: its CUDA graphs are keyed by that object.
+            prefix = art.extras.setdefault(
+                "fast_prefix", PrefixKV(list(zip(art.keys, art.values, strict=True)))
+            )
+            return fast.session(prefix)
+        device = loaded.device
+        layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True))
+                  for k, v in zip(art.keys, art.values, strict=True)]
+        return fast.session(PrefixKV(layers), graphs=False)
+    return _CacheSession(loaded, cache_from_artifact(loaded, art))
 
 
 def prefill(
@@ -399,7 +458,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def _decode(
     loaded: LoadedModel,
-    cache: Any,
+    session: Any,
     feed: list[int],
     *,
     max_tokens: int,
@@ -412,11 +471,34 @@ def _decode(
     load_s: float,
     tier: str,
 ) -> Iterator[str | Generation]:
-    """Shared decode loop: yields text deltas, then the Generation."""
-    context_left = loaded.max_context - cache.get_seq_length() - len(feed)
+    """Shared decode loop: yields text deltas, then the Generation. Closes the session."""
+    try:
+        yield from _decode_steps(loaded, session, feed, max_tokens=max_tokens,
+                                 temperature=temperature, top_p=top_p, seed=seed, stops=stops,
+                                 usage=usage, t0=t0, load_s=load_s, tier=tier)
+    finally:
+        session.close()
+
+
+def _decode_steps(
+    loaded: LoadedModel,
+    session: Any,
+    feed: list[int],
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stops: list[str],
+    usage: Usage,
+    t0: float,
+    load_s: float,
+    tier: str,
+) -> Iterator[str | Generation]:
+    context_left = loaded.max_context - session.seq_length() - len(feed)
     if context_left < 1:
         raise InvalidRequest(
-            f"request needs {cache.get_seq_length() + len(feed)} tokens of context; "
+            f"request needs {session.seq_length() + len(feed)} tokens of context; "
             f"the model has {loaded.max_context}"
         )
     budget = min(max_tokens, context_left)
@@ -434,7 +516,7 @@ def _decode(
     stopped_by_string = False
     ttft = 0.0
     with torch.no_grad():
-        logits = forward(loaded, feed, cache)[-1]
+        logits = session.step(feed)
         while True:
             token = _sample(logits, temperature, top_p, generator)
             if not out_ids:
@@ -456,7 +538,7 @@ def _decode(
                 emitted = safe
             if len(out_ids) >= budget:
                 break
-            logits = forward(loaded, [token], cache)[-1]
+            logits = session.step([token])
     if not stopped_by_string:
         text = _decode_text(loaded, [t for t in out_ids if t not in eos])
     if len(text) > emitted:
@@ -499,17 +581,20 @@ def generate_stream(
     feed = suffix_ids(loaded, messages=messages, prompt=prompt, prompt_ids=prompt_ids)
     art, tier = store.load_with_tier(key, loaded)
     load_s = time.perf_counter() - t0
-    with torch.no_grad():
-        cache = cache_from_artifact(loaded, art)
     cached = art.n_tokens
-    if not feed:
-        # The last cached token's logits are not stored: re-run that one token.
-        cache.crop(-1)
-        feed = [art.token_ids[-1]]
-        cached -= 1
+    with torch.no_grad():
+        if feed:
+            session = _reuse_session(loaded, art, feed, max_tokens)
+        else:
+            # The last cached token's logits are not stored: re-run that one token.
+            cache = cache_from_artifact(loaded, art)
+            cache.crop(-1)
+            feed = [art.token_ids[-1]]
+            cached -= 1
+            session = _CacheSession(loaded, cache)
     usage = Usage(cached_tokens=cached, suffix_tokens=len(feed), output_tokens=0,
                   prefill_tokens=len(feed))
-    return _decode(loaded, cache, feed, max_tokens=max_tokens, temperature=temperature,
+    return _decode(loaded, session, feed, max_tokens=max_tokens, temperature=temperature,
                    top_p=top_p, seed=seed, stops=stops, usage=usage, t0=t0, load_s=load_s,
                    tier=tier)
 
@@ -587,7 +672,8 @@ def cold_generate(
             feed = ids
     usage = Usage(cached_tokens=0, suffix_tokens=len(ids) - len(prefix), output_tokens=0,
                   prefill_tokens=len(ids))
-    return _last(_decode(loaded, cache, feed, max_tokens=max_tokens, temperature=temperature,
+    session = _CacheSession(loaded, cache)
+    return _last(_decode(loaded, session, feed, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, stops=stops, usage=usage, t0=t0, load_s=0.0,
                          tier=""))
 

@@ -8,6 +8,7 @@ eagerly; results are the same computation either way.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ class FastReuse:
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots
         self._slots: OrderedDict[tuple[int, int], _PrefixSlot] = OrderedDict()
+        # One GPU, one request at a time: a session holds this lock while it generates.
+        self._lock = threading.Lock()
 
     # --- slots and graphs ------------------------------------------------------------------
     def _slot(self, prefix: PrefixKV, batch: int) -> _PrefixSlot:
@@ -198,6 +201,11 @@ class FastReuse:
                 logits = self._step(slot, next_ids, ones, fresh=False)
         return torch.cat(generated, dim=1).tolist()
 
+    def session(self, prefix: PrefixKV, *, graphs: bool | None = None) -> FastSession:
+        """A single request's step-by-step access (for sampling loops): first step() takes the
+        suffix, later ones the sampled tokens. Close it (or use `with`) to free the GPU."""
+        return FastSession(self, prefix, use_graphs=self.use_graphs if graphs is None else graphs)
+
     def _start(
         self, prefix: PrefixKV, suffixes: list[list[int]], *, slot: _PrefixSlot | None = None
     ) -> tuple[_PrefixSlot, torch.Tensor, torch.Tensor]:
@@ -217,3 +225,50 @@ class FastReuse:
             self.decoder.device, non_blocking=True
         )
         return slot, ids, n_valid
+
+
+class FastSession:
+    """One request against one prefix: step(ids) -> logits of the last position [V]."""
+
+    def __init__(self, reuse: FastReuse, prefix: PrefixKV, *, use_graphs: bool) -> None:
+        self.reuse = reuse
+        self.prefix = prefix
+        self.length = 0  # suffix tokens so far
+        self._graphs = use_graphs
+        self._slot: _PrefixSlot | None = None
+        reuse._lock.acquire()
+        self._open = True
+
+    def seq_length(self) -> int:
+        return self.prefix.n_tokens + self.length
+
+    @torch.inference_mode()
+    def step(self, ids: list[int]) -> torch.Tensor:
+        reuse = self.reuse
+        if self.length + len(ids) > reuse.capacity:
+            raise ValueError(f"the suffix capacity of {reuse.capacity} tokens is exhausted")
+        saved, reuse.use_graphs = reuse.use_graphs, self._graphs
+        try:
+            if self._slot is None:
+                self._slot, tokens, n_valid = reuse._start(self.prefix, [ids])
+                logits = reuse._step(self._slot, tokens, n_valid, fresh=True)
+            else:
+                device = reuse.decoder.device
+                tokens = torch.tensor([ids], dtype=torch.long, device=device)
+                n_valid = torch.full((1,), len(ids), dtype=torch.long, device=device)
+                logits = reuse._step(self._slot, tokens, n_valid, fresh=False)
+        finally:
+            reuse.use_graphs = saved
+        self.length += len(ids)
+        return logits[0]
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.reuse._lock.release()
+
+    def __enter__(self) -> FastSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

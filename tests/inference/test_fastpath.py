@@ -111,3 +111,30 @@ def test_artifact_read_into_host_memory_is_verified_per_tensor(
         fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ArtifactCorrupted):
         read_artifact_into_host(damaged, threads=4, tensor_sha256=hashes)
+
+
+def test_engine_generate_on_the_fast_path_matches_the_transformers_path(
+    loaded, shared_store, doc_keys, monkeypatch
+):
+    from inference import generate
+
+    request = dict(
+        messages=[{"role": "user", "content": QUESTIONS[1]}],
+        max_tokens=24,
+        temperature=0.8,
+        top_p=0.9,
+        seed=11,
+        stop=["\n\n"],
+    )
+    key = doc_keys[DOCS[4]]
+    results = {}
+    for switch in ("0", "1"):  # transformers over a DynamicCache, then the fast path (eager)
+        monkeypatch.setenv("KVMARKET_FASTPATH", switch)
+        results[switch] = [
+            generate(loaded, shared_store, key, **request),
+            generate(loaded, shared_store, key, **dict(request, temperature=0.0)),
+        ]
+    for slow, fast in zip(results["0"], results["1"], strict=True):
+        assert fast.token_ids == slow.token_ids and fast.text == slow.text
+        assert fast.usage == slow.usage
+    assert len(set(results["1"][1].token_ids)) >= 8
