@@ -530,36 +530,58 @@ def _post_fast(
 # --- money-moving services -------------------------------------------------------------------
 
 
+def _transfer(
+    *,
+    source: _Spec,
+    dest: _Spec,
+    amount_nano: int,
+    kind: TransactionKind,
+    idempotency_key: str,
+    fingerprint: str,
+    **fields: str,
+) -> Transaction:
+    """Post `amount_nano` from `source` to `dest` as one idempotent transaction: one
+    ledger_post() call on PostgreSQL, else lock the accounts and post (ORM path). `fields` are
+    the transaction's memo / license_ref / document_ref / external_ref."""
+    if _fast():
+        return _post_fast(
+            kind=kind,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            legs=[(source, -amount_nano), (dest, amount_nano)],
+            **fields,
+        )
+
+    def body() -> Transaction:
+        # A bounded account first (missing accounts are created in list order).
+        specs = [source, dest] if source.bounded else [dest, source]
+        acc = _lock(specs, idempotency_key=idempotency_key)
+        return _post(
+            kind=kind,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            legs=[(acc[source.key], -amount_nano), (acc[dest.key], amount_nano)],
+            **fields,
+        )
+
+    return _idempotent(idempotency_key, fingerprint, body)
+
+
 def credit_topup(
     *, agent, amount_nano: int, idempotency_key: str, external_ref: str = ""
 ) -> Transaction:
     """Stripe clearing -> agent wallet (called from the signed Stripe webhook)."""
     _check_amount(amount_nano)
-    fp = _fingerprint("topup", agent=agent.pk, amount=amount_nano, ref=external_ref)
-    if _fast():
-        wallet, clearing = _wallet(agent.pk), _system(AccountKind.STRIPE_CLEARING)
-        return _post_fast(
-            kind=TransactionKind.TOPUP,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(clearing, -amount_nano), (wallet, amount_nano)],
-            memo="Wallet top-up",
-            external_ref=external_ref,
-        )
-
-    def body() -> Transaction:
-        wallet, clearing = _wallet(agent.pk), _system(AccountKind.STRIPE_CLEARING)
-        acc = _lock([wallet, clearing], idempotency_key=idempotency_key)
-        return _post(
-            kind=TransactionKind.TOPUP,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(acc[clearing.key], -amount_nano), (acc[wallet.key], amount_nano)],
-            memo="Wallet top-up",
-            external_ref=external_ref,
-        )
-
-    return _idempotent(idempotency_key, fp, body)
+    return _transfer(
+        source=_system(AccountKind.STRIPE_CLEARING),
+        dest=_wallet(agent.pk),
+        amount_nano=amount_nano,
+        kind=TransactionKind.TOPUP,
+        idempotency_key=idempotency_key,
+        fingerprint=_fingerprint("topup", agent=agent.pk, amount=amount_nano, ref=external_ref),
+        memo="Wallet top-up",
+        external_ref=external_ref,
+    )
 
 
 def purchase_license(
@@ -572,33 +594,19 @@ def purchase_license(
     _check_amount(amount_nano, allow_zero=True)
     if not license_ref:
         raise LedgerError("license_ref is required.")
-    fp = _fingerprint("purchase", agent=agent.pk, license=license_ref, amount=amount_nano)
-    if _fast():
-        wallet, escrow = _wallet(agent.pk), _escrow(license_ref, agent.pk)
-        return _post_fast(
-            kind=TransactionKind.LICENSE_PURCHASE,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(wallet, -amount_nano), (escrow, amount_nano)],
-            memo=f"License {license_ref}",
-            license_ref=license_ref,
-            document_ref=document_ref,
-        )
-
-    def body() -> Transaction:
-        wallet, escrow = _wallet(agent.pk), _escrow(license_ref, agent.pk)
-        acc = _lock([wallet, escrow], idempotency_key=idempotency_key)
-        return _post(
-            kind=TransactionKind.LICENSE_PURCHASE,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(acc[wallet.key], -amount_nano), (acc[escrow.key], amount_nano)],
-            memo=f"License {license_ref}",
-            license_ref=license_ref,
-            document_ref=document_ref,
-        )
-
-    return _idempotent(idempotency_key, fp, body)
+    return _transfer(
+        source=_wallet(agent.pk),
+        dest=_escrow(license_ref, agent.pk),
+        amount_nano=amount_nano,
+        kind=TransactionKind.LICENSE_PURCHASE,
+        idempotency_key=idempotency_key,
+        fingerprint=_fingerprint(
+            "purchase", agent=agent.pk, license=license_ref, amount=amount_nano
+        ),
+        memo=f"License {license_ref}",
+        license_ref=license_ref,
+        document_ref=document_ref,
+    )
 
 
 def split_amount(amount_nano: int, publisher_share: Decimal) -> tuple[int, int]:
@@ -747,33 +755,17 @@ def record_egress(
 ) -> Transaction:
     """Agent wallet -> platform revenue for KV shipping bytes. Raises InsufficientFunds."""
     _check_amount(amount_nano, allow_zero=True)
-    fp = _fingerprint("egress", agent=agent.pk, amount=amount_nano, license=license_ref)
-    if _fast():
-        wallet, revenue = _wallet(agent.pk), _system(AccountKind.PLATFORM_REVENUE)
-        return _post_fast(
-            kind=TransactionKind.EGRESS,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(wallet, -amount_nano), (revenue, amount_nano)],
-            memo=memo or "KV egress",
-            license_ref=license_ref,
-            document_ref=document_ref,
-        )
-
-    def body() -> Transaction:
-        wallet, revenue = _wallet(agent.pk), _system(AccountKind.PLATFORM_REVENUE)
-        acc = _lock([wallet, revenue], idempotency_key=idempotency_key)
-        return _post(
-            kind=TransactionKind.EGRESS,
-            idempotency_key=idempotency_key,
-            fingerprint=fp,
-            legs=[(acc[wallet.key], -amount_nano), (acc[revenue.key], amount_nano)],
-            memo=memo or "KV egress",
-            license_ref=license_ref,
-            document_ref=document_ref,
-        )
-
-    return _idempotent(idempotency_key, fp, body)
+    return _transfer(
+        source=_wallet(agent.pk),
+        dest=_system(AccountKind.PLATFORM_REVENUE),
+        amount_nano=amount_nano,
+        kind=TransactionKind.EGRESS,
+        idempotency_key=idempotency_key,
+        fingerprint=_fingerprint("egress", agent=agent.pk, amount=amount_nano, license=license_ref),
+        memo=memo or "KV egress",
+        license_ref=license_ref,
+        document_ref=document_ref,
+    )
 
 
 def refund_escrow(*, license_ref: str, agent, idempotency_key: str) -> Transaction | None:
