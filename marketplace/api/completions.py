@@ -115,7 +115,9 @@ def _headers(response: Any, load: Load, replayed: bool) -> None:
 class _CompletionView(MarketplaceView):
     kind: LoadKind
     request_serializer: type
-    object_name = ""
+    id_prefix: str
+    object_name: str  # the body's "object"
+    chunk_object_name: str  # each streamed chunk's "object"
 
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         require_agent(request.user)
@@ -156,11 +158,47 @@ class _CompletionView(MarketplaceView):
         _headers(response, load, replayed)
         return response
 
+    def choice_content(self, text: str) -> dict[str, Any]:
+        """The body's choice content: {"message": ...} or {"text": ...}."""
+        raise NotImplementedError
+
+    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """(choice content, finish_reason) of each streamed chunk, in order."""
+        raise NotImplementedError
+
+    def body(self, base: dict[str, Any], load: Load, replayed: bool) -> dict[str, Any]:
+        result = load.response or {}
+        return {
+            **base,
+            "object": self.object_name,
+            "system_fingerprint": None,
+            "choices": [{
+                "index": 0,
+                **self.choice_content(result.get("text", "")),
+                "logprobs": None,
+                "finish_reason": _finish_reason(result.get("finish_reason")),
+            }],
+            "usage": _usage(result),
+            "kvmarket": _kvmarket(load, replayed),
+        }
+
+    def chunks(self, base: dict[str, Any], load: Load, include_usage: bool) -> Iterator[dict]:
+        result = load.response or {}
+        head = {**base, "object": self.chunk_object_name, "system_fingerprint": None}
+        extra = {"usage": None} if include_usage else {}
+        for content, finish in self.chunk_choices(result):
+            choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
+            yield {**head, "choices": [choice], **extra}
+        if include_usage:
+            yield {**head, "choices": [], "usage": _usage(result)}
+
 
 class ChatCompletionsView(_CompletionView):
     kind = LoadKind.CHAT
     request_serializer = ChatCompletionRequestSerializer
     id_prefix = "chatcmpl"
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
 
     @extend_schema(
         operation_id="chat_completions_create",
@@ -179,43 +217,22 @@ class ChatCompletionsView(_CompletionView):
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         return super().post(request)
 
-    def body(self, base: dict[str, Any], load: Load, replayed: bool) -> dict[str, Any]:
-        result = load.response or {}
-        return {
-            **base,
-            "object": "chat.completion",
-            "system_fingerprint": None,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": result.get("text", "")},
-                "logprobs": None,
-                "finish_reason": _finish_reason(result.get("finish_reason")),
-            }],
-            "usage": _usage(result),
-            "kvmarket": _kvmarket(load, replayed),
-        }
+    def choice_content(self, text: str) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": text}}
 
-    def chunks(self, base: dict[str, Any], load: Load, include_usage: bool) -> Iterator[dict]:
-        result = load.response or {}
-        head = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**head, "choices": [choice], **extra}
-
-        yield chunk({"role": "assistant", "content": ""}, None)
+    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
+        yield {"delta": {"role": "assistant", "content": ""}}, None
         for delta in _deltas(result):
-            yield chunk({"content": delta}, None)
-        yield chunk({}, _finish_reason(result.get("finish_reason")))
-        if include_usage:
-            yield {**head, "choices": [], "usage": _usage(result)}
+            yield {"delta": {"content": delta}}, None
+        yield {"delta": {}}, _finish_reason(result.get("finish_reason"))
 
 
 class CompletionsView(_CompletionView):
     kind = LoadKind.COMPLETION
     request_serializer = CompletionRequestSerializer
     id_prefix = "cmpl"
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
 
     @extend_schema(
         operation_id="completions_create",
@@ -234,33 +251,10 @@ class CompletionsView(_CompletionView):
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         return super().post(request)
 
-    def body(self, base: dict[str, Any], load: Load, replayed: bool) -> dict[str, Any]:
-        result = load.response or {}
-        return {
-            **base,
-            "object": "text_completion",
-            "system_fingerprint": None,
-            "choices": [{
-                "index": 0,
-                "text": result.get("text", ""),
-                "logprobs": None,
-                "finish_reason": _finish_reason(result.get("finish_reason")),
-            }],
-            "usage": _usage(result),
-            "kvmarket": _kvmarket(load, replayed),
-        }
+    def choice_content(self, text: str) -> dict[str, Any]:
+        return {"text": text}
 
-    def chunks(self, base: dict[str, Any], load: Load, include_usage: bool) -> Iterator[dict]:
-        result = load.response or {}
-        head = {**base, "object": "text_completion", "system_fingerprint": None}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return {**head, "choices": [choice], **extra}
-
+    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
         for delta in _deltas(result):
-            yield chunk(delta, None)
-        yield chunk("", _finish_reason(result.get("finish_reason")))
-        if include_usage:
-            yield {**head, "choices": [], "usage": _usage(result)}
+            yield {"text": delta}, None
+        yield {"text": ""}, _finish_reason(result.get("finish_reason"))
