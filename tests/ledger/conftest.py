@@ -30,6 +30,21 @@ def _stripe_settings(settings):
     settings.PAYOUT_THRESHOLD_NANO_USD = 10 * 10**9
 
 
+def insert_unbalanced_transaction(cur, account_id: int) -> None:  # noqa: ANN001
+    """Raw SQL: a 'raw' top-up transaction with one +5 posting on the account (sums to 5)."""
+    cur.execute(
+        "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
+        " license_ref, document_ref, external_ref, details, created_at)"
+        " VALUES ('raw', '', 'topup', '', '', '', '', '{}', now()) RETURNING id"
+    )
+    tx_id = cur.fetchone()[0]
+    cur.execute(
+        "INSERT INTO ledger_posting (transaction_id, account_id, amount, created_at)"
+        " VALUES (%s, %s, 5, now())",
+        [tx_id, account_id],
+    )
+
+
 def make_user(role: Role, **fields) -> User:
     # No password: hashing one costs ~0.3 s of CPU per user.
     return User.objects.create_user(

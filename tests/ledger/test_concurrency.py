@@ -12,7 +12,7 @@ from ledger.errors import InsufficientFunds
 from ledger.models import Account, AccountKind, Transaction
 from marketplace.models import Role
 
-from .conftest import make_user
+from .conftest import insert_unbalanced_transaction, make_user
 from .invariants import assert_ledger_invariants
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -119,15 +119,5 @@ def test_deferred_zero_sum_trigger_rejects_unbalanced_commit():
     with pytest.raises(IntegrityError, match="sum to"):
         with transaction.atomic():  # the check runs at COMMIT (deferred constraint trigger)
             with connection.cursor() as cur:
-                cur.execute(
-                    "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
-                    " license_ref, document_ref, external_ref, details, created_at)"
-                    " VALUES ('raw', '', 'topup', '', '', '', '', '{}', now()) RETURNING id"
-                )
-                tx_id = cur.fetchone()[0]
-                cur.execute(
-                    "INSERT INTO ledger_posting (transaction_id, account_id, amount, created_at)"
-                    " VALUES (%s, %s, 5, now())",
-                    [tx_id, wallet.pk],
-                )
+                insert_unbalanced_transaction(cur, wallet.pk)
     assert not Transaction.objects.filter(idempotency_key="raw").exists()

@@ -6,6 +6,8 @@ from django.db import IntegrityError, connection, transaction
 from ledger import services
 from ledger.models import Account, Posting, Transaction
 
+from .conftest import insert_unbalanced_transaction
+
 pytestmark = pytest.mark.django_db
 
 
@@ -38,17 +40,7 @@ def test_unbalanced_transaction_is_rejected(posted):
     _, wallet = posted
     with pytest.raises(IntegrityError, match="sum to 5"):
         with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(
-                "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
-                " license_ref, document_ref, external_ref, details, created_at)"
-                " VALUES ('raw', '', 'topup', '', '', '', '', '{}', now()) RETURNING id"
-            )
-            tx_id = cur.fetchone()[0]
-            cur.execute(
-                "INSERT INTO ledger_posting (transaction_id, account_id, amount, created_at)"
-                " VALUES (%s, %s, 5, now())",
-                [tx_id, wallet.pk],
-            )
+            insert_unbalanced_transaction(cur, wallet.pk)
             # The check is deferred to COMMIT; inside the test's transaction, force it now.
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
