@@ -206,11 +206,13 @@ def _reuse_session(loaded: LoadedModel, art: KVArtifact, feed: list[int], max_to
         from .fastpath.model import PrefixKV
 
         if art.device.type == "cuda":
-            # One PrefixKV per hot artifact: its CUDA graphs are keyed by that object.
+            # One PrefixKV per hot artifact: its CUDA graphs are keyed by that object. Graphs
+            # are captured from its second request on, so a one-off load pays no capture.
             prefix = art.extras.setdefault(
                 "fast_prefix", PrefixKV(list(zip(art.keys, art.values, strict=True)))
             )
-            return fast.session(prefix)
+            uses = art.extras["fast_uses"] = art.extras.get("fast_uses", 0) + 1
+            return fast.session(prefix, graphs=None if uses > 1 else False)
         device = loaded.device
         layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True))
                   for k, v in zip(art.keys, art.values, strict=True)]

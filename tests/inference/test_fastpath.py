@@ -138,3 +138,29 @@ def test_engine_generate_on_the_fast_path_matches_the_transformers_path(
         assert fast.token_ids == slow.token_ids and fast.text == slow.text
         assert fast.usage == slow.usage
     assert len(set(results["1"][1].token_ids)) >= 8
+
+
+def test_artifacts_carry_per_tensor_hashes_and_old_ones_still_read(
+    loaded, shared_store, doc_keys, tmp_path
+):
+    from inference.artifact import KVArtifact, read_artifact, read_manifest, write_artifact
+
+    art = shared_store.load(doc_keys[DOCS[5]], loaded)
+    assert set(read_manifest(shared_store.path(art.key))["tensor_sha256"]) == {
+        "token_ids",
+        *(f"layers.{i}.{kind}" for i in range(len(art.keys)) for kind in ("keys", "values")),
+    }
+    legacy = KVArtifact(
+        key=art.key,
+        manifest={**art.manifest, "tensor_sha256": None},  # as written before the field existed
+        token_ids=art.token_ids,
+        keys=art.keys,
+        values=art.values,
+    )
+    write_artifact(tmp_path / "legacy.safetensors", legacy)
+    old = read_artifact(tmp_path / "legacy.safetensors", loaded)
+    new = read_artifact(shared_store.path(art.key), loaded)
+    assert "host_prefix" not in old.extras and "host_prefix" in new.extras
+    assert old.token_ids == new.token_ids == art.token_ids
+    for a, b in zip(old.keys + old.values, new.keys + new.values, strict=True):
+        assert torch.equal(a, b)
