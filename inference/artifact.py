@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,9 +188,10 @@ def write_artifact(path: str | Path, artifact: KVArtifact) -> int:
     # Per-tensor hashes let a reader verify with many threads; the manifest (and so these
     # hashes) is itself covered by manifest_sha256.
     manifest = dict(artifact.manifest)
-    manifest.setdefault(
-        "tensor_sha256", {name: tensor_sha256(t) for name, t in tensors.items()}
-    )
+    if manifest.get("tensor_sha256", {}) == {}:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            digests = pool.map(tensor_sha256, tensors.values())  # hashlib releases the GIL
+            manifest["tensor_sha256"] = dict(zip(tensors, digests, strict=True))
     manifest_json = json.dumps(manifest, sort_keys=True)
     metadata = {
         "format": FORMAT,
