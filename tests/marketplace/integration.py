@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from marketplace.models import Document
 
 GPU_QUEUES = ["default", "gpu.tiny-qwen3"]
@@ -27,6 +29,19 @@ def model_available() -> bool:
     ref = settings.KVMARKET_MODELS["tiny-qwen3"]["ref"]
     path = BUILTIN_DIR if ref in (BUILTIN_MODEL_ID, "builtin", "tiny-qwen3") else Path(ref)
     return (path / "config.json").is_file()
+
+
+def skip_module_unless_worker_can_run() -> None:
+    """Skip the calling test module unless PostgreSQL, Redis and the tiny-qwen3 weights are
+    there (a real worker needs all three). Call it at module level."""
+    from django.conf import settings
+
+    if not settings.USING_POSTGRES or not settings.CELERY_BROKER_URL.startswith("redis"):
+        pytest.skip("needs PostgreSQL and Redis (DATABASE_URL, CELERY_BROKER_URL)",
+                    allow_module_level=True)
+    if not model_available():
+        pytest.skip("the tiny-qwen3 weights are missing (python -m inference.builtin.train)",
+                    allow_module_level=True)
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,

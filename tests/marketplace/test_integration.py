@@ -12,27 +12,21 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.conf import settings as django_settings
 
 from marketplace.models import Document, License, Load
 from tests.marketplace.conftest import NANO, fund, wallet
 from tests.marketplace.integration import (
     DOCUMENT_TEXT,
     GPU_QUEUES,
-    model_available,
     partial_files,
+    skip_module_unless_worker_can_run,
     wait_until_ready,
 )
 from tests.support.celery_worker import start_celery_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-if not django_settings.USING_POSTGRES or not django_settings.CELERY_BROKER_URL.startswith("redis"):
-    pytest.skip("needs PostgreSQL and Redis (DATABASE_URL, CELERY_BROKER_URL)",
-                allow_module_level=True)
-if not model_available():
-    pytest.skip("the tiny-qwen3 weights are missing (python -m inference.builtin.train)",
-                allow_module_level=True)
+skip_module_unless_worker_can_run()
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,15 @@ from marketplace.models import Document
 from tests.marketplace.integration import (
     DOCUMENT_TEXT,
     GPU_QUEUES,
-    model_available,
     partial_files,
+    skip_module_unless_worker_can_run,
     wait_for,
     wait_until_ready,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-if not django_settings.USING_POSTGRES or not django_settings.CELERY_BROKER_URL.startswith("redis"):
-    pytest.skip("needs PostgreSQL and Redis", allow_module_level=True)
-if not model_available():
-    pytest.skip("the tiny-qwen3 weights are missing (python -m inference.builtin.train)",
-                allow_module_level=True)
+skip_module_unless_worker_can_run()
 
 
 def _children(pid: int) -> list[int]:

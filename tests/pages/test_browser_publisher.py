@@ -12,20 +12,18 @@ from __future__ import annotations
 import re
 
 import pytest
-from django.conf import settings as django_settings
 
 from marketplace.models import Document, Load, Role
-from tests.marketplace.integration import DOCUMENT_TEXT, GPU_QUEUES, model_available
+from tests.marketplace.integration import (
+    DOCUMENT_TEXT,
+    GPU_QUEUES,
+    skip_module_unless_worker_can_run,
+)
 from tests.support.accounts import TEST_PASSWORD, make_api_key, make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
-if not django_settings.USING_POSTGRES or not django_settings.CELERY_BROKER_URL.startswith("redis"):
-    pytest.skip("needs PostgreSQL and Redis (DATABASE_URL, CELERY_BROKER_URL)",
-                allow_module_level=True)
-if not model_available():
-    pytest.skip("the tiny-qwen3 weights are missing (python -m inference.builtin.train)",
-                allow_module_level=True)
+skip_module_unless_worker_can_run()
 
 READY_TIMEOUT_MS = 180_000
 PASSWORD = "a-Long-enough-passw0rd"
