@@ -662,6 +662,17 @@ def settle_load(
             )
         return agent_id
 
+    def details(charged: int) -> dict[str, Any]:
+        return {
+            "publisher_id": publisher.pk,
+            "publisher_nano": publisher_nano,
+            "platform_nano": platform_nano,
+            "publisher_share": str(publisher_share),
+            "compute_requested_nano": compute_nano,
+            "compute_charged_nano": charged,
+            "compute_uncharged_nano": compute_nano - charged,
+        }
+
     if _fast():
         agent_id = buyer_id()
         cap = None
@@ -680,15 +691,7 @@ def settle_load(
             memo=memo or f"Load of {license_ref}",
             license_ref=license_ref,
             document_ref=document_ref,
-            details={
-                "publisher_id": publisher.pk,
-                "publisher_nano": publisher_nano,
-                "platform_nano": platform_nano,
-                "publisher_share": str(publisher_share),
-                "compute_requested_nano": compute_nano,
-                "compute_charged_nano": 0,
-                "compute_uncharged_nano": compute_nano,
-            },
+            details=details(charged=0),  # with a cap, ledger_post() records what it charged
             missing_message=f"No escrow for license {license_ref!r}.",
         )
 
@@ -730,15 +733,7 @@ def settle_load(
             memo=memo or f"Load of {license_ref}",
             license_ref=license_ref,
             document_ref=document_ref,
-            details={
-                "publisher_id": publisher.pk,
-                "publisher_nano": publisher_nano,
-                "platform_nano": platform_nano,
-                "publisher_share": str(publisher_share),
-                "compute_requested_nano": compute_nano,
-                "compute_charged_nano": charged,
-                "compute_uncharged_nano": compute_nano - charged,
-            },
+            details=details(charged),
         )
 
     return _idempotent(idempotency_key, fp, body)
