@@ -6,8 +6,8 @@ in the same run on the same model, so the speed-ups compare like with like.
 GPU (Qwen3-4B architecture, random weights, bf16):
     python bench/kv_reuse_fast.py --model-config qwen3-4b --device cuda \
         --lengths 1024,3774,8192,32768 --batches 1,8,32,128,512
-CPU smoke run (tiny config, float32):
-    python bench/kv_reuse_fast.py --model-config tiny --device cpu --lengths 256 --batches 1,4
+CPU smoke run (a two-layer stand-in, float32):
+    python bench/kv_reuse_fast.py --model-config qwen3-test --device cpu --lengths 256 --batches 1,4
 """
 
 from __future__ import annotations
@@ -24,43 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from inference.bench import MODEL_CONFIGS  # noqa: E402
 from inference.fastpath.model import NATIVE_GQA_FLASH, PrefixKV  # noqa: E402
 from inference.fastpath.runner import FastReuse  # noqa: E402
 from inference.fastpath.transfer import HostPrefix, read_artifact_into_host  # noqa: E402
-
-CONFIGS = {
-    # Qwen3-4B's published architecture (config.json of Qwen/Qwen3-4B).
-    "qwen3-4b": dict(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    ),
-}
 
 
 def build_model(name: str, device: str, dtype: torch.dtype, layers: int | None = None):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    kwargs = dict(CONFIGS[name])
+    kwargs = dict(MODEL_CONFIGS[name])
     if layers:
         kwargs["num_hidden_layers"] = layers
     config = Qwen3Config(**kwargs)
@@ -276,7 +249,7 @@ def exactness(args, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--model-config", default="qwen3-test", choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--lengths", default="1024,3774")

@@ -475,86 +475,66 @@ def _decode(
 ) -> Iterator[str | Generation]:
     """Shared decode loop: yields text deltas, then the Generation. Closes the session."""
     try:
-        yield from _decode_steps(loaded, session, feed, max_tokens=max_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, stops=stops,
-                                 usage=usage, t0=t0, load_s=load_s, tier=tier)
+        context_left = loaded.max_context - session.seq_length() - len(feed)
+        if context_left < 1:
+            raise InvalidRequest(
+                f"request needs {session.seq_length() + len(feed)} tokens of context; "
+                f"the model has {loaded.max_context}"
+            )
+        budget = min(max_tokens, context_left)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator()
+            if seed is None:
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            generator.manual_seed(seed)
+        eos = set(loaded.eos_token_ids)
+        out_ids: list[int] = []
+        emitted = 0
+        text = ""
+        finish = "length"
+        stopped_by_string = False
+        ttft = 0.0
+        with torch.no_grad():
+            logits = session.step(feed)
+            while True:
+                token = _sample(logits, temperature, top_p, generator)
+                if not out_ids:
+                    ttft = time.perf_counter() - t0
+                out_ids.append(token)
+                if token in eos:
+                    finish = "stop"
+                    break
+                text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+                hit = min((text.find(s) for s in stops if s in text), default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                    finish = "stop"
+                    stopped_by_string = True
+                    break
+                safe = len(text) - _held_back(text, stops)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if len(out_ids) >= budget:
+                    break
+                logits = session.step([token])
+        if not stopped_by_string:
+            text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+        if len(text) > emitted:
+            yield text[emitted:]
+        usage.output_tokens = len(out_ids)
+        yield Generation(
+            text=text,
+            token_ids=out_ids,
+            finish_reason=finish,
+            usage=usage,
+            timings=Timings(load_s=round(load_s, 6), ttft_s=round(ttft, 6),
+                            total_s=round(time.perf_counter() - t0, 6)),
+            cache_tier=tier,
+        )
     finally:
         session.close()
-
-
-def _decode_steps(
-    loaded: LoadedModel,
-    session: Any,
-    feed: list[int],
-    *,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    stops: list[str],
-    usage: Usage,
-    t0: float,
-    load_s: float,
-    tier: str,
-) -> Iterator[str | Generation]:
-    context_left = loaded.max_context - session.seq_length() - len(feed)
-    if context_left < 1:
-        raise InvalidRequest(
-            f"request needs {session.seq_length() + len(feed)} tokens of context; "
-            f"the model has {loaded.max_context}"
-        )
-    budget = min(max_tokens, context_left)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator()
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        generator.manual_seed(seed)
-    eos = set(loaded.eos_token_ids)
-    out_ids: list[int] = []
-    emitted = 0
-    text = ""
-    finish = "length"
-    stopped_by_string = False
-    ttft = 0.0
-    with torch.no_grad():
-        logits = session.step(feed)
-        while True:
-            token = _sample(logits, temperature, top_p, generator)
-            if not out_ids:
-                ttft = time.perf_counter() - t0
-            out_ids.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            text = _decode_text(loaded, [t for t in out_ids if t not in eos])
-            hit = min((text.find(s) for s in stops if s in text), default=-1)
-            if hit >= 0:
-                text = text[:hit]
-                finish = "stop"
-                stopped_by_string = True
-                break
-            safe = len(text) - _held_back(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(out_ids) >= budget:
-                break
-            logits = session.step([token])
-    if not stopped_by_string:
-        text = _decode_text(loaded, [t for t in out_ids if t not in eos])
-    if len(text) > emitted:
-        yield text[emitted:]
-    usage.output_tokens = len(out_ids)
-    yield Generation(
-        text=text,
-        token_ids=out_ids,
-        finish_reason=finish,
-        usage=usage,
-        timings=Timings(load_s=round(load_s, 6), ttft_s=round(ttft, 6),
-                        total_s=round(time.perf_counter() - t0, 6)),
-        cache_tier=tier,
-    )
 
 
 def _decode_text(loaded: LoadedModel, ids: list[int]) -> str:
