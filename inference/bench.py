@@ -196,6 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             decode_s = gen.timings.total_s - gen.timings.ttft_s
             steps = max(1, gen.usage.output_tokens - 1)
             row["decode_tokens_per_s"] = round(steps / decode_s, 2) if decode_s > 0 else None
+        if args.batches:
+            row["batched"] = _batched(loaded, store, pre.key, suffix, args, device)
         store.delete(pre.key)
         results.append(row)
         if device.startswith("cuda"):
@@ -222,6 +224,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _batched(
+    loaded: Any, store: Any, key: str, suffix: list[int], args: argparse.Namespace, device: str
+) -> dict[str, Any]:
+    """Requests/s of generate_batch: B agents, each its own suffix, against one hot document."""
+    from .engine import generate_batch
+
+    out = {}
+    for b in args.batches:
+        requests = [
+            dict(prompt_ids=_synthetic_ids(loaded.config.vocab_size, len(suffix), seed=100 + i),
+                 max_tokens=args.batch_tokens)
+            for i in range(b)
+        ]
+        generate_batch(loaded, store, key, requests)  # warm-up: loads, graph capture
+        times = []
+        for _ in range(args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            generate_batch(loaded, store, key, requests)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        out[str(b)] = {"seconds": round(seconds, 5), "requests_per_s": round(b / seconds, 1)}
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kv_reuse", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin", help="hub id, local path or 'builtin'")
@@ -239,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-gib", type=int, default=32)
     p.add_argument("--store", help="store root (default: a temp folder, removed afterwards)")
     p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("--batches", default="", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="also time generate_batch with these batch sizes (e.g. 1,8,32,128)")
+    p.add_argument("--batch-tokens", type=int, default=1,
+                   help="tokens each batched request generates (1: first-token throughput)")
     return p
 
 

@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -608,6 +609,150 @@ def generate(
         loaded, store, key, messages=messages, prompt=prompt, prompt_ids=prompt_ids,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
     ))
+
+
+class _BatchStepper:
+    """Runs the rows of a batch in lock step on the fast path: each row's decode loop calls
+    step() from its own thread; the last row to arrive runs one batched forward for all."""
+
+    def __init__(self, fast: Any, prefix: Any, n_rows: int) -> None:
+        self.fast, self.prefix = fast, prefix
+        self.cond = threading.Condition()
+        self.active = set(range(n_rows))
+        self.pending: dict[int, list[int]] = {}
+        self.results: dict[int, torch.Tensor] = {}
+        self.rounds = 0
+        self.slot = None
+        self.rows: list[int] = []
+        self.error: BaseException | None = None
+
+    def step(self, row: int, ids: list[int]) -> torch.Tensor:
+        with self.cond:
+            self.pending[row] = ids
+            round_ = self.rounds
+            self._run_if_complete()
+            while self.rounds == round_ and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            return self.results[row]
+
+    def leave(self, row: int) -> None:
+        with self.cond:
+            self.active.discard(row)
+            self._run_if_complete()
+
+    def _run_if_complete(self) -> None:
+        if not self.pending or set(self.pending) != self.active:
+            return
+        try:
+            self.results = self._forward()
+        except BaseException as exc:  # every waiting row re-raises it
+            self.error = exc
+        self.pending = {}
+        self.rounds += 1
+        self.cond.notify_all()
+
+    def _forward(self) -> dict[int, torch.Tensor]:
+        fast = self.fast
+        with torch.no_grad():
+            if self.slot is None:  # first round: every row brings its whole suffix
+                self.rows = sorted(self.pending)  # batch position -> row
+                feeds = [self.pending[r] for r in self.rows]
+                self.slot, ids, n_valid = fast._start(self.prefix, feeds)
+                logits = fast._step(self.slot, ids, n_valid, fresh=True)
+            else:  # one token per live row; finished rows ride along with no valid token
+                tokens = [self.pending.get(r, [0])[0] for r in self.rows]
+                device = fast.decoder.device
+                ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+                n_valid = torch.tensor([int(r in self.pending) for r in self.rows],
+                                       dtype=torch.long, device=device)
+                logits = fast._step(self.slot, ids, n_valid, fresh=False)
+        return {r: logits[i] for i, r in enumerate(self.rows) if r in self.pending}
+
+
+class _RowSession:
+    def __init__(self, stepper: _BatchStepper, row: int) -> None:
+        self.stepper, self.row, self.length = stepper, row, 0
+
+    def seq_length(self) -> int:
+        return self.stepper.prefix.n_tokens + self.length
+
+    def step(self, ids: list[int]) -> torch.Tensor:
+        logits = self.stepper.step(self.row, ids)
+        self.length += len(ids)
+        return logits
+
+    def close(self) -> None:
+        self.stepper.leave(self.row)
+
+
+def generate_batch(
+    loaded: LoadedModel, store: KVStore, key: str, requests: list[dict[str, Any]]
+) -> list[Generation]:
+    """Many agents' requests on one document as one batch against the shared prefix KV.
+
+    Each request takes generate()'s keyword arguments (messages / prompt / prompt_ids,
+    max_tokens, temperature, top_p, seed, stop) and gets the Generation generate() would give:
+    each row runs the same decode loop (sampling, stop strings) and only the forward passes are
+    shared. On the fast path (CUDA) a step is one batched forward in which rows never attend to
+    each other's tokens; elsewhere the requests run one after another.
+    """
+    if not requests:
+        return []
+    fast = _fast_reuse(loaded)
+    feeds = [suffix_ids(loaded, messages=r.get("messages"), prompt=r.get("prompt"),
+                        prompt_ids=r.get("prompt_ids")) for r in requests]
+    for r in requests:
+        _validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
+                           r.get("top_p", 1.0), r.get("stop"))
+    fits = fast is not None and all(
+        f and len(f) + r.get("max_tokens", 64) <= fast.capacity
+        for f, r in zip(feeds, requests, strict=True)
+    )
+    if not fits:
+        return [generate(loaded, store, key, **r) for r in requests]
+    t0 = time.perf_counter()
+    art, tier = store.load_with_tier(key, loaded)
+    load_s = time.perf_counter() - t0
+    from .fastpath.model import PrefixKV
+
+    if art.device.type == "cuda":
+        prefix = art.extras.setdefault(
+            "fast_prefix", PrefixKV(list(zip(art.keys, art.values, strict=True)))
+        )
+    else:
+        prefix = PrefixKV([(k.to(loaded.device), v.to(loaded.device))
+                           for k, v in zip(art.keys, art.values, strict=True)])
+    stepper = _BatchStepper(fast, prefix, len(requests))
+    results: list[Generation | BaseException | None] = [None] * len(requests)
+
+    def run_row(row: int) -> None:
+        r = requests[row]
+        stops = _validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
+                                   r.get("top_p", 1.0), r.get("stop"))
+        usage = Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feeds[row]),
+                      output_tokens=0, prefill_tokens=len(feeds[row]))
+        try:
+            results[row] = _last(_decode(
+                loaded, _RowSession(stepper, row), feeds[row],
+                max_tokens=r.get("max_tokens", 64), temperature=r.get("temperature", 0.0),
+                top_p=r.get("top_p", 1.0), seed=r.get("seed"), stops=stops, usage=usage,
+                t0=t0, load_s=load_s, tier=tier,
+            ))
+        except BaseException as exc:
+            results[row] = exc
+
+    with fast._lock:  # the GPU serves one batch at a time
+        threads = [threading.Thread(target=run_row, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def cold_generate(

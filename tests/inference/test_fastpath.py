@@ -164,3 +164,27 @@ def test_artifacts_carry_per_tensor_hashes_and_old_ones_still_read(
     assert old.token_ids == new.token_ids == art.token_ids
     for a, b in zip(old.keys + old.values, new.keys + new.values, strict=True):
         assert torch.equal(a, b)
+
+
+def test_generate_batch_gives_each_request_what_generate_gives(
+    loaded, shared_store, doc_keys, monkeypatch
+):
+    from inference import generate, generate_batch
+
+    key = doc_keys[DOCS[6]]
+    requests = [
+        dict(messages=[{"role": "user", "content": q}], max_tokens=n, temperature=t, seed=s)
+        for q, n, t, s in zip(
+            QUESTIONS, (24, 5, 16, 24, 1, 12), (0, 0, 0.8, 0.7, 0, 0), range(6), strict=True
+        )
+    ]
+    requests.append(dict(prompt=" The module", max_tokens=10, stop=["."]))
+    monkeypatch.setenv("KVMARKET_FASTPATH", "0")
+    expected = [generate(loaded, shared_store, key, **r) for r in requests]
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # batched, on the fast path (eager on CPU)
+    got = generate_batch(loaded, shared_store, key, requests)
+    assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+    assert [g.text for g in got] == [g.text for g in expected]
+    assert [g.usage for g in got] == [g.usage for g in expected]
+    assert [g.finish_reason for g in got] == [g.finish_reason for g in expected]
+    assert len({len(g.token_ids) for g in got}) > 1  # rows finished at different steps
