@@ -655,7 +655,7 @@ class _BatchStepper:
 
     def _forward(self) -> dict[int, torch.Tensor]:
         fast = self.fast
-        with torch.no_grad():
+        with torch.inference_mode():  # the fast path's buffers are inference tensors
             if self.slot is None:  # first round: every row brings its whole suffix
                 self.rows = sorted(self.pending)  # batch position -> row
                 feeds = [self.pending[r] for r in self.rows]
