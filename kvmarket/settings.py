@@ -211,6 +211,9 @@ KV_STORE_GPU_BYTES = env.int("KV_STORE_GPU_BYTES", default=8 << 30)
 KV_S3_BUCKET = env("KV_S3_BUCKET", default="")
 KV_S3_ENDPOINT_URL = env("KV_S3_ENDPOINT_URL", default="")
 COMPLETION_TIMEOUT_SECONDS = env.float("COMPLETION_TIMEOUT_SECONDS", default=120.0)
+# A GPU worker run with a thread pool (--pool threads -c 64) gathers the completions of one
+# document that arrive within this window into one batch; 0 (default) serves them one by one.
+COMPLETION_BATCH_WINDOW_MS = env.float("COMPLETION_BATCH_WINDOW_MS", default=0.0)
 DOCUMENT_MAX_UPLOAD_BYTES = env.int("DOCUMENT_MAX_UPLOAD_BYTES", default=2 * 1024 * 1024)
 
 # --- Money and Stripe -----------------------------------------------------------------------

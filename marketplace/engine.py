@@ -9,6 +9,7 @@ data so Celery can carry it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,25 +124,24 @@ def generate(
     seed: int | None = None,
     stop: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Continue from the artifact. Returns the text, its streaming deltas, usage and timings."""
+    """Continue from the artifact. Returns the text, its streaming deltas, usage and timings.
+
+    With settings.COMPLETION_BATCH_WINDOW_MS > 0 (a GPU worker running a thread pool), requests
+    for the same artifact that arrive within that window run as one batch (see _Batcher).
+    """
     import inference
 
     loaded = get_loaded(slug)
     store = get_store()
+    request = dict(messages=messages, prompt=prompt, max_tokens=max_tokens,
+                   temperature=temperature, top_p=top_p, seed=seed, stop=stop or None)
+    window_ms = float(getattr(settings, "COMPLETION_BATCH_WINDOW_MS", 0) or 0)
+    if window_ms > 0:
+        final = batcher.submit(loaded, store, artifact_key, request, window_s=window_ms / 1000)
+        return _result(final, [final.text] if final.text else [])
     deltas: list[str] = []
     final = None
-    for item in inference.generate_stream(
-        loaded,
-        store,
-        artifact_key,
-        messages=messages,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop or None,
-    ):
+    for item in inference.generate_stream(loaded, store, artifact_key, **request):
         if isinstance(item, str):
             if item:
                 deltas.append(item)
@@ -149,6 +149,10 @@ def generate(
             final = item
     if final is None:  # pragma: no cover - the engine always ends with a Generation
         raise RuntimeError("The engine's stream ended without a final result.")
+    return _result(final, deltas)
+
+
+def _result(final: Any, deltas: list[str]) -> dict[str, Any]:
     return {
         "text": final.text,
         "deltas": deltas,
@@ -164,6 +168,65 @@ def generate(
             "total_s": float(final.timings.total_s),
         },
     }
+
+
+class _Batcher:
+    """Gathers concurrent completions of one artifact for a short window into one batch.
+
+    The first request of an artifact waits the window, then runs every request that joined it
+    through inference.generate_batch (one batched forward per step on the GPU fast path) and
+    hands each thread its own Generation. If the batch fails as a whole (say one request is
+    invalid), each request runs alone, so one bad request cannot fail the others.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, str], list[_Pending]] = {}
+        self.batches = 0  # batches run, and requests served through them (for metrics/tests)
+        self.requests = 0
+
+    def submit(self, loaded: Any, store: Any, key: str, request: dict[str, Any], *,
+               window_s: float) -> Any:
+        import inference
+
+        mine = _Pending(request)
+        group = (id(loaded), key)
+        with self._lock:
+            queue = self._waiting.setdefault(group, [])
+            queue.append(mine)
+            leader = len(queue) == 1
+        if leader:
+            time.sleep(window_s)
+            with self._lock:
+                batch = self._waiting.pop(group)
+                self.batches += 1
+                self.requests += len(batch)
+            try:
+                finals = inference.generate_batch(loaded, store, key, [p.request for p in batch])
+                for pending, final in zip(batch, finals, strict=True):
+                    pending.result = final
+            except Exception:
+                for pending in batch:
+                    try:
+                        pending.result = inference.generate(loaded, store, key, **pending.request)
+                    except Exception as exc:
+                        pending.result = exc
+            for pending in batch:
+                pending.done.set()
+        mine.done.wait()
+        if isinstance(mine.result, BaseException):
+            raise mine.result
+        return mine.result
+
+
+class _Pending:
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.result: Any = None
+        self.done = threading.Event()
+
+
+batcher = _Batcher()
 
 
 def artifact_path(artifact_key: str):  # noqa: ANN201 - pathlib.Path | None
