@@ -71,7 +71,7 @@ def environment(tmp: Path, model_dir: Path, device: str, window_ms: float) -> di
         "CELERY_BROKER_URL": "filesystem://",
         "CELERY_RESULT_BACKEND": f"file://{tmp / 'results'}",
         "COMPLETION_BATCH_WINDOW_MS": str(window_ms),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
 
 
