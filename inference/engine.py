@@ -659,14 +659,19 @@ class _BatchStepper:
             if self.slot is None:  # first round: every row brings its whole suffix
                 self.rows = sorted(self.pending)  # batch position -> row
                 feeds = [self.pending[r] for r in self.rows]
+                # Pad the batch to a power of two with one-token rows, so a few CUDA graphs
+                # serve every batch size.
+                feeds += [[0]] * ((1 << (len(feeds) - 1).bit_length()) - len(feeds))
                 self.slot, ids, n_valid = fast._start(self.prefix, feeds)
                 logits = fast._step(self.slot, ids, n_valid, fresh=True)
-            else:  # one token per live row; finished rows ride along with no valid token
-                tokens = [self.pending.get(r, [0])[0] for r in self.rows]
+            else:  # one token per live row; finished and padding rows have no valid token
+                batch = self.slot.state.batch
+                live = [r in self.pending for r in self.rows] + [False] * (batch - len(self.rows))
+                tokens = [self.pending[r][0] if r in self.pending else 0 for r in self.rows]
+                tokens += [0] * (batch - len(tokens))
                 device = fast.decoder.device
                 ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-                n_valid = torch.tensor([int(r in self.pending) for r in self.rows],
-                                       dtype=torch.long, device=device)
+                n_valid = torch.tensor(live, dtype=torch.long, device=device)
                 logits = fast._step(self.slot, ids, n_valid, fresh=False)
         return {r: logits[i] for i, r in enumerate(self.rows) if r in self.pending}
 
