@@ -199,25 +199,32 @@ def _fast_reuse(loaded: LoadedModel) -> Any | None:
     return _FAST_REUSE[id(loaded)]
 
 
+def _fast_prefix(loaded: LoadedModel, art: KVArtifact) -> tuple[Any, bool]:
+    """The artifact's KV as the fast path's PrefixKV, and whether it is hot in GPU memory.
+
+    A hot artifact keeps one PrefixKV (its CUDA graphs are keyed by that object); any other is
+    copied to the model's device for this request.
+    """
+    from .fastpath.model import PrefixKV
+
+    if art.device.type == "cuda":
+        layers = list(zip(art.keys, art.values, strict=True))
+        return art.extras.setdefault("fast_prefix", PrefixKV(layers)), True
+    device = loaded.device
+    return PrefixKV([(k.to(device, non_blocking=True), v.to(device, non_blocking=True))
+                     for k, v in zip(art.keys, art.values, strict=True)]), False
+
+
 def _reuse_session(loaded: LoadedModel, art: KVArtifact, feed: list[int], max_tokens: int) -> Any:
     """Fast path on the GPU when it applies (graphs when the KV is already in GPU memory),
     else transformers over a fresh cache that copies the stored tensors."""
     fast = _fast_reuse(loaded)
     if fast is not None and len(feed) + max_tokens <= fast.capacity:
-        from .fastpath.model import PrefixKV
-
-        if art.device.type == "cuda":
-            # One PrefixKV per hot artifact: its CUDA graphs are keyed by that object. Graphs
-            # are captured from its second request on, so a one-off load pays no capture.
-            prefix = art.extras.setdefault(
-                "fast_prefix", PrefixKV(list(zip(art.keys, art.values, strict=True)))
-            )
-            uses = art.extras["fast_uses"] = art.extras.get("fast_uses", 0) + 1
-            return fast.session(prefix, graphs=None if uses > 1 else False)
-        device = loaded.device
-        layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True))
-                  for k, v in zip(art.keys, art.values, strict=True)]
-        return fast.session(PrefixKV(layers), graphs=False)
+        prefix, hot = _fast_prefix(loaded, art)
+        # Graphs are captured from a hot artifact's second request on: a one-off load pays
+        # no capture.
+        uses = art.extras["fast_uses"] = art.extras.get("fast_uses", 0) + 1
+        return fast.session(prefix, graphs=None if hot and uses > 1 else False)
     return _CacheSession(loaded, cache_from_artifact(loaded, art))
 
 
@@ -720,15 +727,7 @@ def generate_batch(
     t0 = time.perf_counter()
     art, tier = store.load_with_tier(key, loaded)
     load_s = time.perf_counter() - t0
-    from .fastpath.model import PrefixKV
-
-    if art.device.type == "cuda":
-        prefix = art.extras.setdefault(
-            "fast_prefix", PrefixKV(list(zip(art.keys, art.values, strict=True)))
-        )
-    else:
-        prefix = PrefixKV([(k.to(loaded.device), v.to(loaded.device))
-                           for k, v in zip(art.keys, art.values, strict=True)])
+    prefix, _ = _fast_prefix(loaded, art)
     stepper = _BatchStepper(fast, prefix, len(requests))
     results: list[Generation | BaseException | None] = [None] * len(requests)
 
