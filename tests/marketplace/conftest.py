@@ -11,17 +11,9 @@ import pytest
 
 from marketplace.models import Document, DocumentStatus, Role
 from tests.support.accounts import make_api_key, make_user
+from tests.support.money import NANO, fund  # noqa: F401 (re-exported for the tests)
 
-NANO = 10**9
 _seq = itertools.count(1)
-
-
-def fund(agent, usd: float = 10.0) -> None:  # noqa: ANN001
-    from ledger.services import credit_topup
-
-    credit_topup(
-        agent=agent, amount_nano=int(usd * NANO), idempotency_key=f"test-topup-{next(_seq)}"
-    )
 
 
 def wallet(agent) -> int:  # noqa: ANN001

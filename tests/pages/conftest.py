@@ -12,8 +12,8 @@ from django.test import Client
 
 from marketplace.models import Document, Role
 from tests.support.accounts import make_user
+from tests.support.money import NANO, fund  # noqa: F401 (re-exported for the tests)
 
-NANO = 10**9
 _seq = itertools.count(1)
 
 
@@ -109,12 +109,6 @@ def make_document(publisher, *, status: str = "ready", n_tokens: int = 1000,  # 
         verification=dict(VERIFICATION) if ready else None,
         **fields,
     )
-
-
-def fund(agent, usd: float = 10.0) -> None:  # noqa: ANN001
-    from ledger.services import credit_topup
-
-    credit_topup(agent=agent, amount_nano=int(usd * NANO), idempotency_key=f"pages-{next(_seq)}")
 
 
 WORKER_RESULT = {
