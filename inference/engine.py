@@ -115,6 +115,10 @@ class VerificationReport:
     cases: list[dict[str, Any]] = field(default_factory=list)
     created_at: str = ""
     engine_version: str = ENGINE_VERSION
+    # The serving fast path (inference.fastpath), where it applies to this model and device:
+    # the same checks on what agents are actually served. None where it does not apply.
+    fast_path_bitwise_equal: bool | None = None
+    fast_path_greedy_matched: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -839,6 +843,15 @@ def verify(
         for layer, k, v in zip(doc_cache.layers, art.keys, art.values, strict=True)
     )
 
+    fast = _fast_reuse(loaded)
+    if fast is not None and len(art.token_ids) == 0:
+        fast = None
+    if fast is not None:
+        from .fastpath.model import PrefixKV
+
+        art_prefix, _ = _fast_prefix(loaded, art)
+        two_step_prefix = PrefixKV([(layer.keys[0], layer.values[0]) for layer in doc_cache.layers])
+
     cases = []
     for suffix in suffixes:
         if getattr(loaded.tokenizer, "chat_template", None):
@@ -853,34 +866,50 @@ def verify(
         one_cache = new_cache(loaded)
         one_logits = forward(loaded, art.token_ids + sids, one_cache, logits_to_keep=1)[-1]
         r_logits = reuse_logits[-1]
-        matched = 0
         max_diff = 0.0
         reuse_tokens: list[int] = []
         one_tokens: list[int] = []
-        for _ in range(steps):
-            max_diff = max(max_diff, float((r_logits.float() - one_logits.float()).abs().max()))
+        for step in range(steps):
             r_tok, o_tok = int(torch.argmax(r_logits)), int(torch.argmax(one_logits))
+            if reuse_tokens == one_tokens:  # inputs still the same: the logits are comparable
+                max_diff = max(max_diff, float((r_logits.float() - one_logits.float()).abs().max()))
             reuse_tokens.append(r_tok)
             one_tokens.append(o_tok)
-            if r_tok != o_tok:
-                break  # after a divergence the two continuations are no longer comparable
-            matched += 1
-            r_logits = forward(loaded, [r_tok], reuse_cache)[-1]
-            one_logits = forward(loaded, [o_tok], one_cache)[-1]
-        cases.append({
+            if step + 1 < steps:
+                r_logits = forward(loaded, [r_tok], reuse_cache)[-1]
+                one_logits = forward(loaded, [o_tok], one_cache)[-1]
+        case = {
             "suffix": suffix,
             "suffix_tokens": len(sids),
             "bitwise_equal": bitwise,
-            "greedy_matched": matched,
+            "greedy_matched": _common_prefix(reuse_tokens, one_tokens),
             "steps": steps,
             "max_logit_diff": max_diff,
             "distinct_tokens": len(set(reuse_tokens)),
-        })
+        }
+        if fast is not None and len(sids) + steps <= fast.capacity:
+            # Bitwise: the stored KV and a fresh two-step prefill give the fast path the same
+            # logits; greedy: its tokens against one-shot prefill.
+            from_store = fast.first_logits(art_prefix, [sids])
+            from_two_step = fast.first_logits(two_step_prefix, [sids])
+            case["fast_path_bitwise_equal"] = bool(torch.equal(from_store, from_two_step))
+            fast_tokens = fast.greedy(art_prefix, [sids], steps)[0]
+            case["fast_path_greedy_matched"] = _common_prefix(fast_tokens, one_tokens)
+        cases.append(case)
+    if fast is not None:
+        fast.forget(two_step_prefix)
 
     matched_total = sum(c["greedy_matched"] for c in cases)
     total = steps * len(cases)
     bitwise_all = all(c["bitwise_equal"] for c in cases)
     rate = matched_total / total if total else 1.0
+    fast_cases = [c for c in cases if "fast_path_bitwise_equal" in c]
+    fast_bitwise = all(c["fast_path_bitwise_equal"] for c in fast_cases) if fast_cases else None
+    fast_matched = sum(c["fast_path_greedy_matched"] for c in fast_cases) if fast_cases else None
+    # float32 must match every greedy token; lower precision reports its rate.
+    exact = loaded.dtype != "float32" or (
+        rate == 1.0 and (fast_matched is None or fast_matched == steps * len(fast_cases))
+    )
     report = VerificationReport(
         key=key,
         model_id=loaded.model_id,
@@ -895,15 +924,25 @@ def verify(
         greedy_total=total,
         match_rate=rate,
         max_logit_diff=max((c["max_logit_diff"] for c in cases), default=0.0),
-        # float32 must match every greedy token; lower precision reports its rate.
-        passed=bitwise_all and kv_equal and (rate == 1.0 or loaded.dtype != "float32"),
+        passed=bitwise_all and kv_equal and fast_bitwise is not False and exact,
         seconds=round(time.perf_counter() - t0, 4),
         cases=cases,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        fast_path_bitwise_equal=fast_bitwise,
+        fast_path_greedy_matched=fast_matched,
     )
     if save:
         _write_json(store.verification_path(key), report.to_dict())
     return report
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

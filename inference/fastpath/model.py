@@ -18,6 +18,7 @@ captured in a CUDA graph (see graphs.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,8 @@ def _stacked_qk_norm(attn: torch.nn.Module, n_heads: int, n_kv_heads: int) -> to
 class FastDecoder:
     """Weights of a Hugging Face decoder, rearranged for the split-attention forward."""
 
-    def __init__(self, hf_model: torch.nn.Module) -> None:
+    def __init__(self, hf_model: torch.nn.Module, *, kernels: bool | None = None) -> None:
+        """kernels: use the fused Triton kernels (default: on CUDA when Triton is installed)."""
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitecture(f"No fast path for model type {cfg.model_type!r}.")
@@ -144,21 +146,29 @@ class FastDecoder:
                 )
             )
         self.intermediate = self.layers[0].down.shape[1]
+        self.kernels = _kernels_available(self.device) if kernels is None else kernels
+        self.n_sms = 0
+        if self.kernels:
+            from inference.fastpath.kernels import sm_count
+
+            self.n_sms = sm_count(self.device)
 
     # --- pieces ----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        # As transformers does it: normalise in float32, round, then multiply by the weight.
+        h = F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        return h if weight is None else weight * h
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin [B, S, 1, D] for all layers: rope(x) = x*cos + roll(x)*sin."""
+        """cos and sin [..., D] in the model dtype for the given absolute positions."""
         freqs = positions[..., None].float() * self.inv_freq
-        cos = torch.cat((freqs, freqs), dim=-1).cos()
-        sin = torch.cat((-freqs, freqs), dim=-1).sin()
-        return cos.to(self.dtype)[:, :, None, :], sin.to(self.dtype)[:, :, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # roll by half swaps the halves: [x2, x1]; with sin's sign folded in, [-x2, x1] * sin.
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin)
+        half = self.head_dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
     def _prefix_attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
@@ -231,9 +241,12 @@ class FastDecoder:
         device = input_ids.device
         if n_valid is None:
             n_valid = torch.full((b,), s, dtype=torch.long, device=device)
+        if self.kernels:
+            return self._forward_kernels(input_ids, prefix, state, n_valid, all_logits, layer_ready)
         start = state.lengths
         q_pos = start[:, None] + torch.arange(s, device=device)[None, :]
         cos, sin = self._rope_tables(q_pos + prefix.n_tokens)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         rows = torch.arange(b, device=device)[:, None]
         write = q_pos.clamp(max=state.capacity - 1)
         bias = None
@@ -278,9 +291,75 @@ class FastDecoder:
             gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down)
         state.lengths.add_(n_valid)
+        return self._logits(x, n_valid, all_logits)
+
+    def _logits(self, x: torch.Tensor, n_valid: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if not all_logits:
-            x = x[torch.arange(b, device=device), n_valid - 1]
+            x = x[torch.arange(x.shape[0], device=x.device), n_valid - 1]
         return F.linear(self._rms_norm(x, self.final_norm), self.lm_head)
+
+    def _forward_kernels(
+        self,
+        input_ids: torch.Tensor,
+        prefix: PrefixKV,
+        state: SuffixState,
+        n_valid: torch.Tensor,
+        all_logits: bool,
+        layer_ready: list[torch.cuda.Event] | None,
+    ) -> torch.Tensor:
+        """The same step with the fused Triton kernels: tokens flattened to rows [B*S, ...]."""
+        from inference.fastpath import kernels
+
+        b, s = input_ids.shape
+        start = state.lengths
+        positions = start[:, None] + torch.arange(s, device=input_ids.device)[None, :]
+        cos, sin = self._rope_tables((positions + prefix.n_tokens).reshape(-1))
+        x = F.embedding(input_ids.reshape(-1), self.embed)
+        delta = None
+        for i, w in enumerate(self.layers):
+            h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps)
+            q = kernels.qk_norm_rope_store(
+                F.linear(h, w.qkv, w.qkv_bias),
+                w.qk_norm,
+                cos,
+                sin,
+                keys=state.keys[i],
+                values=state.values[i],
+                start=start,
+                seq_len=s,
+                n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads,
+                eps=self.eps,
+            )
+            out = kernels.attention(
+                q,
+                prefix.layers[i] if prefix.n_tokens else None,
+                state.keys[i],
+                state.values[i],
+                start=start,
+                n_valid=n_valid,
+                seq_len=s,
+                n_heads=self.n_heads,
+                scale=self.scale,
+                n_sms=self.n_sms,
+                wait=None if layer_ready is None else layer_ready[i],
+            )
+            h = kernels.add_rms_norm(x, F.linear(out, w.o_proj), w.post_norm, self.eps)
+            delta = F.linear(kernels.silu_mul(F.linear(h, w.gate_up)), w.down)
+        x = (x + delta).view(b, s, -1)
+        state.lengths.add_(n_valid)
+        return self._logits(x, n_valid, all_logits)
+
+
+def _kernels_available(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA when Triton is installed; KVMARKET_TRITON=0 turns them off."""
+    if device.type != "cuda" or os.environ.get("KVMARKET_TRITON", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _uses_flash(q: torch.Tensor) -> bool:

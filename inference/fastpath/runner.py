@@ -56,8 +56,9 @@ class FastReuse:
         capacity: int = 256,
         use_graphs: bool | None = None,
         max_slots: int = 16,
+        kernels: bool | None = None,
     ) -> None:
-        self.decoder = FastDecoder(hf_model)
+        self.decoder = FastDecoder(hf_model, kernels=kernels)
         self.capacity = capacity
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots

@@ -1,0 +1,511 @@
+"""Fused Triton kernels for the fast path's suffix step.
+
+Why: after CUDA graphs remove launch gaps, a reuse step is the weight-bound GEMMs plus ~50
+small elementwise kernels per layer (norms, rope, copies, the attention merge), each a few
+microseconds, and a prefix attention that puts too few thread blocks on the chip when a single
+request has 48 tokens. Here each layer's non-GEMM work is seven kernels:
+
+* add_rms_norm: residual add and RMSNorm in one pass;
+* qk_norm_rope_store: Qwen3's per-head q/k norm, rotary embedding, and the suffix KV write;
+* attention: the shared prefix split into KV chunks (flash-decoding), each row's own suffix
+  (causal, per-row lengths), and one kernel that merges the partial results by log-sum-exp
+  and writes them in the layout the output projection reads;
+* silu_mul: the MLP activation.
+
+Each kernel rounds where transformers rounds (e.g. RMSNorm casts before its weight multiply,
+rope rounds each product), so bf16 results stay as close to the plain model as the order of
+floating point sums allows. The same functions run on CPU under TRITON_INTERPRET=1 (float32)
+in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    # float32 models (tests, CPU interpreter) must not silently drop to tf32.
+    return "ieee" if dtype == torch.float32 else None
+
+
+# --- RMSNorm with the residual add -----------------------------------------------------------
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, delta_ptr, w_ptr, out_ptr, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # x += delta, rounded to the model dtype as transformers' residual add is
+        d = tl.load(delta_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    h = (xf * inv).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * n_cols + cols, (w.to(tl.float32) * h.to(tl.float32)), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """x += delta (in place, when given); returns rms_norm(x) * weight. x is [rows, hidden]."""
+    rows, n_cols = x.shape
+    out = torch.empty_like(x)
+    _add_rms_norm_kernel[(rows,)](
+        x,
+        x if delta is None else delta,
+        weight,
+        out,
+        n_cols,
+        eps,
+        HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(n_cols),
+        num_warps=8 if n_cols >= 2048 else 4,
+    )
+    return out
+
+
+# --- q/k norm, rope, KV write ----------------------------------------------------------------
+@triton.jit
+def _qk_norm_rope_store_kernel(
+    qkv_ptr,
+    norm_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    start_ptr,
+    eps,
+    S,
+    capacity,
+    cache_b,
+    cache_h,
+    cache_n,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)  # token row: batch row b = t // S, position s = t % S
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    half = tl.arange(0, D // 2)
+    n_all: tl.constexpr = HQ + 2 * HKV
+    in_range = heads < n_all
+    is_qk = heads < HQ + HKV
+    base = qkv_ptr + t * (n_all * D) + heads[:, None] * D + half[None, :]
+    x1 = tl.load(base, mask=in_range[:, None], other=0.0)
+    x2 = tl.load(base + D // 2, mask=in_range[:, None], other=0.0)
+    dtype = x1.dtype
+    if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
+        inv = tl.rsqrt(var + eps)
+        w_rows = tl.where(is_qk, heads, 0)[:, None] * D + half[None, :]
+        w1 = tl.load(norm_ptr + w_rows, mask=is_qk[:, None], other=1.0).to(tl.float32)
+        w2 = tl.load(norm_ptr + w_rows + D // 2, mask=is_qk[:, None], other=1.0).to(tl.float32)
+        n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        x1 = tl.where(is_qk[:, None], n1, x1)
+        x2 = tl.where(is_qk[:, None], n2, x2)
+    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded.
+    c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    r1 = tl.where(is_qk[:, None], r1, x1)
+    r2 = tl.where(is_qk[:, None], r2, x2)
+
+    is_q = heads < HQ
+    q_off = t * (HQ * D) + heads[:, None] * D + half[None, :]
+    tl.store(q_ptr + q_off, r1, mask=is_q[:, None])
+    tl.store(q_ptr + q_off + D // 2, r2, mask=is_q[:, None])
+    # k and v of this token go to its row's suffix buffer at start[b] + s (never past capacity:
+    # only padding can reach there, and padding is masked out of every attention).
+    b = t // S
+    pos = tl.load(start_ptr + b) + t % S
+    kv_head = tl.where(is_qk, heads - HQ, heads - HQ - HKV)
+    kv_off = b * cache_b + kv_head[:, None] * cache_h + pos * cache_n + half[None, :]
+    store_k = (is_qk & (heads >= HQ) & (pos < capacity))[:, None]
+    store_v = (in_range & ~is_qk & (pos < capacity))[:, None]
+    tl.store(k_cache_ptr + kv_off, r1, mask=store_k)
+    tl.store(k_cache_ptr + kv_off + D // 2, r2, mask=store_k)
+    tl.store(v_cache_ptr + kv_off, r1, mask=store_v)
+    tl.store(v_cache_ptr + kv_off + D // 2, r2, mask=store_v)
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    norm: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: torch.Tensor,
+    seq_len: int,
+    n_heads: int,
+    n_kv_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """qkv [B*S, (Hq + 2 Hkv) * D] -> q [B*S, Hq * D] (normed, rotated); k and v are written
+    to keys/values [B, Hkv, C, D] at each row's start + s. cos, sin: [B*S, D]."""
+    rows = qkv.shape[0]
+    d = keys.shape[-1]
+    q = torch.empty((rows, n_heads * d), dtype=qkv.dtype, device=qkv.device)
+    block_h = 16
+    _qk_norm_rope_store_kernel[(rows, triton.cdiv(n_heads + 2 * n_kv_heads, block_h))](
+        qkv,
+        qkv if norm is None else norm,
+        cos,
+        sin,
+        q,
+        keys,
+        values,
+        start,
+        eps,
+        seq_len,
+        keys.shape[2],
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        HQ=n_heads,
+        HKV=n_kv_heads,
+        D=d,
+        HAS_NORM=norm is not None,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return q
+
+
+# --- attention ------------------------------------------------------------------------------
+# Query rows are laid out (token, group member): row r = t * G + g is query head kv_head * G + g
+# of token t, so one kv head's rows are a strided view of q and K/V are never repeated.
+
+
+@triton.jit
+def _prefix_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    R,
+    N,
+    k_h,
+    k_n,
+    v_h,
+    v_n,
+    qk_scale,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    dd = tl.arange(0, D)
+    t = (rows // G).to(tl.int64)
+    q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    k_base = k_ptr + kv_head.to(tl.int64) * k_h
+    v_base = v_ptr + kv_head.to(tl.int64) * v_h
+    for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: compiled once per SPLIT_LEN
+        cols = lo + offset + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k = tl.load(
+            k_base + cols[None, :].to(tl.int64) * k_n + dd[:, None],
+            mask=col_ok[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + cols[:, None].to(tl.int64) * v_n + dd[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    part = (split * n_kv + kv_head).to(tl.int64) * R + rows
+    tl.store(out_ptr + part[:, None] * D + dd[None, :], acc / l_i[:, None], mask=row_ok[:, None])
+    tl.store(lse_ptr + part, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2, scaled
+
+
+@triton.jit
+def _suffix_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    start_ptr,
+    n_valid_ptr,
+    part,
+    R,
+    S,
+    cache_b,
+    cache_h,
+    cache_n,
+    qk_scale,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Each batch row's queries against its own suffix buffer: key j is visible to the query
+    at position p when j <= p and j < start + n_valid (padding after a row stays invisible)."""
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
+    row_ok = local < S * G
+    s_pos = local // G
+    t = (b * S + s_pos).to(tl.int64)
+    dd = tl.arange(0, D)
+    q_off = t * (HQ * D) + (kv_head * G + local % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+    start = tl.load(start_ptr + b)
+    end = start + tl.load(n_valid_ptr + b)
+    q_pos = start + s_pos
+    last = tl.minimum((pid_m + 1) * BLOCK_M, S * G) - 1  # the block's last row: keys up to it
+    hi = tl.minimum(tl.minimum(end, start + last // G + 1), CAPACITY)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
+    # A static bound with a runtime skip: loops to loaded values don't run in the interpreter.
+    for start_n in range(0, CAPACITY, BLOCK_N):
+        if start_n < hi:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
+            k = tl.load(
+                k_ptr + base + cols[None, :].to(tl.int64) * cache_n + dd[:, None],
+                mask=cols[None, :] < hi,
+                other=0.0,
+            )
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_ptr + base + cols[:, None].to(tl.int64) * cache_n + dd[None, :],
+                mask=cols[:, None] < hi,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    rows = b * S * G + local
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
+    tl.store(out_ptr + idx[:, None] * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    parts_ptr,
+    lse_ptr,
+    out_ptr,
+    R,
+    N_PARTS: tl.constexpr,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D]."""
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    n_kv = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    dd = tl.arange(0, D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for p in tl.static_range(N_PARTS):
+        lse = tl.load(lse_ptr + (p * n_kv + kv_head) * R + rows, mask=row_ok, other=0.0)
+        m = tl.maximum(m, lse)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for p in tl.static_range(N_PARTS):
+        idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
+        w = tl.math.exp2(tl.load(lse_ptr + idx, mask=row_ok, other=0.0) - m)
+        o = tl.load(parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * o
+        total += w
+    t = (rows // G).to(tl.int64)
+    o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    out = acc / total[:, None]
+    tl.store(out_ptr + o_off[:, None] + dd[None, :], out, mask=row_ok[:, None])
+
+
+def prefix_splits(n_prefix: int, rows: int, n_kv_heads: int, n_sms: int) -> tuple[int, int]:
+    """(number of splits, keys per split) so the prefix attention fills the chip about twice.
+
+    Keys per split is a power of two (at least 64): it is a compile-time constant of the
+    kernel, so every prefix length shares a handful of compiled variants.
+    """
+    if n_prefix == 0:
+        return 0, 0
+    blocks = triton.cdiv(rows, _block_m(rows, n_kv_heads)) * n_kv_heads
+    want = max(1, triton.cdiv(2 * n_sms, blocks))
+    split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
+    return triton.cdiv(n_prefix, split_len), split_len
+
+
+def _block_m(rows: int, n_kv_heads: int) -> int:
+    return 128 if rows * n_kv_heads >= 128 * 512 else 64
+
+
+def attention(
+    q: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    start: torch.Tensor,
+    n_valid: torch.Tensor,
+    seq_len: int,
+    n_heads: int,
+    scale: float,
+    n_sms: int,
+    wait: torch.cuda.Event | None = None,
+) -> torch.Tensor:
+    """Attention of q [B*S, Hq*D] over the shared prefix (K/V [Hkv, N, D]) then each row's own
+    suffix buffer (keys/values [B, Hkv, C, D]); returns [B*S, Hq*D] in q's dtype."""
+    tokens = q.shape[0]
+    batch, n_kv, _, d = keys.shape
+    assert keys.stride(-1) == 1 and (prefix is None or prefix[0].stride(-1) == 1)
+    group = n_heads // n_kv
+    rows = tokens * group
+    n_prefix = 0 if prefix is None else prefix[0].shape[1]
+    n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms)
+    parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=q.device)
+    qk_scale = scale * LOG2E
+    precision = _precision(q.dtype)
+    block_m = _block_m(rows, n_kv)
+    warps = 8 if block_m == 128 else 4
+    _suffix_attention_kernel[(triton.cdiv(seq_len * group, 64), n_kv, batch)](
+        q,
+        keys,
+        values,
+        parts,
+        lse,
+        start,
+        n_valid,
+        n_splits,
+        rows,
+        seq_len,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        qk_scale,
+        HQ=n_heads,
+        G=group,
+        D=d,
+        CAPACITY=keys.shape[2],
+        BLOCK_M=64,
+        BLOCK_N=32,
+        PRECISION=precision,
+        num_warps=4,
+    )
+    if n_splits:
+        k_pre, v_pre = prefix
+        if wait is not None:  # the prefix is still being copied in, layer by layer
+            torch.cuda.current_stream().wait_event(wait)
+        _prefix_attention_kernel[(triton.cdiv(rows, block_m), n_kv, n_splits)](
+            q,
+            k_pre,
+            v_pre,
+            parts,
+            lse,
+            rows,
+            n_prefix,
+            k_pre.stride(0),
+            k_pre.stride(1),
+            v_pre.stride(0),
+            v_pre.stride(1),
+            qk_scale,
+            HQ=n_heads,
+            G=group,
+            D=d,
+            SPLIT_LEN=split_len,
+            BLOCK_M=block_m,
+            BLOCK_N=64,
+            PRECISION=precision,
+            num_warps=warps,
+            num_stages=3,
+        )
+    out = torch.empty_like(q)
+    _merge_kernel[(triton.cdiv(rows, 64), n_kv)](
+        parts, lse, out, rows, N_PARTS=n_splits + 1, HQ=n_heads, G=group, D=d, BLOCK_M=64
+    )
+    return out
+
+
+# --- MLP activation -------------------------------------------------------------------------
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(x_ptr + t * 2 * inter + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + t * 2 * inter + inter + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu, rounded as F.silu rounds
+    tl.store(out_ptr + t * inter + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2I] (gate then up) -> silu(gate) * up, [rows, I]."""
+    rows, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    return out
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the CPU interpreter: a few splits, so the split logic is exercised
+
+

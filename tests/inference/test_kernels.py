@@ -1,0 +1,120 @@
+"""The fast path's fused Triton kernels against the plain torch step (CPU: Triton's interpreter,
+float32; the GPU run of the same kernels in bf16 is bench/kv_reuse_fast.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference.fastpath.model import PrefixKV
+from inference.fastpath.runner import FastReuse
+from tests.inference.helpers import DOCS, QUESTIONS
+
+kernels = pytest.importorskip("inference.fastpath.kernels")
+
+
+@pytest.fixture(scope="module")
+def pair(loaded):
+    """The same model on the plain torch step and on the Triton kernels."""
+    return FastReuse(loaded.model, capacity=64, kernels=False), FastReuse(
+        loaded.model, capacity=64, kernels=True
+    )
+
+
+def _prefix(shared_store, doc_keys, loaded, doc: str) -> PrefixKV:
+    art = shared_store.load(doc_keys[doc], loaded)
+    return PrefixKV(list(zip(art.keys, art.values, strict=True)))
+
+
+def _ids(loaded, text: str) -> list[int]:
+    return loaded.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+
+
+def test_kernel_step_gives_the_reference_logits_for_a_padded_batch(
+    loaded, shared_store, doc_keys, pair
+):
+    reference, fused = pair
+    assert fused.decoder.kernels and not reference.decoder.kernels
+    prefix = _prefix(shared_store, doc_keys, loaded, DOCS[0])
+    suffixes = [_ids(loaded, q) for q in QUESTIONS[:3]]
+    assert len({len(s) for s in suffixes}) > 1  # padding and per-row lengths are exercised
+    expected = reference.first_logits(prefix, suffixes)
+    got = fused.first_logits(prefix, suffixes)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=2e-5, rtol=0)
+
+
+def test_kernel_greedy_decode_matches_the_reference_token_for_token(
+    loaded, shared_store, doc_keys, pair
+):
+    reference, fused = pair
+    prefix = _prefix(shared_store, doc_keys, loaded, DOCS[1])
+    suffixes = [_ids(loaded, q) for q in QUESTIONS[1:3]]
+    expected = reference.greedy(prefix, suffixes, 10)
+    assert fused.greedy(prefix, suffixes, 10) == expected
+    assert len({t for row in expected for t in row}) >= 5  # a trained model, not a constant
+
+
+def test_kernel_step_without_a_prefix_is_plain_causal_attention(loaded, pair):
+    reference, fused = pair
+    empty = PrefixKV([])
+    suffix = _ids(loaded, QUESTIONS[0])
+    expected = reference.first_logits(empty, [suffix])
+    assert torch.allclose(fused.first_logits(empty, [suffix]), expected, atol=2e-5, rtol=0)
+
+
+def test_split_prefix_attention_equals_softmax_over_all_keys():
+    """Several key splits plus a suffix, merged by log-sum-exp: one softmax over all keys."""
+    torch.manual_seed(0)
+    n_heads, n_kv, d, n_prefix, seq, batch, capacity = 4, 2, 16, 300, 5, 2, 16
+    q = torch.randn(batch * seq, n_heads * d)
+    k_pre, v_pre = torch.randn(n_kv, n_prefix, d), torch.randn(n_kv, n_prefix, d)
+    keys, values = torch.randn(batch, n_kv, capacity, d), torch.randn(batch, n_kv, capacity, d)
+    start = torch.tensor([0, 3])  # row 1 already holds 3 suffix tokens
+    n_valid = torch.tensor([5, 2])  # row 1's last 3 query tokens are padding
+    n_splits, split_len = kernels.prefix_splits(n_prefix, batch * seq * 2, n_kv, n_sms=8)
+    assert n_splits > 1 and (n_splits - 1) * split_len < n_prefix <= n_splits * split_len
+    out = kernels.attention(
+        q, (k_pre, v_pre), keys, values, start=start, n_valid=n_valid, seq_len=seq,
+        n_heads=n_heads, scale=d**-0.5, n_sms=8,
+    )
+    for b in range(batch):
+        for s in range(int(n_valid[b])):
+            pos = int(start[b]) + s
+            for h in range(n_heads):
+                kv = h // (n_heads // n_kv)
+                k_all = torch.cat([k_pre[kv], keys[b, kv, : pos + 1]])
+                v_all = torch.cat([v_pre[kv], values[b, kv, : pos + 1]])
+                row = q[b * seq + s, h * d : (h + 1) * d]
+                expected = torch.softmax(k_all @ row * d**-0.5, dim=0) @ v_all
+                got = out[b * seq + s, h * d : (h + 1) * d]
+                assert torch.allclose(got, expected, atol=1e-5), (b, s, h)
+
+
+def test_prefix_splits_fill_the_chip_with_few_compiled_variants():
+    # One request of 48 tokens (192 query rows per KV head) on 132 SMs: about 2 blocks per SM.
+    n_splits, split_len = kernels.prefix_splits(3774, 192, 8, 132)
+    assert 132 <= 3 * 8 * n_splits <= 4 * 132 and split_len & (split_len - 1) == 0
+    # A big batch fills the chip without splitting the prefix.
+    assert kernels.prefix_splits(3774, 512 * 48 * 4, 8, 132) == (1, 4096)
+    assert kernels.prefix_splits(0, 192, 8, 132) == (0, 0)
+    lengths = {kernels.prefix_splits(n, 192, 8, 132)[1] for n in range(100, 40000, 97)}
+    assert len(lengths) <= 8
+
+
+def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
+    from inference.fastpath.model import FastDecoder
+
+    decoder = FastDecoder(loaded.model, kernels=False)
+    torch.manual_seed(1)
+    x = torch.randn(6, decoder.hidden)
+    delta = torch.randn(6, decoder.hidden)
+    w = decoder.layers[0]
+    expected_x = x + delta
+    h = kernels.add_rms_norm(x, delta, w.input_norm, decoder.eps)
+    assert torch.equal(x, expected_x)  # the residual add happened in place
+    assert torch.allclose(h, decoder._rms_norm(expected_x, w.input_norm), atol=1e-6)
+
+    gate_up = torch.randn(6, 2 * decoder.intermediate)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-6)
