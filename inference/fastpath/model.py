@@ -117,13 +117,17 @@ class FastDecoder:
         base = hf_model.model
         self.dtype = base.embed_tokens.weight.dtype
         self.device = base.embed_tokens.weight.device
-        self.inv_freq = 1.0 / (
-            theta
-            ** (
-                torch.arange(0, self.head_dim, 2, dtype=torch.float, device=self.device)
-                / self.head_dim
-            )
-        )
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is not None:
+            # The model's own frequencies, in whatever dtype its buffer has ended up (a model
+            # cast with .to(bfloat16) rotates with bf16-rounded frequencies): reuse must rotate
+            # exactly as the plain forward does.
+            self.inv_freq = rotary.inv_freq.detach().float()
+            self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        else:
+            steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=self.device)
+            self.inv_freq = 1.0 / (theta ** (steps / self.head_dim))
+            self.rope_scale = 1.0
         self.embed = base.embed_tokens.weight
         self.final_norm = base.norm.weight
         self.lm_head = hf_model.lm_head.weight
@@ -163,6 +167,10 @@ class FastDecoder:
         """cos and sin [..., D] in the model dtype for the given absolute positions."""
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.rope_scale != 1.0:
+            return (emb.cos() * self.rope_scale).to(self.dtype), (
+                emb.sin() * self.rope_scale
+            ).to(self.dtype)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -209,7 +217,9 @@ class FastDecoder:
         b, s = q.shape[:2]
         hkv, g, d = self.n_kv_heads, self.group, self.head_dim
         qf = q.view(b, s, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * s, d)
-        scores = torch.matmul(qf, keys.transpose(-1, -2)).float().mul_(self.scale).add_(bias)
+        # Scores in float32, as flash attention keeps them: bf16 scores lose the softmax.
+        scores = torch.matmul(qf.float(), keys.float().transpose(-1, -2))
+        scores = scores.mul_(self.scale).add_(bias)
         lse = torch.logsumexp(scores, dim=-1)
         probs = scores.sub_(lse[..., None]).exp_().to(values.dtype)
         out = torch.matmul(probs, values)
@@ -379,7 +389,7 @@ def _attention_with_lse(
             q, k, v, 0.0, causal, False, scale=scale
         )[:2]
         return out, lse
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         n_q, n_k = scores.shape[-2:]
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)

@@ -114,13 +114,8 @@ class FastReuse:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm up kernels and autotuning outside the capture
-                slot.state.reset()
-                self.decoder.forward(
-                    input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
-                )
+            self._warm_up(slot, input_ids, n_valid, fresh=fresh)
         torch.cuda.current_stream().wait_stream(side)
-        slot.state.reset()
         graph = torch.cuda.CUDAGraph()
         copy_in = fresh and slot.source is not None
         with torch.cuda.graph(graph, pool=slot.pool):
@@ -138,6 +133,25 @@ class FastReuse:
         captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
         slot.graphs[(q_len, fresh)] = captured
         return captured
+
+    @torch.inference_mode()
+    def _warm_up(
+        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor, *, fresh: bool
+    ) -> None:
+        """Run the step twice so kernels are compiled and algorithms chosen before a capture.
+
+        A graph may be captured in the middle of a request (at its first decode step), so the
+        runs leave that request's suffix state as they found it: they write K/V only at
+        positions from the current length on, which nothing can see yet, and the length is
+        put back. (Capturing itself runs nothing.)
+        """
+        lengths = slot.state.lengths.clone()
+        for _ in range(2):
+            slot.state.lengths.copy_(lengths)
+            self.decoder.forward(
+                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
+            )
+        slot.state.lengths.copy_(lengths)
 
     @staticmethod
     def _copy_in(slot: _PrefixSlot) -> list[torch.cuda.Event]:

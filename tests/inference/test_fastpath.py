@@ -188,3 +188,36 @@ def test_generate_batch_gives_each_request_what_generate_gives(
     assert [g.usage for g in got] == [g.usage for g in expected]
     assert [g.finish_reason for g in got] == [g.finish_reason for g in expected]
     assert len({len(g.token_ids) for g in got}) > 1  # rows finished at different steps
+
+
+def test_rope_tables_are_the_models_own_when_its_buffers_were_cast(loaded):
+    """A model cast with .to(bfloat16) rotates with bf16-rounded frequencies; so must reuse."""
+    import copy
+
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    decoder = FastDecoder(model, kernels=False)
+    positions = torch.arange(3000, 3100)[None]
+    hidden = torch.zeros(1, 100, decoder.hidden, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    ours = decoder._rope_tables(positions)
+    assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
+
+
+def test_warm_up_in_the_middle_of_a_request_leaves_it_intact(
+    loaded, shared_store, doc_keys, fast
+):
+    """Graphs for decode steps are captured at a request's first decode step: the warm-up
+    runs before the capture must not disturb that request's suffix state."""
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[3])
+    suffix = _suffix_ids(loaded, QUESTIONS[3])
+    with fast.session(prefix, graphs=False) as clean:
+        token = int(clean.step(suffix).argmax())
+        expected = clean.step([token])
+    with fast.session(prefix, graphs=False) as disturbed:
+        assert int(disturbed.step(suffix).argmax()) == token
+        slot = disturbed._slot
+        before = slot.state.lengths.clone()
+        fast._warm_up(slot, torch.tensor([[7]]), torch.ones(1, dtype=torch.long), fresh=False)
+        assert torch.equal(slot.state.lengths, before)
+        assert torch.equal(disturbed.step([token]), expected)
