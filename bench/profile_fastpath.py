@@ -51,13 +51,57 @@ def gemm_floor_ms(fast: FastReuse, tokens: int) -> float:
     return _ms_per_call(graph.replay)
 
 
+def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
+    """Each weight kind's product for all layers, one graph each: cuBLAS vs split-K configs."""
+    from inference.fastpath import kernels
+
+    dec = fast.decoder
+    kinds = {
+        "qkv": (dec.hidden, [w.qkv for w in dec.layers]),
+        "o_proj": (dec.n_heads * dec.head_dim, [w.o_proj for w in dec.layers]),
+        "gate_up": (dec.hidden, [w.gate_up for w in dec.layers]),
+        "down": (dec.intermediate, [w.down for w in dec.layers]),
+    }
+    table = []
+    for kind, (k, weights) in kinds.items():
+        x = torch.randn(rows, k, device="cuda", dtype=dec.dtype)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        variants = {"cublas": lambda w, x=x: F.linear(x, w)}
+        for block_n in (64, 128):
+            for waves in (1.0, 2.0, 4.0):
+                for stages in (3, 5):
+                    variants[f"split_k n{block_n} w{waves:g} s{stages}"] = (
+                        lambda w, x=x, b=block_n, v=waves, st=stages: kernels.matmul(
+                            x, w, dec.n_sms, block_n=b, waves=v, stages=st
+                        )
+                    )
+        for name, fn in variants.items():
+            try:
+                def run(fn=fn, weights=weights):
+                    for w in weights:
+                        fn(w)
+                run()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                ms = _ms_per_call(graph.replay, repeat=10)
+            except Exception as exc:  # a config that does not fit (shared memory)
+                table.append({"kind": kind, "variant": name, "error": str(exc)[:120]})
+                continue
+            table.append({"kind": kind, "variant": name, "rows": rows,
+                          "us_per_layer": round(ms * 1e3 / len(weights), 2),
+                          "gb_per_s": round(nbytes / ms / 1e6, 1)})
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
     parser.add_argument("--n-tokens", type=int, default=3774)
     parser.add_argument("--suffix", type=int, default=48)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--matmul", action="store_true", help="time split-K configs")
     args = parser.parse_args()
     model = build_model(args.model_config, "cuda", torch.bfloat16)
     doc = torch.randint(0, 1000, (1, args.n_tokens), device="cuda")
@@ -67,17 +111,37 @@ def main() -> None:
     suffixes = [list(range(100 + i, 100 + i + args.suffix)) for i in range(args.batch)]
     report = {"device": torch.cuda.get_device_name(), "n_tokens": args.n_tokens,
               "batch": args.batch, "suffix": args.suffix}
-    runners = {"kernels": FastReuse(model, capacity=128),
-               "torch_ops": FastReuse(model, capacity=128, kernels=False)}
-    for label, fast in runners.items():
-        report[f"{label}_graph_ms"] = _ms_per_call(lambda f=fast: f.first_logits(prefix, suffixes))
-    report["gemm_floor_ms"] = gemm_floor_ms(runners["kernels"], args.batch * args.suffix)
+    fast = FastReuse(model, capacity=128)
+    reference = FastReuse(model, capacity=128, kernels=False)
+    first = fast.first_logits(prefix, suffixes)
+    report["kernels_vs_torch_ops_max_logit_diff"] = (
+        (first.float() - reference.first_logits(prefix, suffixes).float()).abs().max().item()
+    )
+    report["kernels_graph_ms"] = _ms_per_call(lambda: fast.first_logits(prefix, suffixes))
+    fast.decoder.skinny_rows = 0
+    report["kernels_cublas_graph_ms"] = _ms_per_call(lambda: fast.first_logits(prefix, suffixes))
+    fast.decoder.skinny_rows = 64
+    report["torch_ops_graph_ms"] = _ms_per_call(lambda: reference.first_logits(prefix, suffixes))
+    report["gemm_floor_ms"] = gemm_floor_ms(fast, args.batch * args.suffix)
+
+    def decode_steps(runner, steps=8):
+        runner.greedy(prefix, suffixes, steps)
+
+    for label, runner in (("kernels", fast), ("torch_ops", reference)):
+        one = _ms_per_call(lambda r=runner: decode_steps(r, 1), repeat=5)
+        nine = _ms_per_call(lambda r=runner: decode_steps(r, 9), repeat=5)
+        report[f"{label}_decode_step_ms"] = (nine - one) / 8
     print(json.dumps(report), flush=True)
-    fast = runners["kernels"]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fast.first_logits(prefix, suffixes)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    for label, steps in (("first step", 1), ("first step + 2 decode steps", 3)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decode_steps(fast, steps)
+            torch.cuda.synchronize()
+        print(label)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    if args.matmul:
+        for rows in (args.batch * args.suffix, 1):
+            for line in matmul_table(fast, rows):
+                print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -32,17 +32,125 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+# --- matrix products with few rows --------------------------------------------------------
+# A reuse step multiplies ~48 rows by every weight matrix: pure weight streaming. Thread blocks
+# own a column tile and a slice of K (split-K) so that every SM streams weights; each slice
+# writes float32 partial sums [splits, rows, N], and the kernel that consumes the product
+# (norm, rope, activation) adds the slices and rounds once, as a GEMM rounds its output.
+# Products without split (cuBLAS, bigger batches) are passed as [1, rows, N].
+
+
+@triton.jit
+def _matmul_partials_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    col_ok = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k0 = split * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k0 + kk + rk
+        k_ok = k < K
+        a = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :])
+        b = tl.load(
+            w_ptr + rn[None, :].to(tl.int64) * K + k[:, None],
+            mask=col_ok[None, :] & k_ok[:, None],
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    out = out_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def matmul_plan(
+    rows: int, n: int, k: int, n_sms: int, *, block_n: int = 128, waves: float = 2.0
+) -> tuple[int, int]:
+    """(splits, K per split) so about `waves` blocks per SM stream the weight matrix."""
+    block_k = 128
+    k_blocks = triton.cdiv(k, block_k)
+    tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(round(waves * n_sms / tiles), k_blocks // 2 or 1))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    n_sms: int,
+    *,
+    block_n: int = 128,
+    waves: float = 2.0,
+    stages: int = 4,
+) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N]."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    splits, k_per_split = matmul_plan(rows, n, k, n_sms, block_n=block_n, waves=waves)
+    out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
+    _matmul_partials_kernel[(triton.cdiv(n, block_n), splits)](
+        x,
+        weight,
+        out,
+        rows,
+        n,
+        k,
+        K_PER_SPLIT=k_per_split,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n,
+        BLOCK_K=128,
+        PRECISION=_precision(x.dtype),
+        num_warps=4,
+        num_stages=stages,
+    )
+    return out
+
+
+@triton.jit
+def _sum_parts(ptr, offsets, mask, part_stride, PARTS: tl.constexpr, dtype: tl.constexpr):
+    """Sum PARTS partial products at ptr + offsets and round to the model dtype."""
+    total = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, PARTS):
+        total += tl.load(ptr + p * part_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    return total.to(dtype)
+
+
 # --- RMSNorm with the residual add -----------------------------------------------------------
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, delta_ptr, w_ptr, out_ptr, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    delta_ptr,
+    w_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # x += delta, rounded to the model dtype as transformers' residual add is
-        d = tl.load(delta_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        d = _sum_parts(
+            delta_ptr, row * n_cols + cols, mask, n_rows * n_cols, PARTS, x_ptr.dtype.element_ty
+        )
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -55,7 +163,8 @@ def _add_rms_norm_kernel(
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """x += delta (in place, when given); returns rms_norm(x) * weight. x is [rows, hidden]."""
+    """x += delta (in place, when given; delta is [parts, rows, hidden], summed first);
+    returns rms_norm(x) * weight. x is [rows, hidden]."""
     rows, n_cols = x.shape
     out = torch.empty_like(x)
     _add_rms_norm_kernel[(rows,)](
@@ -63,9 +172,11 @@ def add_rms_norm(
         x if delta is None else delta,
         weight,
         out,
+        rows,
         n_cols,
         eps,
         HAS_DELTA=delta is not None,
+        PARTS=1 if delta is None else delta.shape[0],
         BLOCK=triton.next_power_of_2(n_cols),
         num_warps=8 if n_cols >= 2048 else 4,
     )
@@ -85,6 +196,7 @@ def _qk_norm_rope_store_kernel(
     start_ptr,
     eps,
     S,
+    n_tokens,
     capacity,
     cache_b,
     cache_h,
@@ -93,6 +205,7 @@ def _qk_norm_rope_store_kernel(
     HKV: tl.constexpr,
     D: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    PARTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)  # token row: batch row b = t // S, position s = t % S
@@ -101,10 +214,11 @@ def _qk_norm_rope_store_kernel(
     n_all: tl.constexpr = HQ + 2 * HKV
     in_range = heads < n_all
     is_qk = heads < HQ + HKV
-    base = qkv_ptr + t * (n_all * D) + heads[:, None] * D + half[None, :]
-    x1 = tl.load(base, mask=in_range[:, None], other=0.0)
-    x2 = tl.load(base + D // 2, mask=in_range[:, None], other=0.0)
-    dtype = x1.dtype
+    offsets = t * (n_all * D) + heads[:, None] * D + half[None, :]
+    dtype = q_ptr.dtype.element_ty
+    part_stride = n_tokens * n_all * D
+    x1 = _sum_parts(qkv_ptr, offsets, in_range[:, None], part_stride, PARTS, dtype)
+    x2 = _sum_parts(qkv_ptr, offsets + D // 2, in_range[:, None], part_stride, PARTS, dtype)
     if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
@@ -159,11 +273,12 @@ def qk_norm_rope_store(
     n_kv_heads: int,
     eps: float,
 ) -> torch.Tensor:
-    """qkv [B*S, (Hq + 2 Hkv) * D] -> q [B*S, Hq * D] (normed, rotated); k and v are written
-    to keys/values [B, Hkv, C, D] at each row's start + s. cos, sin: [B*S, D]."""
-    rows = qkv.shape[0]
+    """qkv [parts, B*S, (Hq + 2 Hkv) * D] (partial products, summed first) -> q [B*S, Hq * D]
+    (normed, rotated); k and v are written to keys/values [B, Hkv, C, D] at each row's
+    start + s. cos, sin: [B*S, D]."""
+    parts, rows = qkv.shape[:2]
     d = keys.shape[-1]
-    q = torch.empty((rows, n_heads * d), dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty((rows, n_heads * d), dtype=keys.dtype, device=qkv.device)
     block_h = 16
     _qk_norm_rope_store_kernel[(rows, triton.cdiv(n_heads + 2 * n_kv_heads, block_h))](
         qkv,
@@ -176,6 +291,7 @@ def qk_norm_rope_store(
         start,
         eps,
         seq_len,
+        rows,
         keys.shape[2],
         keys.stride(0),
         keys.stride(1),
@@ -184,6 +300,7 @@ def qk_norm_rope_store(
         HKV=n_kv_heads,
         D=d,
         HAS_NORM=norm is not None,
+        PARTS=parts,
         BLOCK_H=block_h,
         num_warps=4,
     )
@@ -482,24 +599,29 @@ def attention(
 
 # --- MLP activation -------------------------------------------------------------------------
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    gate = tl.load(x_ptr + t * 2 * inter + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + t * 2 * inter + inter + cols, mask=mask, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    stride = n_rows * 2 * inter
+    gate = _sum_parts(x_ptr, t * 2 * inter + cols, mask, stride, PARTS, dtype)
+    up = _sum_parts(x_ptr, t * 2 * inter + inter + cols, mask, stride, PARTS, dtype)
     g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu, rounded as F.silu rounds
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)  # silu, rounded as F.silu rounds
     tl.store(out_ptr + t * inter + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[rows, 2I] (gate then up) -> silu(gate) * up, [rows, I]."""
-    rows, width = gate_up.shape
+def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[parts, rows, 2I] (gate then up, partial products summed first) -> silu(gate) * up,
+    [rows, I] in dtype."""
+    parts, rows, width = gate_up.shape
     inter = width // 2
-    out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty((rows, inter), dtype=dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
+        gate_up, out, rows, inter, PARTS=parts, BLOCK=block
+    )
     return out
 
 

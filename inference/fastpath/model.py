@@ -152,6 +152,8 @@ class FastDecoder:
         self.intermediate = self.layers[0].down.shape[1]
         self.kernels = _kernels_available(self.device) if kernels is None else kernels
         self.n_sms = 0
+        # Products with at most this many rows use the split-K Triton kernel.
+        self.skinny_rows = 64 if self.kernels else 0
         if self.kernels:
             from inference.fastpath.kernels import sm_count
 
@@ -329,7 +331,7 @@ class FastDecoder:
         for i, w in enumerate(self.layers):
             h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps)
             q = kernels.qk_norm_rope_store(
-                F.linear(h, w.qkv, w.qkv_bias),
+                self._product(h, w.qkv, w.qkv_bias),
                 w.qk_norm,
                 cos,
                 sin,
@@ -354,11 +356,25 @@ class FastDecoder:
                 n_sms=self.n_sms,
                 wait=None if layer_ready is None else layer_ready[i],
             )
-            h = kernels.add_rms_norm(x, F.linear(out, w.o_proj), w.post_norm, self.eps)
-            delta = F.linear(kernels.silu_mul(F.linear(h, w.gate_up)), w.down)
-        x = (x + delta).view(b, s, -1)
+            h = kernels.add_rms_norm(x, self._product(out, w.o_proj), w.post_norm, self.eps)
+            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype)
+            delta = self._product(act, w.down)
+        h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps).view(b, s, -1)
         state.lengths.add_(n_valid)
-        return self._logits(x, n_valid, all_logits)
+        if not all_logits:
+            h = h[torch.arange(b, device=h.device), n_valid - 1]
+        return F.linear(h, self.lm_head)
+
+    def _product(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x @ weight.T as [parts, rows, N]: split-K Triton partials for a few rows (weight
+        streaming), one cuBLAS product for more rows or with a bias."""
+        from inference.fastpath import kernels
+
+        if bias is None and x.shape[0] <= self.skinny_rows:
+            return kernels.matmul(x, weight, self.n_sms)
+        return F.linear(x, weight, bias)[None]
 
 
 def _kernels_available(device: torch.device) -> bool:

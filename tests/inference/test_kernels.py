@@ -111,10 +111,43 @@ def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
     delta = torch.randn(6, decoder.hidden)
     w = decoder.layers[0]
     expected_x = x + delta
-    h = kernels.add_rms_norm(x, delta, w.input_norm, decoder.eps)
+    h = kernels.add_rms_norm(x, delta[None], w.input_norm, decoder.eps)
     assert torch.equal(x, expected_x)  # the residual add happened in place
     assert torch.allclose(h, decoder._rms_norm(expected_x, w.input_norm), atol=1e-6)
 
     gate_up = torch.randn(6, 2 * decoder.intermediate)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert torch.allclose(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-6)
+    expected = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(kernels.silu_mul(gate_up[None], torch.float32), expected, atol=1e-6)
+    # Partial products (split-K) are summed before the activation.
+    parts = torch.stack([gate_up * 0.25, gate_up * 0.75])
+    assert torch.allclose(kernels.silu_mul(parts, torch.float32), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 48])
+def test_split_k_products_sum_to_the_matrix_product(rows):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 640), torch.randn(384, 640)
+    splits, k_per_split = kernels.matmul_plan(rows, 384, 640, n_sms=8)
+    assert splits > 1 and k_per_split % 128 == 0  # split K, in whole blocks
+    parts = kernels.matmul(x, weight, n_sms=8)
+    assert parts.shape == (splits, rows, 384) and parts.dtype == torch.float32
+    assert torch.allclose(parts.sum(0), x @ weight.T, atol=1e-4)
+
+
+def test_kernel_step_with_one_product_per_matrix_gives_the_same_tokens(
+    loaded, shared_store, doc_keys, pair
+):
+    """Above a few rows the step uses whole cuBLAS products instead of split-K partials."""
+    reference, fused = pair
+    prefix = _prefix(shared_store, doc_keys, loaded, DOCS[2])
+    suffix = _ids(loaded, QUESTIONS[4])
+    split_k = fused.first_logits(prefix, [suffix])
+    fused.decoder.skinny_rows = 0
+    try:
+        whole = fused.first_logits(prefix, [suffix])
+    finally:
+        fused.decoder.skinny_rows = 64
+    expected = reference.first_logits(prefix, [suffix])
+    assert torch.allclose(split_k, expected, atol=2e-5, rtol=0)
+    assert torch.allclose(whole, expected, atol=2e-5, rtol=0)
