@@ -77,7 +77,7 @@ def _matmul_partials_kernel(
 
 
 def matmul_plan(
-    rows: int, n: int, k: int, n_sms: int, *, block_n: int = 128, waves: float = 2.0
+    rows: int, n: int, k: int, n_sms: int, *, block_n: int = 64, waves: float = 2.0
 ) -> tuple[int, int]:
     """(splits, K per split) so about `waves` blocks per SM stream the weight matrix."""
     block_k = 128
@@ -88,18 +88,32 @@ def matmul_plan(
     return triton.cdiv(k, k_per_split), k_per_split
 
 
+def use_split_k(rows: int, n: int, n_sms: int) -> bool:
+    """Where split-K beats one cuBLAS product (measured on H100/H200, bench/profile_fastpath.py
+    --matmul): decode-sized products, and products whose column tiles alone leave SMs idle."""
+    return rows <= 16 or (rows <= 64 and triton.cdiv(n, 64) < 2 * n_sms)
+
+
 def matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
     n_sms: int,
     *,
-    block_n: int = 128,
-    waves: float = 2.0,
-    stages: int = 4,
+    block_n: int = 64,
+    waves: float | None = None,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N]."""
     rows, k = x.shape
     n = weight.shape[0]
+    block_m = max(16, triton.next_power_of_2(rows))
+    if waves is None:  # the configs that measured best: more blocks for decode-sized products
+        waves = 2.0 if rows <= 16 else 1.0
+    if stages is None:
+        stages = 3 if rows <= 16 else 5
+    # As many pipeline stages as fit in shared memory (float32 tests need fewer).
+    stage_bytes = (block_m + block_n) * 128 * x.element_size()
+    stages = max(2, min(stages, (200 << 10) // stage_bytes))
     splits, k_per_split = matmul_plan(rows, n, k, n_sms, block_n=block_n, waves=waves)
     out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
     _matmul_partials_kernel[(triton.cdiv(n, block_n), splits)](
@@ -110,7 +124,7 @@ def matmul(
         n,
         k,
         K_PER_SPLIT=k_per_split,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=128,
         PRECISION=_precision(x.dtype),
@@ -467,7 +481,9 @@ def _merge_kernel(
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D]."""
+    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D].
+
+    One pass with a running maximum (as flash attention does over key blocks)."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     n_kv = tl.num_programs(1)
@@ -475,39 +491,43 @@ def _merge_kernel(
     row_ok = rows < R
     dd = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for p in tl.static_range(N_PARTS):
-        lse = tl.load(lse_ptr + (p * n_kv + kv_head) * R + rows, mask=row_ok, other=0.0)
-        m = tl.maximum(m, lse)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for p in tl.static_range(N_PARTS):
+    for p in range(N_PARTS):  # a loop, not unrolled: decode steps have ~30 parts
         idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
-        w = tl.math.exp2(tl.load(lse_ptr + idx, mask=row_ok, other=0.0) - m)
+        lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse - m_new)
         o = tl.load(parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
-        acc += w[:, None] * o
-        total += w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        total = total * alpha + w
+        m = m_new
     t = (rows // G).to(tl.int64)
     o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
-    out = acc / total[:, None]
-    tl.store(out_ptr + o_off[:, None] + dd[None, :], out, mask=row_ok[:, None])
+    tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
 
 
 def prefix_splits(n_prefix: int, rows: int, n_kv_heads: int, n_sms: int) -> tuple[int, int]:
-    """(number of splits, keys per split) so the prefix attention fills the chip about twice.
+    """(number of splits, keys per split) so the prefix attention puts about four blocks on
+    every SM (at most 32 splits, at least 64 keys each).
 
-    Keys per split is a power of two (at least 64): it is a compile-time constant of the
-    kernel, so every prefix length shares a handful of compiled variants.
+    Keys per split is a power of two: it is a compile-time constant of the kernel, so every
+    prefix length shares a handful of compiled variants.
     """
     if n_prefix == 0:
         return 0, 0
     blocks = triton.cdiv(rows, _block_m(rows, n_kv_heads)) * n_kv_heads
-    want = max(1, triton.cdiv(2 * n_sms, blocks))
+    want = min(32, max(1, triton.cdiv(4 * n_sms, blocks)))
     split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
     return triton.cdiv(n_prefix, split_len), split_len
 
 
 def _block_m(rows: int, n_kv_heads: int) -> int:
-    return 128 if rows * n_kv_heads >= 128 * 512 else 64
+    """Query rows per block of the prefix attention: few for decode steps, 128 for batches."""
+    if rows * n_kv_heads >= 128 * 512:
+        return 128
+    return min(64, max(16, triton.next_power_of_2(rows)))
 
 
 def attention(
@@ -591,8 +611,8 @@ def attention(
             num_stages=3,
         )
     out = torch.empty_like(q)
-    _merge_kernel[(triton.cdiv(rows, 64), n_kv)](
-        parts, lse, out, rows, N_PARTS=n_splits + 1, HQ=n_heads, G=group, D=d, BLOCK_M=64
+    _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
+        parts, lse, out, rows, N_PARTS=n_splits + 1, HQ=n_heads, G=group, D=d, BLOCK_M=16
     )
     return out
 

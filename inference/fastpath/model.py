@@ -372,7 +372,12 @@ class FastDecoder:
         streaming), one cuBLAS product for more rows or with a bias."""
         from inference.fastpath import kernels
 
-        if bias is None and x.shape[0] <= self.skinny_rows:
+        rows = x.shape[0]
+        if (
+            bias is None
+            and rows <= self.skinny_rows
+            and kernels.use_split_k(rows, weight.shape[0], self.n_sms)
+        ):
             return kernels.matmul(x, weight, self.n_sms)
         return F.linear(x, weight, bias)[None]
 

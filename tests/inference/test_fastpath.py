@@ -221,3 +221,29 @@ def test_warm_up_in_the_middle_of_a_request_leaves_it_intact(
         fast._warm_up(slot, torch.tensor([[7]]), torch.ones(1, dtype=torch.long), fresh=False)
         assert torch.equal(slot.state.lengths, before)
         assert torch.equal(disturbed.step([token]), expected)
+
+
+def test_verify_checks_what_the_fast_path_serves(loaded, shared_store, doc_keys, monkeypatch):
+    from inference import verify
+
+    key = doc_keys[DOCS[7]]
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # the serving path, eager on CPU
+    report = verify(loaded, shared_store, key, suffixes=QUESTIONS[:2], steps=24, save=False)
+    assert report.fast_path_bitwise_equal is True
+    assert report.fast_path_greedy_matched == 48 and report.passed
+    assert all(case["fast_path_greedy_matched"] == 24 for case in report.cases)
+
+    # A fast path that drifts from one-shot prefill fails float32 verification.
+    real_greedy = FastReuse.greedy
+
+    def drifting(self, prefix, suffixes, max_new_tokens):
+        rows = real_greedy(self, prefix, suffixes, max_new_tokens)
+        return [row[:-1] + [(row[-1] + 1) % 50] for row in rows]
+
+    monkeypatch.setattr(FastReuse, "greedy", drifting)
+    report = verify(loaded, shared_store, key, suffixes=QUESTIONS[:1], steps=24, save=False)
+    assert report.fast_path_greedy_matched == 23 and not report.passed
+
+    monkeypatch.setenv("KVMARKET_FASTPATH", "0")
+    report = verify(loaded, shared_store, key, suffixes=QUESTIONS[:1], steps=24, save=False)
+    assert report.fast_path_bitwise_equal is None and report.passed
