@@ -101,13 +101,25 @@ class KVArtifact:
         if host is not None and pin and host.buffer.is_pinned():
             return self  # already in pinned host memory, in one buffer
         if host is not None and torch.device(device).type == "cuda":
-            # One large copy of the contiguous buffer instead of one per tensor.
-            buffer = host.buffer.to(device, non_blocking=True)
+            # Large copies of the contiguous buffer, one per layer on a side stream, each with
+            # an event: the fast path starts computing on the first layers while the later
+            # ones are still in flight. Every other reader calls wait_ready() first.
+            buffer = torch.empty(host.buffer.shape, dtype=host.buffer.dtype, device=device)
+            copy_stream = torch.cuda.Stream(device=buffer.device)
+            copy_stream.wait_stream(torch.cuda.current_stream(buffer.device))
+            events = []
+            with torch.cuda.stream(copy_stream):
+                for i in range(buffer.shape[0]):
+                    buffer[i].copy_(host.buffer[i], non_blocking=True)
+                    events.append(torch.cuda.Event())
+                    events[-1].record(copy_stream)
+            buffer.record_stream(copy_stream)
             return KVArtifact(
                 key=self.key, manifest=self.manifest, token_ids=self.token_ids,
                 keys=[buffer[i, 0] for i in range(buffer.shape[0])],
                 values=[buffer[i, 1] for i in range(buffer.shape[0])],
                 nbytes=self.nbytes,
+                extras={"layer_ready": events},
             )
 
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +135,13 @@ class KVArtifact:
             values=[move(v) for v in self.values],
             nbytes=self.nbytes,
         )
+
+    def wait_ready(self) -> None:
+        """Order the current CUDA stream after a copy to the GPU still in flight (a wait on
+        the GPU, not on the host). Free when there is none or it has finished."""
+        events = self.extras.get("layer_ready")
+        if events:
+            torch.cuda.current_stream(self.device).wait_event(events[-1])
 
     def check_model(self, loaded: LoadedModel) -> None:
         check_manifest(self.manifest, loaded)

@@ -146,6 +146,7 @@ def new_cache(loaded: LoadedModel) -> Any:
 def cache_from_artifact(loaded: LoadedModel, art: KVArtifact) -> Any:
     """A fresh cache holding copies of the stored tensors (update concatenates onto empty)."""
     cache = new_cache(loaded)
+    art.wait_ready()
     for i, (k, v) in enumerate(zip(art.keys, art.values, strict=True)):
         cache.update(
             k.unsqueeze(0).to(loaded.device, non_blocking=True),
@@ -228,7 +229,15 @@ def _reuse_session(loaded: LoadedModel, art: KVArtifact, feed: list[int], max_to
         # Graphs are captured from a hot artifact's second request on: a one-off load pays
         # no capture.
         uses = art.extras["fast_uses"] = art.extras.get("fast_uses", 0) + 1
-        return fast.session(prefix, graphs=None if hot and uses > 1 else False)
+        graphs = None if hot and uses > 1 else False
+        # A copy to the GPU still in flight (this request promoted the artifact): the first
+        # step waits per layer, computing early layers while later ones land.
+        ready = art.extras.get("layer_ready") if graphs is False else None
+        if ready is None:
+            art.wait_ready()
+        return fast.session(
+            prefix, graphs=graphs, max_tokens=len(feed) + max_tokens, layer_ready=ready
+        )
     return _CacheSession(loaded, cache_from_artifact(loaded, art))
 
 
@@ -573,7 +582,7 @@ def generate_stream(
     t0 = time.perf_counter()
     stops = _validate_sampling(max_tokens, temperature, top_p, stop)
     feed = suffix_ids(loaded, messages=messages, prompt=prompt, prompt_ids=prompt_ids)
-    art, tier = store.load_with_tier(key, loaded)
+    art, tier = store.load_with_tier(key, loaded, overlap=True)  # readers below wait
     load_s = time.perf_counter() - t0
     cached = art.n_tokens
     with torch.no_grad():
@@ -626,8 +635,8 @@ class _BatchStepper:
     """Runs the rows of a batch in lock step on the fast path: each row's decode loop calls
     step() from its own thread; the last row to arrive runs one batched forward for all."""
 
-    def __init__(self, fast: Any, prefix: Any, n_rows: int) -> None:
-        self.fast, self.prefix = fast, prefix
+    def __init__(self, fast: Any, prefix: Any, n_rows: int, need: int) -> None:
+        self.fast, self.prefix, self.need = fast, prefix, need  # need: tokens a row may hold
         self.cond = threading.Condition()
         self.active = set(range(n_rows))
         self.pending: dict[int, list[int]] = {}
@@ -673,7 +682,7 @@ class _BatchStepper:
                 # Pad the batch to a power of two with one-token rows, so a few CUDA graphs
                 # serve every batch size.
                 feeds += [[0]] * ((1 << (len(feeds) - 1).bit_length()) - len(feeds))
-                self.slot, ids, n_valid = fast._start(self.prefix, feeds)
+                self.slot, ids, n_valid = fast._start(self.prefix, feeds, need=self.need)
                 logits = fast._step(self.slot, ids, n_valid, fresh=True)
             else:  # one token per live row; finished and padding rows have no valid token
                 batch = self.slot.state.batch
@@ -732,7 +741,8 @@ def generate_batch(
     art, tier = store.load_with_tier(key, loaded)
     load_s = time.perf_counter() - t0
     prefix, _ = _fast_prefix(loaded, art)
-    stepper = _BatchStepper(fast, prefix, len(requests))
+    need = max(len(f) + r.get("max_tokens", 64) for f, r in zip(feeds, requests, strict=True))
+    stepper = _BatchStepper(fast, prefix, len(requests), need)
     results: list[Generation | BaseException | None] = [None] * len(requests)
 
     def run_row(row: int) -> None:

@@ -187,7 +187,12 @@ class KVStore:
         """The artifact for ``key``, checked against ``loaded``, from its fastest tier."""
         return self.load_with_tier(key, loaded)[0]
 
-    def load_with_tier(self, key: str, loaded: LoadedModel) -> tuple[KVArtifact, str]:
+    def load_with_tier(
+        self, key: str, loaded: LoadedModel, *, overlap: bool = False
+    ) -> tuple[KVArtifact, str]:
+        """The artifact and the tier it came from. A copy to the GPU may still be in flight
+        only with overlap=True: the caller then waits per layer (artifact.extras
+        ["layer_ready"]) or calls wait_ready(); every other caller gets it ready."""
         self.check_key(key)
         on_gpu = loaded.device.startswith("cuda") and self.gpu.budget > 0
         with self._lock:
@@ -198,6 +203,7 @@ class KVStore:
                     art = self.gpu.get(key)
                     if art is not None:
                         check_manifest(art.manifest, loaded)
+                        art.wait_ready()  # another request's copy may still be landing
                         return art, "gpu"
                 host_art = self.host.get(key)
             tier = "host"
@@ -211,6 +217,8 @@ class KVStore:
                     self.host.put(host_art)
             if on_gpu:
                 gpu_art = host_art.to(loaded.device)
+                if not overlap:
+                    gpu_art.wait_ready()
                 with self._lock:
                     self.gpu.put(gpu_art)
                 return gpu_art, tier

@@ -67,25 +67,34 @@ class FastReuse:
         self._lock = threading.Lock()
 
     # --- slots and graphs ------------------------------------------------------------------
-    def _slot(self, prefix: PrefixKV, batch: int) -> _PrefixSlot:
+    def slot_capacity(self, need: int) -> int:
+        """Suffix buffer length for `need` tokens per row: a power of two (so few graphs and
+        kernel variants serve every request), at least 64, at most the runner's capacity.
+        Buffers hold [layers, 2, batch, kv heads, capacity, head dim]: a batch of 512 with
+        the full capacity of 1024 would not fit in GPU memory."""
+        if need > self.capacity:
+            raise ValueError(f"{need} suffix tokens exceed the capacity of {self.capacity}")
+        return min(self.capacity, max(64, 1 << (need - 1).bit_length()))
+
+    def _slot(self, prefix: PrefixKV, batch: int, capacity: int) -> _PrefixSlot:
         # Keyed by the prefix object: a graph holds the addresses of that prefix's tensors.
-        key = (id(prefix), batch)
+        key = (id(prefix), batch, capacity)
         slot = self._slots.get(key)
         if slot is None or slot.prefix is not prefix:
-            slot = _PrefixSlot(self.decoder, prefix, batch, self.capacity)
+            slot = _PrefixSlot(self.decoder, prefix, batch, capacity)
             self._slots[key] = slot
             while len(self._slots) > self.max_slots:
                 self._slots.popitem(last=False)
         self._slots.move_to_end(key)
         return slot
 
-    def _host_slot(self, source: HostPrefix, batch: int) -> _PrefixSlot:
-        key = (id(source), batch)
+    def _host_slot(self, source: HostPrefix, batch: int, capacity: int) -> _PrefixSlot:
+        key = (id(source), batch, capacity)
         slot = self._slots.get(key)
         if slot is None or slot.source is not source:
             staging = torch.empty_like(source.buffer, device=self.decoder.device)
             prefix = PrefixKV([(staging[i, 0], staging[i, 1]) for i in range(staging.shape[0])])
-            slot = _PrefixSlot(self.decoder, prefix, batch, self.capacity, source, staging)
+            slot = _PrefixSlot(self.decoder, prefix, batch, capacity, source, staging)
             self._slots[key] = slot
             while len(self._slots) > self.max_slots:
                 self._slots.popitem(last=False)
@@ -169,12 +178,26 @@ class FastReuse:
         return events
 
     def _step(
-        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor, *, fresh: bool
+        self,
+        slot: _PrefixSlot,
+        input_ids: torch.Tensor,
+        n_valid: torch.Tensor,
+        *,
+        fresh: bool,
+        layer_ready: list[torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
+        """One forward; layer_ready: per-layer events of a prefix still being copied in."""
         if not self.use_graphs:
             return self.decoder.forward(
-                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
+                input_ids,
+                prefix=slot.prefix,
+                state=slot.state,
+                n_valid=n_valid,
+                fresh=fresh,
+                layer_ready=layer_ready,
             )
+        if layer_ready:  # a graph cannot wait on outside events: wait for the whole copy
+            torch.cuda.current_stream().wait_event(layer_ready[-1])
         g = self._graph(slot, input_ids.shape[1], fresh)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.n_valid.copy_(n_valid, non_blocking=True)
@@ -192,7 +215,8 @@ class FastReuse:
     def first_logits_from_host(self, source: HostPrefix, suffixes: list[list[int]]) -> torch.Tensor:
         """Like first_logits for a prefix in (pinned) host memory: the copy to the GPU runs
         layer by layer, overlapped with the compute of the layers already there."""
-        slot = self._host_slot(source, len(suffixes))
+        capacity = self.slot_capacity(max(len(s) for s in suffixes))
+        slot = self._host_slot(source, len(suffixes), capacity)
         slot, ids, n_valid = self._start(slot.prefix, suffixes, slot=slot)
         if not self.use_graphs:
             slot.staging.copy_(source.buffer)
@@ -203,9 +227,9 @@ class FastReuse:
         self, prefix: PrefixKV, suffixes: list[list[int]], max_new_tokens: int
     ) -> list[list[int]]:
         """Greedy continuation of each suffix; one host sync at the end."""
-        slot, ids, n_valid = self._start(prefix, suffixes)
-        if max(len(s) for s in suffixes) + max_new_tokens > self.capacity:
-            raise ValueError("suffix plus new tokens exceed the suffix capacity")
+        slot, ids, n_valid = self._start(
+            prefix, suffixes, need=max(len(s) for s in suffixes) + max_new_tokens
+        )
         logits = self._step(slot, ids, n_valid, fresh=True)
         ones = torch.ones_like(n_valid)
         generated = []
@@ -216,23 +240,46 @@ class FastReuse:
                 logits = self._step(slot, next_ids, ones, fresh=False)
         return torch.cat(generated, dim=1).tolist()
 
-    def session(self, prefix: PrefixKV, *, graphs: bool | None = None) -> FastSession:
+    def session(
+        self,
+        prefix: PrefixKV,
+        *,
+        graphs: bool | None = None,
+        max_tokens: int | None = None,
+        layer_ready: list[torch.cuda.Event] | None = None,
+    ) -> FastSession:
         """A single request's step-by-step access (for sampling loops): first step() takes the
-        suffix, later ones the sampled tokens. Close it (or use `with`) to free the GPU."""
-        return FastSession(self, prefix, use_graphs=self.use_graphs if graphs is None else graphs)
+        suffix, later ones the sampled tokens; max_tokens bounds suffix plus output (default:
+        the runner's capacity); layer_ready: per-layer events of a prefix still being copied
+        to the GPU, waited for layer by layer in the first step. Close it (or use `with`) to
+        free the GPU."""
+        return FastSession(
+            self,
+            prefix,
+            use_graphs=self.use_graphs if graphs is None else graphs,
+            capacity=self.slot_capacity(max_tokens or self.capacity),
+            layer_ready=layer_ready,
+        )
 
     def _start(
-        self, prefix: PrefixKV, suffixes: list[list[int]], *, slot: _PrefixSlot | None = None
+        self,
+        prefix: PrefixKV,
+        suffixes: list[list[int]],
+        *,
+        slot: _PrefixSlot | None = None,
+        need: int | None = None,
     ) -> tuple[_PrefixSlot, torch.Tensor, torch.Tensor]:
+        """need: suffix tokens per row over the whole request (default: the longest suffix)."""
         if not suffixes or any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token")
         longest = max(len(s) for s in suffixes)
+        if slot is None:
+            slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
+        elif longest > slot.state.capacity:
+            raise ValueError(f"a suffix exceeds the capacity of {slot.state.capacity} tokens")
         if self.use_graphs:
             # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
-            longest = min(self.capacity, -(-longest // 16) * 16)
-        if max(len(s) for s in suffixes) > self.capacity:
-            raise ValueError(f"a suffix exceeds the capacity of {self.capacity} tokens")
-        slot = slot or self._slot(prefix, len(suffixes))
+            longest = min(slot.state.capacity, -(-longest // 16) * 16)
         slot.state.reset()
         padded = [s + [0] * (longest - len(s)) for s in suffixes]
         ids = torch.tensor(padded, dtype=torch.long).to(self.decoder.device, non_blocking=True)
@@ -245,10 +292,20 @@ class FastReuse:
 class FastSession:
     """One request against one prefix: step(ids) -> logits of the last position [V]."""
 
-    def __init__(self, reuse: FastReuse, prefix: PrefixKV, *, use_graphs: bool) -> None:
+    def __init__(
+        self,
+        reuse: FastReuse,
+        prefix: PrefixKV,
+        *,
+        use_graphs: bool,
+        capacity: int,
+        layer_ready: list[torch.cuda.Event] | None = None,
+    ) -> None:
         self.reuse = reuse
         self.prefix = prefix
         self.length = 0  # suffix tokens so far
+        self.capacity = capacity
+        self._layer_ready = layer_ready
         self._graphs = use_graphs
         self._slot: _PrefixSlot | None = None
         reuse._lock.acquire()
@@ -260,13 +317,15 @@ class FastSession:
     @torch.inference_mode()
     def step(self, ids: list[int]) -> torch.Tensor:
         reuse = self.reuse
-        if self.length + len(ids) > reuse.capacity:
-            raise ValueError(f"the suffix capacity of {reuse.capacity} tokens is exhausted")
+        if self.length + len(ids) > self.capacity:
+            raise ValueError(f"the suffix capacity of {self.capacity} tokens is exhausted")
         saved, reuse.use_graphs = reuse.use_graphs, self._graphs
         try:
             if self._slot is None:
-                self._slot, tokens, n_valid = reuse._start(self.prefix, [ids])
-                logits = reuse._step(self._slot, tokens, n_valid, fresh=True)
+                self._slot, tokens, n_valid = reuse._start(self.prefix, [ids], need=self.capacity)
+                logits = reuse._step(
+                    self._slot, tokens, n_valid, fresh=True, layer_ready=self._layer_ready
+                )
             else:
                 device = reuse.decoder.device
                 tokens = torch.tensor([ids], dtype=torch.long, device=device)

@@ -247,3 +247,24 @@ def test_verify_checks_what_the_fast_path_serves(loaded, shared_store, doc_keys,
     monkeypatch.setenv("KVMARKET_FASTPATH", "0")
     report = verify(loaded, shared_store, key, suffixes=QUESTIONS[:1], steps=24, save=False)
     assert report.fast_path_bitwise_equal is None and report.passed
+
+
+def test_suffix_buffers_are_sized_to_the_request(loaded, shared_store, doc_keys):
+    """Buffers scale with batch x capacity: a batch of 512 at the full capacity of 1024 would
+    not fit in GPU memory, so each slot takes the power of two its requests need."""
+    fast = FastReuse(loaded.model, capacity=1024)
+    assert [fast.slot_capacity(n) for n in (1, 64, 65, 1000, 1024)] == [64, 64, 128, 1024, 1024]
+    with pytest.raises(ValueError):
+        fast.slot_capacity(1025)
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[8])
+    suffix = _suffix_ids(loaded, QUESTIONS[5])
+    fast.greedy(prefix, [suffix] * 3, 80)
+    (slot,) = fast._slots.values()
+    assert slot.state.capacity == fast.slot_capacity(len(suffix) + 80) == 128
+    assert slot.state.keys[0].shape[2] == 128
+    with fast.session(prefix, graphs=False, max_tokens=len(suffix) + 2) as session:
+        session.step(suffix)
+        assert session.capacity == 64
+        session.step([1])
+        with pytest.raises(ValueError):
+            session.step([1] * (session.capacity - session.length + 1))
