@@ -13,7 +13,11 @@ the prefix, and hundreds of small Python-level ops. Here attention is split in t
 The two partial results are merged exactly with their log-sum-exps (the cascade/flash-decoding
 identity), so no prefix tensor is ever copied or mutated and a batch of agents shares one prefix.
 All shapes are static for a given (prefix length, batch, query length), so the whole step can be
-captured in a CUDA graph (see graphs.py).
+captured in a CUDA graph (runner.py).
+
+Two implementations of the same step: plain torch ops (any device; the reference) and, on CUDA
+with Triton, fused kernels (kernels.py). Both round where transformers rounds and take the rotary
+frequencies from the model's own buffer, so reuse tracks the plain forward.
 """
 
 from __future__ import annotations
