@@ -94,6 +94,42 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
     return table
 
 
+def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
+    """The attention of one layer, all layers' prefixes in turn, one graph per config."""
+    from inference.fastpath import kernels
+    from inference.fastpath.model import SuffixState
+
+    dec = fast.decoder
+    q = torch.randn(tokens, dec.n_heads * dec.head_dim, device="cuda", dtype=dec.dtype)
+    state = SuffixState(dec, batch=1, capacity=64, device=torch.device("cuda"))
+    n_valid = torch.full((1,), tokens, dtype=torch.long, device="cuda")
+    configs = [{}]
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            for stages in (2, 3, 4):
+                for waves in (1.0, 2.0, 4.0):
+                    configs.append(dict(block_m=block_m, block_n=block_n, stages=stages,
+                                        waves=waves, warps=8 if block_m == 128 else 4))
+    table = []
+    for config in configs:
+        def run(config=config):
+            for i, layer in enumerate(prefix.layers):
+                kernels.attention(q, layer, state.keys[i], state.values[i], start=state.lengths,
+                                  n_valid=n_valid, seq_len=tokens, n_heads=dec.n_heads,
+                                  scale=dec.scale, n_sms=dec.n_sms, **config)
+        try:
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            ms = _ms_per_call(graph.replay, repeat=10)
+        except Exception as exc:  # a config that does not fit
+            table.append({**config, "error": str(exc)[:100]})
+            continue
+        table.append({**config, "us_per_layer": round(ms * 1e3 / len(prefix.layers), 2)})
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
@@ -102,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--matmul", action="store_true", help="time split-K configs")
+    parser.add_argument("--attention", action="store_true", help="time attention configs")
     args = parser.parse_args()
     model = build_model(args.model_config, "cuda", torch.bfloat16)
     doc = torch.randint(0, 1000, (1, args.n_tokens), device="cuda")
@@ -138,6 +175,11 @@ def main() -> None:
             torch.cuda.synchronize()
         print(label)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    if args.attention:
+        table = attention_table(fast, prefix, args.batch * args.suffix)
+        for line in sorted(table, key=lambda r: r.get("us_per_layer", 1e9))[:12]:
+            print(json.dumps(line))
+        print("default", json.dumps(table[0]))
     if args.matmul:
         for rows in (args.batch * args.suffix, 1):
             for line in matmul_table(fast, rows):

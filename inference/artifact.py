@@ -301,7 +301,8 @@ def _read_verified_per_tensor(path: Path, manifest: dict[str, Any]) -> KVArtifac
                                 for kind in ("keys", "values")}
     if set(header) - {"__metadata__"} != expected or set(hashes) != expected:
         raise ArtifactCorrupted(f"{path.name}: tensor table does not match the manifest")
-    host = read_artifact_into_host(path, threads=min(8, os.cpu_count() or 1),
+    # One reader per core up to 16: each thread also hashes what it reads (~1.5 GB/s a core).
+    host = read_artifact_into_host(path, threads=min(16, os.cpu_count() or 1),
                                    tensor_sha256=hashes)
     start, end = header["token_ids"]["data_offsets"]
     with path.open("rb") as fh:

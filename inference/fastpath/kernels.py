@@ -508,7 +508,15 @@ def _merge_kernel(
     tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
 
 
-def prefix_splits(n_prefix: int, rows: int, n_kv_heads: int, n_sms: int) -> tuple[int, int]:
+def prefix_splits(
+    n_prefix: int,
+    rows: int,
+    n_kv_heads: int,
+    n_sms: int,
+    *,
+    waves: float = 2.0,
+    block_m: int | None = None,
+) -> tuple[int, int]:
     """(number of splits, keys per split) so the prefix attention puts about two blocks on
     every SM (at most 32 splits, at least 64 keys each; four measured slower on H100).
 
@@ -517,8 +525,8 @@ def prefix_splits(n_prefix: int, rows: int, n_kv_heads: int, n_sms: int) -> tupl
     """
     if n_prefix == 0:
         return 0, 0
-    blocks = triton.cdiv(rows, _block_m(rows, n_kv_heads)) * n_kv_heads
-    want = min(32, max(1, triton.cdiv(2 * n_sms, blocks)))
+    blocks = triton.cdiv(rows, block_m or _block_m(rows, n_kv_heads)) * n_kv_heads
+    want = min(32, max(1, triton.cdiv(int(waves * n_sms), blocks)))
     split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
     return triton.cdiv(n_prefix, split_len), split_len
 
@@ -543,22 +551,28 @@ def attention(
     scale: float,
     n_sms: int,
     wait: torch.cuda.Event | None = None,
+    block_m: int | None = None,
+    block_n: int = 64,
+    warps: int | None = None,
+    stages: int = 3,
+    waves: float = 2.0,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (K/V [Hkv, N, D]) then each row's own
-    suffix buffer (keys/values [B, Hkv, C, D]); returns [B*S, Hq*D] in q's dtype."""
+    suffix buffer (keys/values [B, Hkv, C, D]); returns [B*S, Hq*D] in q's dtype.
+    block_m ... waves: the prefix kernel's configuration (bench/profile_fastpath.py sweeps it)."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1 and (prefix is None or prefix[0].stride(-1) == 1)
     group = n_heads // n_kv
     rows = tokens * group
     n_prefix = 0 if prefix is None else prefix[0].shape[1]
-    n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms)
+    block_m = block_m or _block_m(rows, n_kv)
+    n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms, waves=waves, block_m=block_m)
     parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=q.device)
     qk_scale = scale * LOG2E
     precision = _precision(q.dtype)
-    block_m = _block_m(rows, n_kv)
-    warps = 8 if block_m == 128 else 4
+    warps = warps or (8 if block_m == 128 else 4)
     _suffix_attention_kernel[(triton.cdiv(seq_len * group, 64), n_kv, batch)](
         q,
         keys,
@@ -605,10 +619,10 @@ def attention(
             D=d,
             SPLIT_LEN=split_len,
             BLOCK_M=block_m,
-            BLOCK_N=64,
+            BLOCK_N=block_n,
             PRECISION=precision,
             num_warps=warps,
-            num_stages=3,
+            num_stages=stages,
         )
     out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
