@@ -22,6 +22,7 @@ from .engine import (
     precompute_ids,
     read_verification,
     verify,
+    warm_up,
 )
 from .errors import (
     ArtifactCorrupted,
@@ -76,5 +77,6 @@ __all__ = [
     "read_artifact",
     "read_verification",
     "verify",
+    "warm_up",
     "wrap_model",
 ]

@@ -1,5 +1,8 @@
 """Routing completions to GPU workers.
 
+A worker that serves CUDA models loads them and runs their fast path once when it starts
+(worker_ready), so kernel compiles do not land on the first request.
+
 Every worker also consumes a direct queue of its own, ``worker.<hostname>`` (added at start-up
 by the celeryd_after_setup handler below). To send a completion for an artifact we list the
 live workers that consume the model's queue ``gpu.<slug>`` (``inspect().active_queues()``,
@@ -17,8 +20,10 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_ready
+from django.conf import settings
 
 from kvmarket.celery import app, gpu_queue_name
 
@@ -40,6 +45,32 @@ def direct_queue_name(hostname: str) -> str:
 def add_direct_queue(sender: str, instance, **_: object) -> None:  # noqa: ANN001
     """Each worker consumes ``worker.<its hostname>`` besides the queues given with -Q."""
     instance.app.amqp.queues.select_add(direct_queue_name(sender))
+
+
+def cuda_models_served(queue_names: Iterable[str]) -> list[str]:
+    """Slugs of the CUDA models whose ``gpu.<slug>`` queue is among queue_names."""
+    names = set(queue_names)
+    return sorted(
+        slug for slug, cfg in settings.KVMARKET_MODELS.items()
+        if gpu_queue_name(slug) in names and str(cfg.get("device", "cpu")).startswith("cuda")
+    )
+
+
+@worker_ready.connect(weak=False)
+def warm_up_cuda_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
+    """Load each CUDA model this worker serves and run its fast path once before the first
+    request: model loading, Triton's kernel compiles and cuBLAS's choices take seconds that
+    an agent should not wait for. A failure is logged; the first request then pays instead."""
+    import inference
+    from marketplace.engine import get_loaded
+
+    for slug in cuda_models_served(sender.app.amqp.queues.consume_from):
+        try:
+            report = inference.warm_up(get_loaded(slug))
+        except Exception:  # noqa: BLE001 - serving still works, only slower to start
+            log.exception("Warm-up of model %s failed.", slug)
+            continue
+        log.info("Model %s warmed up: %s", slug, report)
 
 
 def _active_queues() -> dict[str, list[str]] | None:

@@ -268,3 +268,15 @@ def test_suffix_buffers_are_sized_to_the_request(loaded, shared_store, doc_keys)
         session.step([1])
         with pytest.raises(ValueError):
             session.step([1] * (session.capacity - session.length + 1))
+
+
+def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatch):
+    from inference import warm_up
+    from inference.engine import _fast_reuse
+
+    monkeypatch.setenv("KVMARKET_FASTPATH", "0")
+    assert warm_up(loaded) == {"fast_path": False, "runs": 0, "seconds": 0.0}
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # eager on CPU; compiles and captures on CUDA
+    report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 16))
+    assert report["fast_path"] and report["runs"] == 4
+    assert not _fast_reuse(loaded)._slots  # the synthetic prefixes' buffers are freed

@@ -282,3 +282,33 @@ def test_schema_generates_without_warnings():
 def test_schema_and_docs_pages(client):
     assert client.get("/api/schema/").status_code == 200
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
+    from types import SimpleNamespace
+
+    import inference
+    from marketplace import engine
+
+    settings.KVMARKET_MODELS = {
+        "big": {"ref": "x", "device": "cuda:0"},
+        "other-gpu": {"ref": "y", "device": "cuda"},
+        "tiny": {"ref": "z", "device": "cpu"},
+    }
+    queues = ["default", "gpu.big", "gpu.tiny", "worker.host"]
+    assert workers.cuda_models_served(queues) == ["big"]
+
+    warmed = []
+    monkeypatch.setattr(engine, "get_loaded", lambda slug: f"loaded:{slug}")
+    monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
+    consumer = SimpleNamespace(
+        app=SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from=queues)))
+    )
+    workers.warm_up_cuda_models(consumer)
+    assert warmed == ["loaded:big"]
+
+    def broken(loaded):
+        raise RuntimeError("no GPU")
+
+    monkeypatch.setattr(inference, "warm_up", broken)
+    workers.warm_up_cuda_models(consumer)  # logged, never raised: the worker still starts
