@@ -949,15 +949,16 @@ def verify(
 def warm_up(
     loaded: LoadedModel,
     *,
-    prefix_tokens: tuple[int, ...] = (1024, 4096),
-    suffix_tokens: tuple[int, ...] = (16, 48),
-    decode_steps: int = 2,
+    prefix_tokens: tuple[int, ...] = (1024, 4096, 16384),
+    suffix_tokens: tuple[int, ...] = (16, 32, 48, 64),
 ) -> dict[str, Any]:
     """Run the serving fast path on synthetic prefixes before taking requests.
 
     Triton compiles each kernel variant on its first use (seconds per process; cached on disk
     afterwards) and cuBLAS picks its algorithms: a worker should pay that at start, not on its
-    first agent's request. Does nothing where the fast path does not apply (CPU)."""
+    first agent's request. The variants depend on the prefix length's power-of-two class, the
+    suffix padded to 16 (longer ones use cuBLAS) and the suffix buffer's capacity; each run is
+    a first step and a decode step. Does nothing where the fast path does not apply (CPU)."""
     fast = _fast_reuse(loaded)
     if fast is None:
         return {"fast_path": False, "runs": 0, "seconds": 0.0}
@@ -966,9 +967,21 @@ def warm_up(
     t0 = time.perf_counter()
     dec = fast.decoder
     vocab = int(dec.embed.shape[0])
+    capacities = sorted({fast.slot_capacity(min(c, fast.capacity))
+                         for c in (64, 128, 256, 512, 1024)})
     runs = 0
+
+    def run(prefix: PrefixKV, n_suffix: int, capacity: int) -> None:
+        nonlocal runs
+        with fast.session(prefix, max_tokens=capacity) as session:
+            logits = session.step([i % vocab for i in range(1, n_suffix + 1)])
+            session.step([int(logits.argmax())])
+        runs += 1
+
     for n_tokens in prefix_tokens:
-        n_tokens = min(n_tokens, loaded.max_context - max(suffix_tokens) - decode_steps)
+        n_tokens = min(n_tokens, loaded.max_context - fast.capacity)
+        if n_tokens <= 0:
+            continue
         shape = (dec.n_kv_heads, n_tokens, dec.head_dim)
         gen = torch.Generator(device=dec.device).manual_seed(n_tokens)
         prefix = PrefixKV([
@@ -976,9 +989,11 @@ def warm_up(
                   for _ in range(2))
             for _ in dec.layers
         ])
-        for n in suffix_tokens:
-            fast.greedy(prefix, [[i % vocab for i in range(1, n + 1)]], decode_steps)
-            runs += 1
+        for n_suffix in suffix_tokens:
+            run(prefix, n_suffix, capacities[0])
+        if n_tokens == min(prefix_tokens):  # the capacity only changes the suffix kernel
+            for capacity in capacities[1:]:
+                run(prefix, suffix_tokens[0], capacity)
         fast.forget(prefix)
     return {"fast_path": True, "runs": runs, "seconds": round(time.perf_counter() - t0, 3)}
 
