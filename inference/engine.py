@@ -973,7 +973,7 @@ def warm_up(
 
     def run(prefix: PrefixKV, n_suffix: int, capacity: int) -> None:
         nonlocal runs
-        with fast.session(prefix, max_tokens=capacity) as session:
+        with fast.session(prefix, max_tokens=max(capacity, n_suffix + 1)) as session:
             logits = session.step([i % vocab for i in range(1, n_suffix + 1)])
             session.step([int(logits.argmax())])
         runs += 1

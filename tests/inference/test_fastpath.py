@@ -277,7 +277,7 @@ def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatc
     monkeypatch.setenv("KVMARKET_FASTPATH", "0")
     assert warm_up(loaded) == {"fast_path": False, "runs": 0, "seconds": 0.0}
     monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # eager on CPU; compiles and captures on CUDA
-    report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 16))
+    report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 64))
     # 2 prefixes x 2 suffixes, and the other suffix capacities (128 ... 1024) once
     assert report["fast_path"] and report["runs"] == 2 * 2 + 4
     assert not _fast_reuse(loaded)._slots  # the synthetic prefixes' buffers are freed
