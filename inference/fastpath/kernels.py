@@ -26,6 +26,11 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# Sizes that change from request to request (rows, prefix length, suffix length) are marked
+# do_not_specialize: Triton would otherwise compile a variant per divisibility class of each,
+# and a worker's first request on a new document length would wait for the compiler. They are
+# used in masks and in offsets multiplied by aligned strides, so the hints buy nothing here.
+
 
 def _precision(dtype: torch.dtype) -> str | None:
     # float32 models (tests, CPU interpreter) must not silently drop to tf32.
@@ -40,7 +45,7 @@ def _precision(dtype: torch.dtype) -> str | None:
 # Products without split (cuBLAS, bigger batches) are passed as [1, rows, N].
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _matmul_partials_kernel(
     x_ptr,
     w_ptr,
@@ -144,7 +149,7 @@ def _sum_parts(ptr, offsets, mask, part_stride, PARTS: tl.constexpr, dtype: tl.c
 
 
 # --- RMSNorm with the residual add -----------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _add_rms_norm_kernel(
     x_ptr,
     delta_ptr,
@@ -198,7 +203,7 @@ def add_rms_norm(
 
 
 # --- q/k norm, rope, KV write ----------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["S", "n_tokens", "capacity"])
 def _qk_norm_rope_store_kernel(
     qkv_ptr,
     norm_ptr,
@@ -326,7 +331,7 @@ def qk_norm_rope_store(
 # of token t, so one kv head's rows are a strided view of q and K/V are never repeated.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "N"])
 def _prefix_attention_kernel(
     q_ptr,
     k_ptr,
@@ -392,7 +397,7 @@ def _prefix_attention_kernel(
     tl.store(lse_ptr + part, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2, scaled
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["part", "R", "S"])
 def _suffix_attention_kernel(
     q_ptr,
     k_ptr,
@@ -469,7 +474,7 @@ def _suffix_attention_kernel(
     tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _merge_kernel(
     parts_ptr,
     lse_ptr,
@@ -634,7 +639,7 @@ def attention(
 
 
 # --- MLP activation -------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
