@@ -474,13 +474,17 @@ def _suffix_attention_kernel(
     tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["R"])
+MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
+
+
+@triton.jit(do_not_specialize=["R", "n_parts"])
 def _merge_kernel(
     parts_ptr,
     lse_ptr,
     out_ptr,
     R,
-    N_PARTS: tl.constexpr,
+    n_parts,
+    MAX_PARTS: tl.constexpr,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -498,16 +502,21 @@ def _merge_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for p in range(N_PARTS):  # a loop, not unrolled: decode steps have ~30 parts
-        idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
-        lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse - m_new)
-        o = tl.load(parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        total = total * alpha + w
-        m = m_new
+    # The number of parts is a run-time value (one compiled kernel for every document length)
+    # under a static bound: loops to run-time bounds don't run in Triton's interpreter.
+    for p in range(MAX_PARTS):
+        if p < n_parts:
+            idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
+            lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.math.exp2(m - m_new)
+            w = tl.math.exp2(lse - m_new)
+            o = tl.load(
+                parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0
+            )
+            acc = acc * alpha[:, None] + w[:, None] * o
+            total = total * alpha + w
+            m = m_new
     t = (rows // G).to(tl.int64)
     o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
@@ -633,7 +642,16 @@ def attention(
         )
     out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
-        parts, lse, out, rows, N_PARTS=n_splits + 1, HQ=n_heads, G=group, D=d, BLOCK_M=16
+        parts,
+        lse,
+        out,
+        rows,
+        n_splits + 1,
+        MAX_PARTS=MAX_PARTS,
+        HQ=n_heads,
+        G=group,
+        D=d,
+        BLOCK_M=16,
     )
     return out
 

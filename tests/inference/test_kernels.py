@@ -103,6 +103,14 @@ def test_prefix_splits_fill_the_chip_with_few_compiled_variants():
     assert kernels.prefix_splits(0, 192, 8, 132) == (0, 0)
     lengths = {kernels.prefix_splits(n, 192, 8, 132)[1] for n in range(100, 40000, 97)}
     assert len(lengths) <= 8
+    # The merge kernel's static bound holds every split plus the suffix, for any length.
+    most = max(
+        kernels.prefix_splits(n, rows, 8, sms)[0]
+        for n in range(1, 200000, 997)
+        for rows in (4, 64, 192, 98304)
+        for sms in (8, 132)
+    )
+    assert most + 1 <= kernels.MAX_PARTS
 
 
 def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
