@@ -951,6 +951,7 @@ def warm_up(
     *,
     prefix_tokens: tuple[int, ...] = (1024, 4096, 16384),
     suffix_tokens: tuple[int, ...] = (16, 32, 48, 64),
+    batches: tuple[int, ...] = (2, 4, 8, 16, 32, 64),
 ) -> dict[str, Any]:
     """Run the serving fast path on synthetic prefixes before taking requests.
 
@@ -958,7 +959,8 @@ def warm_up(
     afterwards) and cuBLAS picks its algorithms: a worker should pay that at start, not on its
     first agent's request. The variants depend on the prefix length's power-of-two class, the
     suffix padded to 16 (longer ones use cuBLAS) and the suffix buffer's capacity; each run is
-    a first step and a decode step. Does nothing where the fast path does not apply (CPU)."""
+    a first step and a decode step. Batches (generate_batch pads to a power of two) run on
+    the second prefix class. Does nothing where the fast path does not apply (CPU)."""
     fast = _fast_reuse(loaded)
     if fast is None:
         return {"fast_path": False, "runs": 0, "seconds": 0.0}
@@ -994,6 +996,11 @@ def warm_up(
         if n_tokens == min(prefix_tokens):  # the capacity only changes the suffix kernel
             for capacity in capacities[1:]:
                 run(prefix, suffix_tokens[0], capacity)
+        if len(prefix_tokens) > 1 and n_tokens == sorted(prefix_tokens)[1]:
+            ids = [i % vocab for i in range(1, max(suffix_tokens) + 1)]
+            for batch in batches:
+                fast.greedy(prefix, [ids] * batch, 2)
+                runs += 1
         fast.forget(prefix)
     return {"fast_path": True, "runs": runs, "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -278,7 +278,7 @@ def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatc
     assert warm_up(loaded) == {"fast_path": False, "runs": 0, "seconds": 0.0}
     monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # eager on CPU; compiles and captures on CUDA
     slots_before = list(_fast_reuse(loaded)._slots)
-    report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 64))
-    # 2 prefixes x 2 suffixes, and the other suffix capacities (128 ... 1024) once
-    assert report["fast_path"] and report["runs"] == 2 * 2 + 4
+    report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 64), batches=(2, 8))
+    # 2 prefixes x 2 suffixes, the other suffix capacities (128 ... 1024) once, 2 batch sizes
+    assert report["fast_path"] and report["runs"] == 2 * 2 + 4 + 2
     assert list(_fast_reuse(loaded)._slots) == slots_before  # synthetic prefixes are freed
