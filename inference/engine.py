@@ -960,7 +960,7 @@ def warm_up(
     first agent's request. The variants depend on the prefix length's power-of-two class, the
     suffix padded to 16 (longer ones use cuBLAS) and the suffix buffer's capacity; each run is
     a first step and a decode step. Batches (generate_batch pads to a power of two) run on
-    the second prefix class. Does nothing where the fast path does not apply (CPU)."""
+    the second prefix length. Does nothing where the fast path does not apply (CPU)."""
     fast = _fast_reuse(loaded)
     if fast is None:
         return {"fast_path": False, "runs": 0, "seconds": 0.0}
@@ -980,7 +980,7 @@ def warm_up(
             session.step([int(logits.argmax())])
         runs += 1
 
-    for n_tokens in prefix_tokens:
+    for index, n_tokens in enumerate(prefix_tokens):
         n_tokens = min(n_tokens, loaded.max_context - fast.capacity)
         if n_tokens <= 0:
             continue
@@ -993,10 +993,10 @@ def warm_up(
         ])
         for n_suffix in suffix_tokens:
             run(prefix, n_suffix, capacities[0])
-        if n_tokens == min(prefix_tokens):  # the capacity only changes the suffix kernel
+        if index == 0:  # the capacity only changes the suffix kernel
             for capacity in capacities[1:]:
                 run(prefix, suffix_tokens[0], capacity)
-        if len(prefix_tokens) > 1 and n_tokens == sorted(prefix_tokens)[1]:
+        if index == min(1, len(prefix_tokens) - 1):
             ids = [i % vocab for i in range(1, max(suffix_tokens) + 1)]
             for batch in batches:
                 fast.greedy(prefix, [ids] * batch, 2)
