@@ -82,7 +82,7 @@ def _matmul_partials_kernel(
 
 
 def matmul_plan(
-    rows: int, n: int, k: int, n_sms: int, *, block_n: int = 64, waves: float = 2.0
+    n: int, k: int, n_sms: int, *, block_n: int = 64, waves: float = 2.0
 ) -> tuple[int, int]:
     """(splits, K per split) so about `waves` blocks per SM stream the weight matrix."""
     block_k = 128
@@ -119,7 +119,7 @@ def matmul(
     # As many pipeline stages as fit in shared memory (float32 tests need fewer).
     stage_bytes = (block_m + block_n) * 128 * x.element_size()
     stages = max(2, min(stages, (200 << 10) // stage_bytes))
-    splits, k_per_split = matmul_plan(rows, n, k, n_sms, block_n=block_n, waves=waves)
+    splits, k_per_split = matmul_plan(n, k, n_sms, block_n=block_n, waves=waves)
     out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
     _matmul_partials_kernel[(triton.cdiv(n, block_n), splits)](
         x,

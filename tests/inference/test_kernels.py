@@ -139,7 +139,7 @@ def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
 def test_split_k_products_sum_to_the_matrix_product(rows):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, 640), torch.randn(384, 640)
-    splits, k_per_split = kernels.matmul_plan(rows, 384, 640, n_sms=8, waves=2.0)
+    splits, k_per_split = kernels.matmul_plan(384, 640, n_sms=8, waves=2.0)
     assert splits > 1 and k_per_split % 128 == 0  # split K, in whole blocks
     parts = kernels.matmul(x, weight, n_sms=8, waves=2.0)
     assert parts.shape == (splits, rows, 384) and parts.dtype == torch.float32
