@@ -1,0 +1,85 @@
+"""The one-command demo, end to end: `python -m kvmarket.devserver` on the embedded defaults
+(SQLite, kombu's filesystem broker, a real worker process) serves a paid completion."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.support.subprocess_settings import REPO_ROOT, clean_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _call(url: str, key: str, body: dict | None = None, **headers: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {"raw": error.read()[:300].decode(errors="replace")}
+
+
+def test_demo_serves_a_paid_completion_from_the_hosted_kv(tmp_path):
+    port = _free_port()
+    log = (tmp_path / "demo.log").open("w+")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "kvmarket.devserver", "--port", str(port)],
+        cwd=REPO_ROOT, env=clean_env(tmp_path / "var"), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        key, document, deadline = None, None, time.monotonic() + 240
+        while time.monotonic() < deadline and document is None:
+            time.sleep(1)
+            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            found = re.search(r"kvm_[A-Za-z0-9_-]+", (tmp_path / "demo.log").read_text())
+            if key is None and found:
+                key = found.group(0)
+            if key:
+                try:
+                    status, listing = _call(f"{base}/documents", key)
+                except OSError:  # the web server is not up yet
+                    continue
+                ready = [d for d in listing.get("results", []) if d["status"] == "ready"]
+                document = ready[0] if ready else None
+        assert document, (tmp_path / "demo.log").read_text()[-3000:]
+
+        status, license_ = _call(f"{base}/licenses", key, {"document": document["id"], "loads": 2})
+        assert status == 201, license_
+        body = {
+            "model": document["model"], "document": document["id"], "license": license_["id"],
+            "max_tokens": 8, "messages": [{"role": "user", "content": "Who is the narrator?"}],
+        }  # fmt: skip
+        headers = {"Idempotency-Key": "demo-test"}
+        status, completion = _call(f"{base}/chat/completions", key, body, **headers)
+        assert status == 200, completion
+        cached = completion["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == document["n_tokens"] > 0
+        assert completion["choices"][0]["message"]["content"]
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+        log.close()
