@@ -331,6 +331,45 @@ def qk_norm_rope_store(
 # of token t, so one kv head's rows are a strided view of q and K/V are never repeated.
 
 
+@triton.jit
+def _attend_block(
+    q, k_base, v_base, cols, k_stride, v_stride, load_ok, visible, acc, m_i, l_i, qk_scale,
+    D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block of online-softmax attention (flash attention's inner step) for both
+    segments: keys and values at base + cols * stride, loaded where load_ok; scores kept where
+    visible. Returns the updated (acc, running max in base 2, running sum)."""
+    dd = tl.arange(0, D)
+    k = tl.load(
+        k_base + cols[None, :].to(tl.int64) * k_stride + dd[:, None],
+        mask=load_ok[None, :],
+        other=0.0,
+    )
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(
+        v_base + cols[:, None].to(tl.int64) * v_stride + dd[None, :],
+        mask=load_ok[:, None],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr):
+    """A segment's normalised output and log-sum-exp (base 2, scaled) for the merge."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    dd = tl.arange(0, D)
+    tl.store(out_ptr + idx[:, None] * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["R", "N"])
 def _prefix_attention_kernel(
     q_ptr,
@@ -374,27 +413,12 @@ def _prefix_attention_kernel(
     for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: compiled once per SPLIT_LEN
         cols = lo + offset + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        k = tl.load(
-            k_base + cols[None, :].to(tl.int64) * k_n + dd[:, None],
-            mask=col_ok[None, :],
-            other=0.0,
+        acc, m_i, l_i = _attend_block(
+            q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i, qk_scale,
+            D, PRECISION,
         )
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_base + cols[:, None].to(tl.int64) * v_n + dd[None, :],
-            mask=col_ok[:, None],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     part = (split * n_kv + kv_head).to(tl.int64) * R + rows
-    tl.store(out_ptr + part[:, None] * D + dd[None, :], acc / l_i[:, None], mask=row_ok[:, None])
-    tl.store(lse_ptr + part, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2, scaled
+    _store_partial(out_ptr, lse_ptr, part, acc, m_i, l_i, row_ok, D)
 
 
 @triton.jit(do_not_specialize=["part", "R", "S"])
@@ -448,30 +472,13 @@ def _suffix_attention_kernel(
         if start_n < hi:
             cols = start_n + tl.arange(0, BLOCK_N)
             visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
-            k = tl.load(
-                k_ptr + base + cols[None, :].to(tl.int64) * cache_n + dd[:, None],
-                mask=cols[None, :] < hi,
-                other=0.0,
+            acc, m_i, l_i = _attend_block(
+                q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
+                acc, m_i, l_i, qk_scale, D, PRECISION,
             )
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_ptr + base + cols[:, None].to(tl.int64) * cache_n + dd[None, :],
-                mask=cols[:, None] < hi,
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
     rows = b * S * G + local
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
-    tl.store(out_ptr + idx[:, None] * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
+    _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
 
 
 MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
