@@ -853,9 +853,7 @@ def verify(
         for layer, k, v in zip(doc_cache.layers, art.keys, art.values, strict=True)
     )
 
-    fast = _fast_reuse(loaded)
-    if fast is not None and len(art.token_ids) == 0:
-        fast = None
+    fast = _fast_reuse(loaded) if art.token_ids else None
     if fast is not None:
         from .fastpath.model import PrefixKV
 

@@ -61,9 +61,12 @@ def reset_store() -> None:
         _store = None
 
 
+def runs_on_cuda(slug: str) -> bool:
+    return str(model_config(slug).get("device", "cpu")).startswith("cuda")
+
+
 def _cuda_wanted() -> bool:
-    devices = (str(m.get("device", "cpu")) for m in settings.KVMARKET_MODELS.values())
-    return any(d.startswith("cuda") for d in devices)
+    return any(runs_on_cuda(slug) for slug in settings.KVMARKET_MODELS)
 
 
 def get_loaded(slug: str):  # noqa: ANN201 - inference.LoadedModel

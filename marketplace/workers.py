@@ -49,10 +49,12 @@ def add_direct_queue(sender: str, instance, **_: object) -> None:  # noqa: ANN00
 
 def cuda_models_served(queue_names: Iterable[str]) -> list[str]:
     """Slugs of the CUDA models whose ``gpu.<slug>`` queue is among queue_names."""
+    from marketplace.engine import runs_on_cuda
+
     names = set(queue_names)
     return sorted(
-        slug for slug, cfg in settings.KVMARKET_MODELS.items()
-        if gpu_queue_name(slug) in names and str(cfg.get("device", "cpu")).startswith("cuda")
+        slug for slug in settings.KVMARKET_MODELS
+        if gpu_queue_name(slug) in names and runs_on_cuda(slug)
     )
 
 

@@ -82,11 +82,7 @@ class FastReuse:
         slot = self._slots.get(key)
         if slot is None or slot.prefix is not prefix:
             slot = _PrefixSlot(self.decoder, prefix, batch, capacity)
-            self._slots[key] = slot
-            while len(self._slots) > self.max_slots:
-                self._slots.popitem(last=False)
-        self._slots.move_to_end(key)
-        return slot
+        return self._keep(key, slot)
 
     def _host_slot(self, source: HostPrefix, batch: int, capacity: int) -> _PrefixSlot:
         key = (id(source), batch, capacity)
@@ -95,10 +91,14 @@ class FastReuse:
             staging = torch.empty_like(source.buffer, device=self.decoder.device)
             prefix = PrefixKV([(staging[i, 0], staging[i, 1]) for i in range(staging.shape[0])])
             slot = _PrefixSlot(self.decoder, prefix, batch, capacity, source, staging)
-            self._slots[key] = slot
-            while len(self._slots) > self.max_slots:
-                self._slots.popitem(last=False)
+        return self._keep(key, slot)
+
+    def _keep(self, key: tuple[int, int, int], slot: _PrefixSlot) -> _PrefixSlot:
+        """Remember slot as the most recently used; the least recently used go past max_slots."""
+        self._slots[key] = slot
         self._slots.move_to_end(key)
+        while len(self._slots) > self.max_slots:
+            self._slots.popitem(last=False)
         return slot
 
     def forget_host(self, source: HostPrefix) -> None:
