@@ -97,9 +97,10 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
 def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
     """The attention of one layer, all layers' prefixes in turn, one graph per config."""
     from inference.fastpath import kernels
-    from inference.fastpath.model import SuffixState
+    from inference.fastpath.model import PrefixTable, SuffixState
 
     dec = fast.decoder
+    prefix_table = PrefixTable.of(prefix, len(prefix.layers), torch.device("cuda"))
     q = torch.randn(tokens, dec.n_heads * dec.head_dim, device="cuda", dtype=dec.dtype)
     state = SuffixState(dec, batch=1, capacity=64, device=torch.device("cuda"))
     n_valid = torch.full((1,), tokens, dtype=torch.long, device="cuda")
@@ -113,10 +114,11 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     table = []
     for config in configs:
         def run(config=config):
-            for i, layer in enumerate(prefix.layers):
-                kernels.attention(q, layer, state.keys[i], state.values[i], start=state.lengths,
-                                  n_valid=n_valid, seq_len=tokens, n_heads=dec.n_heads,
-                                  scale=dec.scale, n_sms=dec.n_sms, **config)
+            for i in range(len(prefix.layers)):
+                kernels.attention(q, prefix_table, state.keys[i], state.values[i], layer=i,
+                                  start=state.lengths, n_valid=n_valid, seq_len=tokens,
+                                  n_heads=dec.n_heads, scale=dec.scale, n_sms=dec.n_sms,
+                                  **config)
         try:
             run()
             graph = torch.cuda.CUDAGraph()

@@ -226,13 +226,16 @@ def _reuse_session(loaded: LoadedModel, art: KVArtifact, feed: list[int], max_to
     fast = _fast_reuse(loaded)
     if fast is not None and len(feed) + max_tokens <= fast.capacity:
         prefix, hot = _fast_prefix(loaded, art)
-        # Graphs are captured from a hot artifact's second request on: a one-off load pays
-        # no capture.
+        # With the kernels, the captured graphs serve any document (of a length class), so
+        # every request runs on them. The torch-ops step's graphs belong to one prefix: they
+        # are captured from a hot artifact's second request on, so a one-off load pays none.
         uses = art.extras["fast_uses"] = art.extras.get("fast_uses", 0) + 1
-        graphs = None if hot and uses > 1 else False
+        graphs = None if fast.any_prefix_graphs or (hot and uses > 1) else False
         # A copy to the GPU still in flight (this request promoted the artifact): the first
         # step waits per layer, computing early layers while later ones land.
-        ready = art.extras.get("layer_ready") if graphs is False else None
+        ready = art.extras.get("layer_ready")
+        if ready and ready[-1].query():  # landed already: nothing to wait for per layer
+            ready = None
         if ready is None:
             art.wait_ready()
         return fast.session(
@@ -947,18 +950,20 @@ def verify(
 def warm_up(
     loaded: LoadedModel,
     *,
-    prefix_tokens: tuple[int, ...] = (1024, 4096, 16384),
+    prefix_tokens: tuple[int, ...] = (1024, 4096, 16384, 32768),
     suffix_tokens: tuple[int, ...] = (16, 32, 48, 64),
     batches: tuple[int, ...] = (2, 4, 8, 16, 32, 64),
 ) -> dict[str, Any]:
     """Run the serving fast path on synthetic prefixes before taking requests.
 
     Triton compiles each kernel variant on its first use (seconds per process; cached on disk
-    afterwards) and cuBLAS picks its algorithms: a worker should pay that at start, not on its
-    first agent's request. The variants depend on the prefix length's power-of-two class, the
-    suffix padded to 16 (longer ones use cuBLAS) and the suffix buffer's capacity; each run is
-    a first step and a decode step. Batches (generate_batch pads to a power of two) run on
-    the second prefix length. Does nothing where the fast path does not apply (CPU)."""
+    afterwards), cuBLAS picks its algorithms and the runner captures its CUDA graphs: a worker
+    should pay that at start, not on its first agent's request. With the kernels a graph
+    serves every document of a prefix-length class (powers of two), so each class here runs
+    every suffix capacity with suffixes padded to 16..64 tokens (longer ones are captured on
+    first use), each run a first step and a decode step. Batches (generate_batch pads to a
+    power of two) run on the second class. Does nothing where the fast path does not apply
+    (CPU)."""
     fast = _fast_reuse(loaded)
     if fast is None:
         return {"fast_path": False, "runs": 0, "seconds": 0.0}
@@ -973,7 +978,7 @@ def warm_up(
 
     def run(prefix: PrefixKV, n_suffix: int, capacity: int) -> None:
         nonlocal runs
-        with fast.session(prefix, max_tokens=max(capacity, n_suffix + 1)) as session:
+        with fast.session(prefix, max_tokens=capacity) as session:
             logits = session.step([i % vocab for i in range(1, n_suffix + 1)])
             session.step([int(logits.argmax())])
         runs += 1
@@ -989,17 +994,17 @@ def warm_up(
                   for _ in range(2))
             for _ in dec.layers
         ])
-        for n_suffix in suffix_tokens:
-            run(prefix, n_suffix, capacities[0])
-        if index == 0:  # the capacity only changes the suffix kernel
-            for capacity in capacities[1:]:
-                run(prefix, suffix_tokens[0], capacity)
+        for capacity in capacities:
+            for n_suffix in suffix_tokens:
+                if n_suffix < capacity:
+                    run(prefix, n_suffix, capacity)
         if index == min(1, len(prefix_tokens) - 1):
             ids = [i % vocab for i in range(1, max(suffix_tokens) + 1)]
             for batch in batches:
                 fast.greedy(prefix, [ids] * batch, 2)
                 runs += 1
         fast.forget(prefix)
+        del prefix
     return {"fast_path": True, "runs": runs, "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -20,9 +20,14 @@ in the tests.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from inference.fastpath.model import PrefixTable
 
 LOG2E = 1.4426950408889634
 
@@ -370,19 +375,15 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
     tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["R", "N"])
+@triton.jit(do_not_specialize=["R", "layer"])
 def _prefix_attention_kernel(
     q_ptr,
-    k_ptr,
-    v_ptr,
+    table_ptr,
+    n_prefix_ptr,
     out_ptr,
     lse_ptr,
     R,
-    N,
-    k_h,
-    k_n,
-    v_h,
-    v_n,
+    layer,
     qk_scale,
     HQ: tl.constexpr,
     G: tl.constexpr,
@@ -392,6 +393,9 @@ def _prefix_attention_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Query rows against one split of the prefix. The prefix is read through its table
+    (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
+    serves any prefix of its class; splits past the prefix's end store an empty part."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -403,20 +407,25 @@ def _prefix_attention_kernel(
     q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
 
+    entry = table_ptr + layer * 6
+    kv_type = tl.pointer_type(q_ptr.dtype.element_ty)
+    k_base = tl.load(entry).to(kv_type, bitcast=True) + kv_head * tl.load(entry + 2)
+    v_base = tl.load(entry + 1).to(kv_type, bitcast=True) + kv_head * tl.load(entry + 4)
+    k_n = tl.load(entry + 3)
+    v_n = tl.load(entry + 5)
     lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, N)
+    hi = tl.minimum(lo + SPLIT_LEN, tl.load(n_prefix_ptr))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    k_base = k_ptr + kv_head.to(tl.int64) * k_h
-    v_base = v_ptr + kv_head.to(tl.int64) * v_h
-    for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: compiled once per SPLIT_LEN
-        cols = lo + offset + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        acc, m_i, l_i = _attend_block(
-            q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i, qk_scale,
-            D, PRECISION,
-        )
+    if lo < hi:  # splits past the prefix's end skip their loop
+        for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: one variant per SPLIT_LEN
+            cols = lo + offset + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            acc, m_i, l_i = _attend_block(
+                q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i,
+                qk_scale, D, PRECISION,
+            )
     part = (split * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, part, acc, m_i, l_i, row_ok, D)
 
@@ -516,8 +525,9 @@ def _merge_kernel(
             idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
             lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
             m_new = tl.maximum(m, lse)
-            alpha = tl.math.exp2(m - m_new)
-            w = tl.math.exp2(lse - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(lse - m_safe)
             o = tl.load(
                 parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0
             )
@@ -563,10 +573,11 @@ def _block_m(rows: int, n_kv_heads: int) -> int:
 
 def attention(
     q: torch.Tensor,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    prefix: PrefixTable | None,
     keys: torch.Tensor,
     values: torch.Tensor,
     *,
+    layer: int,
     start: torch.Tensor,
     n_valid: torch.Tensor,
     seq_len: int,
@@ -580,15 +591,17 @@ def attention(
     stages: int = 3,
     waves: float = 2.0,
 ) -> torch.Tensor:
-    """Attention of q [B*S, Hq*D] over the shared prefix (K/V [Hkv, N, D]) then each row's own
-    suffix buffer (keys/values [B, Hkv, C, D]); returns [B*S, Hq*D] in q's dtype.
+    """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
+    [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
+    [B*S, Hq*D] in q's dtype. The prefix is split by its table's capacity (its length class),
+    so the launch is the same for every prefix of the class.
     block_m ... waves: the prefix kernel's configuration (bench/profile_fastpath.py sweeps it)."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
-    assert keys.stride(-1) == 1 and (prefix is None or prefix[0].stride(-1) == 1)
+    assert keys.stride(-1) == 1
     group = n_heads // n_kv
     rows = tokens * group
-    n_prefix = 0 if prefix is None else prefix[0].shape[1]
+    n_prefix = 0 if prefix is None else prefix.capacity
     block_m = block_m or _block_m(rows, n_kv)
     n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms, waves=waves, block_m=block_m)
     parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=torch.float32, device=q.device)
@@ -621,21 +634,16 @@ def attention(
         num_warps=4,
     )
     if n_splits:
-        k_pre, v_pre = prefix
         if wait is not None:  # the prefix is still being copied in, layer by layer
             torch.cuda.current_stream().wait_event(wait)
         _prefix_attention_kernel[(triton.cdiv(rows, block_m), n_kv, n_splits)](
             q,
-            k_pre,
-            v_pre,
+            prefix.entries,
+            prefix.n_tokens,
             parts,
             lse,
             rows,
-            n_prefix,
-            k_pre.stride(0),
-            k_pre.stride(1),
-            v_pre.stride(0),
-            v_pre.stride(1),
+            layer,
             qk_scale,
             HQ=n_heads,
             G=group,

@@ -72,6 +72,54 @@ class PrefixKV:
         return int(self.layers[0][0].shape[1]) if self.layers else 0
 
 
+class PrefixTable:
+    """Where a prefix's K/V live, as device data: per layer the addresses and strides of its
+    keys and values, and its length. The kernels read the prefix through it, so a CUDA graph
+    captured once serves every prefix of up to `capacity` tokens (bind() before a replay).
+    The torch-ops step takes a PrefixKV instead."""
+
+    FIELDS = 6  # keys address, values address, keys head/token strides, values head/token
+
+    def __init__(self, n_layers: int, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.n_layers = n_layers
+        self.data = torch.zeros(n_layers * self.FIELDS + 1, dtype=torch.int64, device=device)
+        self.entries = self.data[:-1].view(n_layers, self.FIELDS)
+        self.n_tokens = self.data[-1:]
+
+    def bind(self, prefix: PrefixKV) -> None:
+        """Point the table at prefix (one small host-to-device copy, ordered on the stream)."""
+        n = prefix.n_tokens
+        if n > self.capacity:
+            raise ValueError(f"a prefix of {n} tokens exceeds the table's {self.capacity}")
+        rows = [[0] * self.FIELDS] * self.n_layers
+        if n:
+            if len(prefix.layers) != self.n_layers:
+                raise ValueError("the prefix has another number of layers than the model")
+            rows = []
+            for k, v in prefix.layers:
+                if k.stride(-1) != 1 or v.stride(-1) != 1:
+                    raise ValueError("prefix K/V need contiguous head dimensions")
+                rows.append(
+                    [k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1)]
+                )
+        values = torch.tensor([x for row in rows for x in row] + [n], dtype=torch.int64)
+        self.data.copy_(values, non_blocking=self.data.is_cuda)
+
+    @classmethod
+    def of(cls, prefix: PrefixKV, n_layers: int, device: torch.device) -> PrefixTable:
+        """A table sized to one prefix (eager steps)."""
+        table = cls(n_layers, prefix_capacity(prefix.n_tokens), device)
+        table.bind(prefix)
+        return table
+
+
+def prefix_capacity(n_tokens: int) -> int:
+    """The prefix-length class a table (and the graphs reading it) serves: 0, or a power of two
+    of at least 64 tokens. The kernels' split of the prefix depends only on the class."""
+    return 0 if n_tokens == 0 else max(64, 1 << (n_tokens - 1).bit_length())
+
+
 class SuffixState:
     """Per-request (or per-batch) KV of the tokens after the prefix, with per-row lengths."""
 
@@ -237,7 +285,7 @@ class FastDecoder:
         self,
         input_ids: torch.Tensor,
         *,
-        prefix: PrefixKV,
+        prefix: PrefixKV | PrefixTable,
         state: SuffixState,
         n_valid: torch.Tensor | None = None,
         all_logits: bool = False,
@@ -258,7 +306,11 @@ class FastDecoder:
         if n_valid is None:
             n_valid = torch.full((b,), s, dtype=torch.long, device=device)
         if self.kernels:
+            if not isinstance(prefix, PrefixTable):
+                prefix = PrefixTable.of(prefix, len(self.layers), device)
             return self._forward_kernels(input_ids, prefix, state, n_valid, all_logits, layer_ready)
+        if isinstance(prefix, PrefixTable):
+            raise TypeError("the torch-ops step reads a PrefixKV, not a PrefixTable")
         start = state.lengths
         q_pos = start[:, None] + torch.arange(s, device=device)[None, :]
         cos, sin = self._rope_tables(q_pos + prefix.n_tokens)
@@ -317,7 +369,7 @@ class FastDecoder:
     def _forward_kernels(
         self,
         input_ids: torch.Tensor,
-        prefix: PrefixKV,
+        prefix: PrefixTable,
         state: SuffixState,
         n_valid: torch.Tensor,
         all_logits: bool,
@@ -329,7 +381,7 @@ class FastDecoder:
         b, s = input_ids.shape
         start = state.lengths
         positions = start[:, None] + torch.arange(s, device=input_ids.device)[None, :]
-        cos, sin = self._rope_tables((positions + prefix.n_tokens).reshape(-1))
+        cos, sin = self._rope_tables((positions + prefix.n_tokens).reshape(-1))  # on the device
         x = F.embedding(input_ids.reshape(-1), self.embed)
         delta = None
         for i, w in enumerate(self.layers):
@@ -349,7 +401,7 @@ class FastDecoder:
             )
             out = kernels.attention(
                 q,
-                prefix.layers[i] if prefix.n_tokens else None,
+                prefix if prefix.capacity else None,
                 state.keys[i],
                 state.values[i],
                 start=start,
@@ -358,6 +410,7 @@ class FastDecoder:
                 n_heads=self.n_heads,
                 scale=self.scale,
                 n_sms=self.n_sms,
+                layer=i,
                 wait=None if layer_ready is None else layer_ready[i],
             )
             h = kernels.add_rms_norm(x, self._product(out, w.o_proj), w.post_norm, self.eps)

@@ -1,9 +1,12 @@
 """Reuse runner: first tokens and greedy continuations from a prefix, with CUDA graphs on GPU.
 
-One FastReuse per loaded model. For a hot prefix it captures, per (batch, query length), one
-CUDA graph of the whole suffix step (all layers, the suffix-length update included), so a
-request costs a few host-to-device copies and graph replays. On CPU (CI) the same forward runs
-eagerly; results are the same computation either way.
+One FastReuse per loaded model. It captures, per (prefix-length class, batch, suffix capacity,
+query length), one CUDA graph of the whole suffix step (all layers, the suffix-length update
+included), so a request costs a few host-to-device copies and a graph replay, from its
+document's first request on: the graphs read the prefix through a table of addresses. A prefix
+still being copied to the GPU (from host memory or disk) is waited for layer by layer inside the
+graph, through event wait nodes. On CPU (CI) the same forward runs eagerly; results are the same
+computation either way.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.fastpath.model import FastDecoder, PrefixKV, SuffixState
-from inference.fastpath.transfer import HostPrefix
+from inference.fastpath.model import (
+    FastDecoder,
+    PrefixKV,
+    PrefixTable,
+    SuffixState,
+    prefix_capacity,
+)
+from inference.fastpath.transfer import DevicePrefix, HostPrefix
 
 
 @dataclass
@@ -26,26 +35,49 @@ class _Graph:
     logits: torch.Tensor
 
 
-class _PrefixSlot:
-    """Per (prefix, batch size): the suffix buffers and the graphs that read them."""
+class _Slot:
+    """Suffix buffers and the CUDA graphs that run on them, for one batch size and capacity.
+
+    With the Triton kernels a slot serves a prefix-length class: the graphs read the bound
+    prefix's addresses and length from a PrefixTable, so one capture serves every document of
+    the class, a new document included. The torch-ops step bakes the prefix's addresses into
+    its graphs, so there a slot belongs to one prefix.
+    """
 
     def __init__(
-        self,
-        decoder: FastDecoder,
-        prefix: PrefixKV,
-        batch: int,
-        capacity: int,
-        source: HostPrefix | None = None,
-        staging: torch.Tensor | None = None,
+        self, decoder: FastDecoder, *, batch: int, capacity: int, prefix_class: int | None
     ) -> None:
-        self.prefix = prefix
-        # A prefix that lives in host memory is copied in, layer by layer, inside the graph.
-        self.source = source
-        self.staging = staging
-        self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=decoder.device)
+        device = decoder.device
+        self.prefix: PrefixKV | None = None
+        self.table = (
+            None
+            if prefix_class is None
+            else PrefixTable(len(decoder.layers), prefix_class, device)
+        )
+        self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=device)
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         # A private memory pool per slot: its graphs are freed together with it.
-        self.pool = torch.cuda.graph_pool_handle() if decoder.device.type == "cuda" else None
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        # Per-layer events the first-step graph waits on (event wait nodes): a prefix still
+        # being copied to the GPU re-records them as its layers land.
+        self.ready = _external_events(len(decoder.layers)) if device.type == "cuda" else None
+
+    def bind(self, prefix: PrefixKV) -> None:
+        self.prefix = prefix  # keeps the tensors the table points at alive while bound
+        if self.table is not None:
+            self.table.bind(prefix)
+
+    @property
+    def view(self) -> PrefixKV | PrefixTable:
+        """What the step reads the prefix through."""
+        return self.prefix if self.table is None else self.table
+
+
+def _external_events(n: int) -> list[torch.cuda.Event]:
+    events = [torch.cuda.Event(external=True) for _ in range(n)]
+    for event in events:  # recorded once, so waiting on one is defined before any copy
+        event.record()
+    return events
 
 
 class FastReuse:
@@ -55,16 +87,24 @@ class FastReuse:
         *,
         capacity: int = 256,
         use_graphs: bool | None = None,
-        max_slots: int = 16,
+        max_slots: int = 48,
         kernels: bool | None = None,
     ) -> None:
         self.decoder = FastDecoder(hf_model, kernels=kernels)
         self.capacity = capacity
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots
-        self._slots: OrderedDict[tuple[int, int], _PrefixSlot] = OrderedDict()
+        self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
+        self._staging: OrderedDict[int, tuple[HostPrefix, DevicePrefix]] = OrderedDict()
+        self._chain_stream: torch.cuda.Stream | None = None
         # One GPU, one request at a time: a session holds this lock while it generates.
         self._lock = threading.Lock()
+
+    @property
+    def any_prefix_graphs(self) -> bool:
+        """Whether captured graphs serve any prefix (of their length class) without a new
+        capture: then a document's first request runs on graphs too."""
+        return self.use_graphs and self.decoder.kernels
 
     # --- slots and graphs ------------------------------------------------------------------
     def slot_capacity(self, need: int) -> int:
@@ -76,41 +116,42 @@ class FastReuse:
             raise ValueError(f"{need} suffix tokens exceed the capacity of {self.capacity}")
         return min(self.capacity, max(64, 1 << (need - 1).bit_length()))
 
-    def _slot(self, prefix: PrefixKV, batch: int, capacity: int) -> _PrefixSlot:
-        # Keyed by the prefix object: a graph holds the addresses of that prefix's tensors.
-        key = (id(prefix), batch, capacity)
+    def _slot(self, prefix: PrefixKV, batch: int, capacity: int) -> _Slot:
+        if self.decoder.kernels:
+            key = (prefix_capacity(prefix.n_tokens), batch, capacity)
+        else:  # graphs hold the addresses of this prefix's tensors
+            key = (id(prefix), batch, capacity)
         slot = self._slots.get(key)
-        if slot is None or slot.prefix is not prefix:
-            slot = _PrefixSlot(self.decoder, prefix, batch, capacity)
-        return self._keep(key, slot)
-
-    def _host_slot(self, source: HostPrefix, batch: int, capacity: int) -> _PrefixSlot:
-        key = (id(source), batch, capacity)
-        slot = self._slots.get(key)
-        if slot is None or slot.source is not source:
-            staging = torch.empty_like(source.buffer, device=self.decoder.device)
-            prefix = PrefixKV([(staging[i, 0], staging[i, 1]) for i in range(staging.shape[0])])
-            slot = _PrefixSlot(self.decoder, prefix, batch, capacity, source, staging)
-        return self._keep(key, slot)
-
-    def _keep(self, key: tuple[int, int, int], slot: _PrefixSlot) -> _PrefixSlot:
-        """Remember slot as the most recently used; the least recently used go past max_slots."""
-        self._slots[key] = slot
+        if slot is None or (not self.decoder.kernels and slot.prefix is not prefix):
+            slot = _Slot(
+                self.decoder,
+                batch=batch,
+                capacity=capacity,
+                prefix_class=key[0] if self.decoder.kernels else None,
+            )
+        self._slots[key] = slot  # the most recently used; the least go past max_slots
         self._slots.move_to_end(key)
         while len(self._slots) > self.max_slots:
             self._slots.popitem(last=False)
+        slot.bind(prefix)
         return slot
 
-    def forget_host(self, source: HostPrefix) -> None:
-        for key in [k for k, s in self._slots.items() if s.source is source]:
-            del self._slots[key]
-
     def forget(self, prefix: PrefixKV) -> None:
-        """Drop the graphs and buffers of a prefix (when it leaves GPU memory)."""
-        for key in [k for k, s in self._slots.items() if s.prefix is prefix]:
-            del self._slots[key]
+        """Let go of a prefix (when it leaves GPU memory): per-prefix slots are dropped,
+        class slots only unbind it and keep their graphs."""
+        for key, slot in list(self._slots.items()):
+            if slot.prefix is prefix:
+                if slot.table is None:
+                    del self._slots[key]
+                else:
+                    slot.prefix = None
 
-    def _graph(self, slot: _PrefixSlot, q_len: int, fresh: bool) -> _Graph:
+    def forget_host(self, source: HostPrefix) -> None:
+        staged = self._staging.pop(id(source), None)
+        if staged is not None:
+            self.forget(staged[1].prefix)
+
+    def _graph(self, slot: _Slot, q_len: int, fresh: bool) -> _Graph:
         cached = slot.graphs.get((q_len, fresh))
         if cached is not None:
             return cached
@@ -118,34 +159,35 @@ class FastReuse:
         device = self.decoder.device
         input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
         n_valid = torch.full((batch,), q_len, dtype=torch.long, device=device)
-        if slot.source is not None:
-            slot.staging.copy_(slot.source.buffer)
+        ready = slot.ready if fresh else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._warm_up(slot, input_ids, n_valid, fresh=fresh)
+            self._warm_up(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        copy_in = fresh and slot.source is not None
         with torch.cuda.graph(graph, pool=slot.pool):
-            ready = self._copy_in(slot) if copy_in else None
             logits = self.decoder.forward(
                 input_ids,
-                prefix=slot.prefix,
+                prefix=slot.view,
                 state=slot.state,
                 n_valid=n_valid,
                 fresh=fresh,
                 layer_ready=ready,
             )
-            if copy_in:
-                torch.cuda.current_stream().wait_stream(slot.copy_stream)
         captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
         slot.graphs[(q_len, fresh)] = captured
         return captured
 
     @torch.inference_mode()
     def _warm_up(
-        self, slot: _PrefixSlot, input_ids: torch.Tensor, n_valid: torch.Tensor, *, fresh: bool
+        self,
+        slot: _Slot,
+        input_ids: torch.Tensor,
+        n_valid: torch.Tensor,
+        *,
+        fresh: bool,
+        layer_ready: list[torch.cuda.Event] | None = None,
     ) -> None:
         """Run the step twice so kernels are compiled and algorithms chosen before a capture.
 
@@ -158,51 +200,66 @@ class FastReuse:
         for _ in range(2):
             slot.state.lengths.copy_(lengths)
             self.decoder.forward(
-                input_ids, prefix=slot.prefix, state=slot.state, n_valid=n_valid, fresh=fresh
+                input_ids,
+                prefix=slot.view,
+                state=slot.state,
+                n_valid=n_valid,
+                fresh=fresh,
+                layer_ready=layer_ready,
             )
         slot.state.lengths.copy_(lengths)
 
-    @staticmethod
-    def _copy_in(slot: _PrefixSlot) -> list[torch.cuda.Event]:
-        """Per-layer host-to-GPU copies on a side stream; layer i's attention waits on event i."""
-        if not hasattr(slot, "copy_stream"):
-            slot.copy_stream = torch.cuda.Stream()
-        slot.copy_stream.wait_stream(torch.cuda.current_stream())
-        events = []
-        with torch.cuda.stream(slot.copy_stream):
-            for i in range(slot.staging.shape[0]):
-                slot.staging[i].copy_(slot.source.buffer[i], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                events.append(event)
-        return events
-
     def _step(
         self,
-        slot: _PrefixSlot,
+        slot: _Slot,
         input_ids: torch.Tensor,
         n_valid: torch.Tensor,
         *,
         fresh: bool,
         layer_ready: list[torch.cuda.Event] | None = None,
     ) -> torch.Tensor:
-        """One forward; layer_ready: per-layer events of a prefix still being copied in."""
+        """One forward; layer_ready: per-layer events of a prefix still being copied in, each
+        waited for by its own layer's attention, no earlier."""
         if not self.use_graphs:
             return self.decoder.forward(
                 input_ids,
-                prefix=slot.prefix,
+                prefix=slot.view,
                 state=slot.state,
                 n_valid=n_valid,
                 fresh=fresh,
                 layer_ready=layer_ready,
             )
-        if layer_ready:  # a graph cannot wait on outside events: wait for the whole copy
-            torch.cuda.current_stream().wait_event(layer_ready[-1])
+        if layer_ready:
+            if fresh:  # the graph waits on the slot's events: move each one after its layer
+                if self._chain_stream is None:
+                    self._chain_stream = torch.cuda.Stream()
+                chain = self._chain_stream
+                for landed, event in zip(layer_ready, slot.ready, strict=True):
+                    chain.wait_event(landed)
+                    event.record(chain)
+            else:
+                torch.cuda.current_stream().wait_event(layer_ready[-1])
         g = self._graph(slot, input_ids.shape[1], fresh)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.n_valid.copy_(n_valid, non_blocking=True)
         g.graph.replay()
         return g.logits
+
+    def _stage(self, source: HostPrefix) -> DevicePrefix:
+        """Copy a host prefix into its GPU staging buffer (kept for the next request from the
+        same source), layer by layer on a side stream; returns the per-layer events."""
+        staged = self._staging.pop(id(source), None)
+        if staged is None or staged[0] is not source:
+            while len(self._staging) >= 2:  # staging buffers are whole documents: keep few
+                self.forget(self._staging.popitem(last=False)[1][1].prefix)
+            out = None
+        else:
+            out = staged[1].buffer
+        device_prefix = source.to_device(
+            self.decoder.device, out=out, overlap=self.decoder.device.type == "cuda"
+        )
+        self._staging[id(source)] = (source, device_prefix)
+        return device_prefix
 
     # --- public ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -215,12 +272,9 @@ class FastReuse:
     def first_logits_from_host(self, source: HostPrefix, suffixes: list[list[int]]) -> torch.Tensor:
         """Like first_logits for a prefix in (pinned) host memory: the copy to the GPU runs
         layer by layer, overlapped with the compute of the layers already there."""
-        capacity = self.slot_capacity(max(len(s) for s in suffixes))
-        slot = self._host_slot(source, len(suffixes), capacity)
-        slot, ids, n_valid = self._start(slot.prefix, suffixes, slot=slot)
-        if not self.use_graphs:
-            slot.staging.copy_(source.buffer)
-        return self._step(slot, ids, n_valid, fresh=True).clone()
+        staged = self._stage(source)
+        slot, ids, n_valid = self._start(staged.prefix, suffixes)
+        return self._step(slot, ids, n_valid, fresh=True, layer_ready=staged.ready).clone()
 
     @torch.inference_mode()
     def greedy(
@@ -262,21 +316,14 @@ class FastReuse:
         )
 
     def _start(
-        self,
-        prefix: PrefixKV,
-        suffixes: list[list[int]],
-        *,
-        slot: _PrefixSlot | None = None,
-        need: int | None = None,
-    ) -> tuple[_PrefixSlot, torch.Tensor, torch.Tensor]:
-        """need: suffix tokens per row over the whole request (default: the longest suffix)."""
+        self, prefix: PrefixKV, suffixes: list[list[int]], *, need: int | None = None
+    ) -> tuple[_Slot, torch.Tensor, torch.Tensor]:
+        """The slot for this request, bound to its prefix, and its padded suffix tensors.
+        need: suffix tokens per row over the whole request (default: the longest suffix)."""
         if not suffixes or any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token")
         longest = max(len(s) for s in suffixes)
-        if slot is None:
-            slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
-        elif longest > slot.state.capacity:
-            raise ValueError(f"a suffix exceeds the capacity of {slot.state.capacity} tokens")
+        slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
         if self.use_graphs:
             # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
             longest = min(slot.state.capacity, -(-longest // 16) * 16)
@@ -307,7 +354,7 @@ class FastSession:
         self.capacity = capacity
         self._layer_ready = layer_ready
         self._graphs = use_graphs
-        self._slot: _PrefixSlot | None = None
+        self._slot: _Slot | None = None
         reuse._lock.acquire()
         self._open = True
 

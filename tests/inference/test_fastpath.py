@@ -279,6 +279,7 @@ def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatc
     monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # eager on CPU; compiles and captures on CUDA
     slots_before = list(_fast_reuse(loaded)._slots)
     report = warm_up(loaded, prefix_tokens=(64, 8000), suffix_tokens=(3, 64), batches=(2, 8))
-    # 2 prefixes x 2 suffixes, the other suffix capacities (128 ... 1024) once, 2 batch sizes
-    assert report["fast_path"] and report["runs"] == 2 * 2 + 4 + 2
+    # 2 prefixes x every suffix capacity (64 ... 1024) for the 3-token suffix and the four
+    # that can hold a 64-token one, then 2 batch sizes
+    assert report["fast_path"] and report["runs"] == 2 * (5 + 4) + 2
     assert list(_fast_reuse(loaded)._slots) == slots_before  # synthetic prefixes are freed

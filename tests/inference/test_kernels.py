@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.fastpath.model import PrefixKV
+from inference.fastpath.model import PrefixKV, PrefixTable
 from inference.fastpath.runner import FastReuse
 from tests.inference.helpers import DOCS, QUESTIONS
 
@@ -74,8 +74,9 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
     n_valid = torch.tensor([5, 2])  # row 1's last 3 query tokens are padding
     n_splits, split_len = kernels.prefix_splits(n_prefix, batch * seq * 2, n_kv, n_sms=8)
     assert n_splits > 1 and (n_splits - 1) * split_len < n_prefix <= n_splits * split_len
+    table = PrefixTable.of(PrefixKV([(k_pre, v_pre)]), 1, torch.device("cpu"))
     out = kernels.attention(
-        q, (k_pre, v_pre), keys, values, start=start, n_valid=n_valid, seq_len=seq,
+        q, table, keys, values, layer=0, start=start, n_valid=n_valid, seq_len=seq,
         n_heads=n_heads, scale=d**-0.5, n_sms=8,
     )
     for b in range(batch):
@@ -162,3 +163,45 @@ def test_kernel_step_with_one_product_per_matrix_gives_the_same_tokens(
     expected = reference.first_logits(prefix, [suffix])
     assert torch.allclose(split_k, expected, atol=2e-5, rtol=0)
     assert torch.allclose(whole, expected, atol=2e-5, rtol=0)
+
+
+def test_one_slot_serves_every_prefix_of_a_length_class(loaded, shared_store, doc_keys, pair):
+    """The kernels read the prefix through a table of addresses and a length, so a slot (and,
+    on GPU, its captured graphs) is per length class, not per document: a new document runs
+    on what is already there, including splits past its end, which merge as empty."""
+    from inference.fastpath.model import prefix_capacity
+
+    reference, fused = pair
+    prefixes = [_prefix(shared_store, doc_keys, loaded, doc) for doc in DOCS[:6]]
+    by_class: dict[int, set[int]] = {}
+    for prefix in prefixes:
+        by_class.setdefault(prefix_capacity(prefix.n_tokens), set()).add(prefix.n_tokens)
+    assert any(len(lengths) > 1 for lengths in by_class.values())  # shared classes exercised
+    suffix = _ids(loaded, QUESTIONS[4])
+    fused._slots.clear()
+    for prefix in prefixes:
+        expected = reference.first_logits(prefix, [suffix])
+        assert torch.allclose(fused.first_logits(prefix, [suffix]), expected, atol=2e-5, rtol=0)
+    assert sorted(key[0] for key in fused._slots) == sorted(by_class)
+    # Letting a prefix go unbinds it but keeps the slot for the next document of its class.
+    last = prefixes[-1]
+    fused.forget(last)
+    assert len(fused._slots) == len(by_class)
+    assert all(slot.prefix is not last for slot in fused._slots.values())
+
+
+def test_prefix_table_refuses_what_the_kernels_cannot_read():
+    from inference.fastpath.model import prefix_capacity
+
+    assert [prefix_capacity(n) for n in (0, 1, 64, 65, 3774, 4096)] == [0, 64, 64, 128, 4096, 4096]
+    table = PrefixTable(2, 128, torch.device("cpu"))
+    layer = (torch.zeros(2, 100, 8), torch.zeros(2, 100, 8))
+    table.bind(PrefixKV([layer, layer]))
+    assert int(table.n_tokens) == 100 and int(table.entries[1, 3]) == 8
+    with pytest.raises(ValueError, match="exceeds"):
+        table.bind(PrefixKV([(torch.zeros(2, 129, 8),) * 2] * 2))
+    with pytest.raises(ValueError, match="layers"):
+        table.bind(PrefixKV([layer]))
+    strided = torch.zeros(2, 100, 16)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        table.bind(PrefixKV([(strided, strided)] * 2))
