@@ -202,7 +202,8 @@ def bench_length(
         r["warm_vs_memory_bitwise_equal"] = bool(torch.equal(hot_logits, warm_logits))
         # The graph waits for each layer's copy (event wait nodes): with the staging buffer
         # poisoned first, any layer read before its copy landed would change the logits.
-        fast._staging[id(host)][1].buffer.fill_(float("nan"))
+        with torch.inference_mode():
+            fast._staging[id(host)][1].buffer.fill_(float("nan"))
         poisoned = fast.first_logits_from_host(host, [s_ids])
         r["warm_after_poison_bitwise_equal"] = bool(torch.equal(hot_logits, poisoned))
         fast.forget_host(host)

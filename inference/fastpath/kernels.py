@@ -407,12 +407,19 @@ def _prefix_attention_kernel(
     q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
 
+    # Addresses and strides loaded from memory carry no alignment facts, and without them
+    # every K/V load would be element by element: the hints (checked by PrefixTable.bind)
+    # give back 16-byte vector loads.
     entry = table_ptr + layer * 6
     kv_type = tl.pointer_type(q_ptr.dtype.element_ty)
-    k_base = tl.load(entry).to(kv_type, bitcast=True) + kv_head * tl.load(entry + 2)
-    v_base = tl.load(entry + 1).to(kv_type, bitcast=True) + kv_head * tl.load(entry + 4)
-    k_n = tl.load(entry + 3)
-    v_n = tl.load(entry + 5)
+    k_addr = tl.multiple_of(tl.load(entry), 16)
+    v_addr = tl.multiple_of(tl.load(entry + 1), 16)
+    k_h = tl.multiple_of(tl.load(entry + 2), 8)
+    k_n = tl.multiple_of(tl.load(entry + 3), 8)
+    v_h = tl.multiple_of(tl.load(entry + 4), 8)
+    v_n = tl.multiple_of(tl.load(entry + 5), 8)
+    k_base = k_addr.to(kv_type, bitcast=True) + kv_head * k_h
+    v_base = v_addr.to(kv_type, bitcast=True) + kv_head * v_h
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, tl.load(n_prefix_ptr))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

@@ -98,8 +98,12 @@ class PrefixTable:
                 raise ValueError("the prefix has another number of layers than the model")
             rows = []
             for k, v in prefix.layers:
+                # The kernels assume (and are told) 16-byte aligned addresses and strides
+                # that are multiples of 8 elements: what lets them load K/V as vectors.
                 if k.stride(-1) != 1 or v.stride(-1) != 1:
                     raise ValueError("prefix K/V need contiguous head dimensions")
+                if any(t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8 for t in (k, v)):
+                    raise ValueError("prefix K/V need 16-byte alignment and strides of 8n")
                 rows.append(
                     [k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1)]
                 )

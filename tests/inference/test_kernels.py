@@ -205,3 +205,9 @@ def test_prefix_table_refuses_what_the_kernels_cannot_read():
     strided = torch.zeros(2, 100, 16)[..., ::2]
     with pytest.raises(ValueError, match="contiguous"):
         table.bind(PrefixKV([(strided, strided)] * 2))
+    odd = torch.zeros(2, 100, 6)  # a token stride of 6 elements: no vector loads
+    with pytest.raises(ValueError, match="alignment"):
+        table.bind(PrefixKV([(odd, odd)] * 2))
+    shifted = torch.zeros(2 * 100 * 8 + 1)[1:].view(2, 100, 8)  # 4 bytes past an aligned start
+    with pytest.raises(ValueError, match="alignment"):
+        table.bind(PrefixKV([(shifted, shifted)] * 2))
