@@ -100,11 +100,11 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     from inference.fastpath.model import PrefixTable, SuffixState
 
     dec = fast.decoder
-    prefix_table = PrefixTable.of(prefix, len(prefix.layers), torch.device("cuda"))
+    prefix_table = PrefixTable.of(prefix, len(prefix.layers), torch.device("cuda"), dec.dtype)
     q = torch.randn(tokens, dec.n_heads * dec.head_dim, device="cuda", dtype=dec.dtype)
     state = SuffixState(dec, batch=1, capacity=64, device=torch.device("cuda"))
     n_valid = torch.full((1,), tokens, dtype=torch.long, device="cuda")
-    configs = [{}]
+    configs = [{}, {"skip_empty": False}]
     for block_m in (64, 128):
         for block_n in (32, 64, 128):
             for stages in (2, 3, 4):

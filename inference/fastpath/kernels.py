@@ -378,6 +378,7 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
 @triton.jit(do_not_specialize=["R", "layer"])
 def _prefix_attention_kernel(
     q_ptr,
+    anchor_ptr,
     table_ptr,
     n_prefix_ptr,
     out_ptr,
@@ -392,6 +393,7 @@ def _prefix_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
@@ -407,25 +409,23 @@ def _prefix_attention_kernel(
     q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
 
-    # Addresses and strides loaded from memory carry no alignment facts, and without them
-    # every K/V load would be element by element: the hints (checked by PrefixTable.bind)
-    # give back 16-byte vector loads.
+    # The prefix's K/V are reached from the anchor (a pointer argument, so known to be 16-byte
+    # aligned) by element offsets read from the table. Values read from memory carry no
+    # alignment facts, and without them every K/V load would go element by element: the
+    # hints (checked by PrefixTable.bind) give back 16-byte vector loads.
     entry = table_ptr + layer * 6
-    kv_type = tl.pointer_type(q_ptr.dtype.element_ty)
-    k_addr = tl.multiple_of(tl.load(entry), 16)
-    v_addr = tl.multiple_of(tl.load(entry + 1), 16)
-    k_h = tl.multiple_of(tl.load(entry + 2), 8)
+    k_base = anchor_ptr + tl.multiple_of(tl.load(entry), 8)
+    v_base = anchor_ptr + tl.multiple_of(tl.load(entry + 1), 8)
+    k_base += kv_head * tl.multiple_of(tl.load(entry + 2), 8)
+    v_base += kv_head * tl.multiple_of(tl.load(entry + 4), 8)
     k_n = tl.multiple_of(tl.load(entry + 3), 8)
-    v_h = tl.multiple_of(tl.load(entry + 4), 8)
     v_n = tl.multiple_of(tl.load(entry + 5), 8)
-    k_base = k_addr.to(kv_type, bitcast=True) + kv_head * k_h
-    v_base = v_addr.to(kv_type, bitcast=True) + kv_head * v_h
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, tl.load(n_prefix_ptr))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if lo < hi:  # splits past the prefix's end skip their loop
+    if (lo < hi) | (not SKIP_EMPTY):  # splits past the prefix's end skip their loop
         for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: one variant per SPLIT_LEN
             cols = lo + offset + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
@@ -597,12 +597,14 @@ def attention(
     warps: int | None = None,
     stages: int = 3,
     waves: float = 2.0,
+    skip_empty: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
     [B*S, Hq*D] in q's dtype. The prefix is split by its table's capacity (its length class),
     so the launch is the same for every prefix of the class.
-    block_m ... waves: the prefix kernel's configuration (bench/profile_fastpath.py sweeps it)."""
+    block_m ... skip_empty: the prefix kernel's configuration (bench/profile_fastpath.py sweeps
+    it)."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
@@ -645,6 +647,7 @@ def attention(
             torch.cuda.current_stream().wait_event(wait)
         _prefix_attention_kernel[(triton.cdiv(rows, block_m), n_kv, n_splits)](
             q,
+            prefix.anchor,
             prefix.entries,
             prefix.n_tokens,
             parts,
@@ -659,6 +662,7 @@ def attention(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             PRECISION=precision,
+            SKIP_EMPTY=skip_empty,
             num_warps=warps,
             num_stages=stages,
         )

@@ -73,19 +73,23 @@ class PrefixKV:
 
 
 class PrefixTable:
-    """Where a prefix's K/V live, as device data: per layer the addresses and strides of its
-    keys and values, and its length. The kernels read the prefix through it, so a CUDA graph
-    captured once serves every prefix of up to `capacity` tokens (bind() before a replay).
-    The torch-ops step takes a PrefixKV instead."""
+    """Where a prefix's K/V live, as device data: per layer the offsets of its keys and values
+    from an anchor tensor, their strides, and the prefix's length. The kernels read the prefix
+    through it, so a CUDA graph captured once serves every prefix of up to `capacity` tokens
+    (bind() before a replay). The torch-ops step takes a PrefixKV instead."""
 
-    FIELDS = 6  # keys address, values address, keys head/token strides, values head/token
+    FIELDS = 6  # keys offset, values offset, keys head/token strides, values head/token
 
-    def __init__(self, n_layers: int, capacity: int, device: torch.device) -> None:
+    def __init__(
+        self, n_layers: int, capacity: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.capacity = capacity
         self.n_layers = n_layers
         self.data = torch.zeros(n_layers * self.FIELDS + 1, dtype=torch.int64, device=device)
         self.entries = self.data[:-1].view(n_layers, self.FIELDS)
         self.n_tokens = self.data[-1:]
+        # Offsets are in elements from here: pointer arithmetic the compiler can follow.
+        self.anchor = torch.zeros(8, dtype=dtype, device=device)
 
     def bind(self, prefix: PrefixKV) -> None:
         """Point the table at prefix (one small host-to-device copy, ordered on the stream)."""
@@ -96,24 +100,30 @@ class PrefixTable:
         if n:
             if len(prefix.layers) != self.n_layers:
                 raise ValueError("the prefix has another number of layers than the model")
+            base, size = self.anchor.data_ptr(), self.anchor.element_size()
             rows = []
             for k, v in prefix.layers:
-                # The kernels assume (and are told) 16-byte aligned addresses and strides
-                # that are multiples of 8 elements: what lets them load K/V as vectors.
+                # The kernels assume (and are told) 16-byte aligned K/V and strides of 8n
+                # elements: what lets them load K/V as vectors.
                 if k.stride(-1) != 1 or v.stride(-1) != 1:
                     raise ValueError("prefix K/V need contiguous head dimensions")
                 if any(t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8 for t in (k, v)):
                     raise ValueError("prefix K/V need 16-byte alignment and strides of 8n")
-                rows.append(
-                    [k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1)]
-                )
+                if k.dtype != self.anchor.dtype or v.dtype != self.anchor.dtype:
+                    raise ValueError(f"prefix K/V must be {self.anchor.dtype}")
+                rows.append([
+                    (k.data_ptr() - base) // size, (v.data_ptr() - base) // size,
+                    k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                ])
         values = torch.tensor([x for row in rows for x in row] + [n], dtype=torch.int64)
         self.data.copy_(values, non_blocking=self.data.is_cuda)
 
     @classmethod
-    def of(cls, prefix: PrefixKV, n_layers: int, device: torch.device) -> PrefixTable:
+    def of(
+        cls, prefix: PrefixKV, n_layers: int, device: torch.device, dtype: torch.dtype
+    ) -> PrefixTable:
         """A table sized to one prefix (eager steps)."""
-        table = cls(n_layers, prefix_capacity(prefix.n_tokens), device)
+        table = cls(n_layers, prefix_capacity(prefix.n_tokens), device, dtype)
         table.bind(prefix)
         return table
 
@@ -311,7 +321,7 @@ class FastDecoder:
             n_valid = torch.full((b,), s, dtype=torch.long, device=device)
         if self.kernels:
             if not isinstance(prefix, PrefixTable):
-                prefix = PrefixTable.of(prefix, len(self.layers), device)
+                prefix = PrefixTable.of(prefix, len(self.layers), device, self.dtype)
             return self._forward_kernels(input_ids, prefix, state, n_valid, all_logits, layer_ready)
         if isinstance(prefix, PrefixTable):
             raise TypeError("the torch-ops step reads a PrefixKV, not a PrefixTable")

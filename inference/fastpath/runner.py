@@ -52,7 +52,7 @@ class _Slot:
         self.table = (
             None
             if prefix_class is None
-            else PrefixTable(len(decoder.layers), prefix_class, device)
+            else PrefixTable(len(decoder.layers), prefix_class, device, decoder.dtype)
         )
         self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=device)
         self.graphs: dict[tuple[int, bool], _Graph] = {}

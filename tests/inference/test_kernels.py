@@ -74,7 +74,7 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
     n_valid = torch.tensor([5, 2])  # row 1's last 3 query tokens are padding
     n_splits, split_len = kernels.prefix_splits(n_prefix, batch * seq * 2, n_kv, n_sms=8)
     assert n_splits > 1 and (n_splits - 1) * split_len < n_prefix <= n_splits * split_len
-    table = PrefixTable.of(PrefixKV([(k_pre, v_pre)]), 1, torch.device("cpu"))
+    table = PrefixTable.of(PrefixKV([(k_pre, v_pre)]), 1, torch.device("cpu"), torch.float32)
     out = kernels.attention(
         q, table, keys, values, layer=0, start=start, n_valid=n_valid, seq_len=seq,
         n_heads=n_heads, scale=d**-0.5, n_sms=8,
@@ -194,10 +194,12 @@ def test_prefix_table_refuses_what_the_kernels_cannot_read():
     from inference.fastpath.model import prefix_capacity
 
     assert [prefix_capacity(n) for n in (0, 1, 64, 65, 3774, 4096)] == [0, 64, 64, 128, 4096, 4096]
-    table = PrefixTable(2, 128, torch.device("cpu"))
+    table = PrefixTable(2, 128, torch.device("cpu"), torch.float32)
     layer = (torch.zeros(2, 100, 8), torch.zeros(2, 100, 8))
     table.bind(PrefixKV([layer, layer]))
     assert int(table.n_tokens) == 100 and int(table.entries[1, 3]) == 8
+    with pytest.raises(ValueError, match="float32"):
+        table.bind(PrefixKV([(layer[0].double(), layer[1].double())] * 2))
     with pytest.raises(ValueError, match="exceeds"):
         table.bind(PrefixKV([(torch.zeros(2, 129, 8),) * 2] * 2))
     with pytest.raises(ValueError, match="layers"):
