@@ -23,7 +23,7 @@ frequencies from the model's own buffer, so reuse tracks the plain forward.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,9 @@ class PrefixKV:
     """The hosted document's KV: per layer (keys, values), each [kv_heads, n_tokens, head_dim]."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    # Its PrefixTable rows, per anchor: built once, in pinned memory, so binding a table on the
+    # GPU is one asynchronous copy (a copy from pageable memory would wait for the stream).
+    table_rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -88,16 +91,24 @@ class PrefixTable:
         self.data = torch.zeros(n_layers * self.FIELDS + 1, dtype=torch.int64, device=device)
         self.entries = self.data[:-1].view(n_layers, self.FIELDS)
         self.n_tokens = self.data[-1:]
-        # Offsets are in elements from here: pointer arithmetic the compiler can follow.
-        self.anchor = torch.zeros(8, dtype=dtype, device=device)
+        self.anchor = _anchor(device, dtype)
 
     def bind(self, prefix: PrefixKV) -> None:
         """Point the table at prefix (one small host-to-device copy, ordered on the stream)."""
         n = prefix.n_tokens
         if n > self.capacity:
             raise ValueError(f"a prefix of {n} tokens exceeds the table's {self.capacity}")
+        rows = prefix.table_rows.get(self.anchor.data_ptr())
+        if rows is None or rows.numel() != self.data.numel():
+            rows = self._rows(prefix)
+            if self.data.is_cuda:
+                rows = rows.pin_memory()
+            prefix.table_rows[self.anchor.data_ptr()] = rows
+        self.data.copy_(rows, non_blocking=self.data.is_cuda)
+
+    def _rows(self, prefix: PrefixKV) -> torch.Tensor:
         rows = [[0] * self.FIELDS] * self.n_layers
-        if n:
+        if prefix.n_tokens:
             if len(prefix.layers) != self.n_layers:
                 raise ValueError("the prefix has another number of layers than the model")
             base, size = self.anchor.data_ptr(), self.anchor.element_size()
@@ -115,8 +126,8 @@ class PrefixTable:
                     (k.data_ptr() - base) // size, (v.data_ptr() - base) // size,
                     k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 ])
-        values = torch.tensor([x for row in rows for x in row] + [n], dtype=torch.int64)
-        self.data.copy_(values, non_blocking=self.data.is_cuda)
+        flat = [x for row in rows for x in row] + [prefix.n_tokens]
+        return torch.tensor(flat, dtype=torch.int64)
 
     @classmethod
     def of(
@@ -126,6 +137,18 @@ class PrefixTable:
         table = cls(n_layers, prefix_capacity(prefix.n_tokens), device, dtype)
         table.bind(prefix)
         return table
+
+
+_ANCHORS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _anchor(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One small tensor per device and dtype that prefix offsets are counted from (so a
+    prefix's table rows are the same for every table)."""
+    key = (torch.device(device), dtype)
+    if key not in _ANCHORS:
+        _ANCHORS[key] = torch.zeros(8, dtype=dtype, device=device)
+    return _ANCHORS[key]
 
 
 def prefix_capacity(n_tokens: int) -> int:

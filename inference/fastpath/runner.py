@@ -63,9 +63,11 @@ class _Slot:
         self.ready = _external_events(len(decoder.layers)) if device.type == "cuda" else None
 
     def bind(self, prefix: PrefixKV) -> None:
-        self.prefix = prefix  # keeps the tensors the table points at alive while bound
+        if prefix is self.prefix:  # the table already points at it
+            return
         if self.table is not None:
             self.table.bind(prefix)
+        self.prefix = prefix  # keeps the tensors the table points at alive while bound
 
     @property
     def view(self) -> PrefixKV | PrefixTable:
@@ -329,11 +331,15 @@ class FastReuse:
             longest = min(slot.state.capacity, -(-longest // 16) * 16)
         slot.state.reset()
         padded = [s + [0] * (longest - len(s)) for s in suffixes]
-        ids = torch.tensor(padded, dtype=torch.long).to(self.decoder.device, non_blocking=True)
-        n_valid = torch.tensor([len(s) for s in suffixes], dtype=torch.long).to(
-            self.decoder.device, non_blocking=True
-        )
-        return slot, ids, n_valid
+        return slot, self._to_device(padded), self._to_device([len(s) for s in suffixes])
+
+    def _to_device(self, values: list) -> torch.Tensor:
+        """A small host list on the GPU without waiting: from pageable memory a copy would wait
+        for the stream (the step before), so it goes through pinned memory."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.decoder.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.decoder.device, non_blocking=True)
 
 
 class FastSession:
