@@ -12,9 +12,8 @@ import inspect
 import json
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,9 +481,16 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-def _decode(
+@dataclass
+class _Step:
+    """What the decode loop asks its driver for: a forward of these tokens."""
+
+    ids: list[int]
+
+
+def _decode_loop(
     loaded: LoadedModel,
-    session: Any,
+    context_used: int,
     feed: list[int],
     *,
     max_tokens: int,
@@ -496,67 +502,90 @@ def _decode(
     t0: float,
     load_s: float,
     tier: str,
-) -> Iterator[str | Generation]:
-    """Shared decode loop: yields text deltas, then the Generation. Closes the session."""
-    try:
-        context_left = loaded.max_context - session.seq_length() - len(feed)
-        if context_left < 1:
-            raise InvalidRequest(
-                f"request needs {session.seq_length() + len(feed)} tokens of context; "
-                f"the model has {loaded.max_context}"
-            )
-        budget = min(max_tokens, context_left)
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator()
-            if seed is None:
-                seed = int.from_bytes(os.urandom(8), "little") >> 1
-            generator.manual_seed(seed)
-        eos = set(loaded.eos_token_ids)
-        out_ids: list[int] = []
-        emitted = 0
-        text = ""
-        finish = "length"
-        stopped_by_string = False
-        ttft = 0.0
-        with torch.no_grad():
-            logits = session.step(feed)
-            while True:
-                token = _sample(logits, temperature, top_p, generator)
-                if not out_ids:
-                    ttft = time.perf_counter() - t0
-                out_ids.append(token)
-                if token in eos:
-                    finish = "stop"
-                    break
-                text = _decode_text(loaded, [t for t in out_ids if t not in eos])
-                hit = min((text.find(s) for s in stops if s in text), default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    finish = "stop"
-                    stopped_by_string = True
-                    break
-                safe = len(text) - _held_back(text, stops)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                if len(out_ids) >= budget:
-                    break
-                logits = session.step([token])
-        if not stopped_by_string:
-            text = _decode_text(loaded, [t for t in out_ids if t not in eos])
-        if len(text) > emitted:
-            yield text[emitted:]
-        usage.output_tokens = len(out_ids)
-        yield Generation(
-            text=text,
-            token_ids=out_ids,
-            finish_reason=finish,
-            usage=usage,
-            timings=Timings(load_s=round(load_s, 6), ttft_s=round(ttft, 6),
-                            total_s=round(time.perf_counter() - t0, 6)),
-            cache_tier=tier,
+) -> Generator[_Step | str | Generation, tuple[torch.Tensor, int | None] | None, None]:
+    """The decode loop as a coroutine, so one request or a batch of them can drive it: yields
+    _Step(ids) and is sent back (logits of the last position, its argmax if the driver already
+    has it); yields text deltas (sent None), and last the Generation."""
+    context_left = loaded.max_context - context_used - len(feed)
+    if context_left < 1:
+        raise InvalidRequest(
+            f"request needs {context_used + len(feed)} tokens of context; "
+            f"the model has {loaded.max_context}"
         )
+    budget = min(max_tokens, context_left)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        generator.manual_seed(seed)
+    eos = set(loaded.eos_token_ids)
+    out_ids: list[int] = []
+    emitted = 0
+    text = ""
+    finish = "length"
+    stopped_by_string = False
+    ttft = 0.0
+    logits, greedy = yield _Step(feed)
+    while True:
+        if temperature == 0 and greedy is not None:
+            token = greedy
+        else:
+            token = _sample(logits, temperature, top_p, generator)
+        if not out_ids:
+            ttft = time.perf_counter() - t0
+        out_ids.append(token)
+        if token in eos:
+            finish = "stop"
+            break
+        text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+        hit = min((text.find(s) for s in stops if s in text), default=-1)
+        if hit >= 0:
+            text = text[:hit]
+            finish = "stop"
+            stopped_by_string = True
+            break
+        safe = len(text) - _held_back(text, stops)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+        if len(out_ids) >= budget:
+            break
+        logits, greedy = yield _Step([token])
+    if not stopped_by_string:
+        text = _decode_text(loaded, [t for t in out_ids if t not in eos])
+    if len(text) > emitted:
+        yield text[emitted:]
+    usage.output_tokens = len(out_ids)
+    yield Generation(
+        text=text,
+        token_ids=out_ids,
+        finish_reason=finish,
+        usage=usage,
+        timings=Timings(load_s=round(load_s, 6), ttft_s=round(ttft, 6),
+                        total_s=round(time.perf_counter() - t0, 6)),
+        cache_tier=tier,
+    )
+
+
+def _decode(
+    loaded: LoadedModel, session: Any, feed: list[int], **options: Any
+) -> Iterator[str | Generation]:
+    """One request's decode loop on its own session: yields text deltas, then the Generation.
+    Closes the session. options: _decode_loop's keyword arguments."""
+    try:
+        loop = _decode_loop(loaded, session.seq_length(), feed, **options)
+        out = next(loop)
+        while True:
+            if isinstance(out, _Step):
+                with torch.no_grad():  # not around the yields: grad mode is the caller's there
+                    logits = session.step(out.ids)
+                out = loop.send((logits, None))
+                continue
+            yield out
+            if isinstance(out, Generation):
+                return
+            out = next(loop)
     finally:
         session.close()
 
@@ -634,85 +663,45 @@ def generate(
     ))
 
 
-class _BatchStepper:
-    """Runs the rows of a batch in lock step on the fast path: each row's decode loop calls
-    step() from its own thread; the last row to arrive runs one batched forward for all."""
+def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> list[Generation]:
+    """Drive many requests' decode loops in lock step from one thread: every round is one
+    batched forward of the live rows' tokens against the shared prefix (finished rows and the
+    padding to a power of two, which keeps the CUDA graphs few, carry no valid token), and one
+    argmax for the whole batch."""
+    results: list[Generation | None] = [None] * len(loops)
+    pending: dict[int, list[int]] = {}
 
-    def __init__(self, fast: Any, prefix: Any, n_rows: int, need: int) -> None:
-        self.fast, self.prefix, self.need = fast, prefix, need  # need: tokens a row may hold
-        self.cond = threading.Condition()
-        self.active = set(range(n_rows))
-        self.pending: dict[int, list[int]] = {}
-        self.results: dict[int, torch.Tensor] = {}
-        self.rounds = 0
-        self.slot = None
-        self.rows: list[int] = []
-        self.error: BaseException | None = None
+    def advance(row: int, out: Any) -> None:
+        while isinstance(out, str):  # a batch returns whole texts: deltas are dropped
+            out = next(loops[row])
+        if isinstance(out, Generation):
+            results[row] = out
+        else:
+            pending[row] = out.ids
 
-    def step(self, row: int, ids: list[int]) -> torch.Tensor:
-        with self.cond:
-            self.pending[row] = ids
-            round_ = self.rounds
-            self._run_if_complete()
-            while self.rounds == round_ and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise self.error
-            return self.results[row]
-
-    def leave(self, row: int) -> None:
-        with self.cond:
-            self.active.discard(row)
-            self._run_if_complete()
-
-    def _run_if_complete(self) -> None:
-        if not self.pending or set(self.pending) != self.active:
-            return
-        try:
-            self.results = self._forward()
-        except BaseException as exc:  # every waiting row re-raises it
-            self.error = exc
-        self.pending = {}
-        self.rounds += 1
-        self.cond.notify_all()
-
-    def _forward(self) -> dict[int, torch.Tensor]:
-        fast = self.fast
-        with torch.inference_mode():  # the fast path's buffers are inference tensors
-            if self.slot is None:  # first round: every row brings its whole suffix
-                self.rows = sorted(self.pending)  # batch position -> row
-                feeds = [self.pending[r] for r in self.rows]
-                # Pad the batch to a power of two with one-token rows, so a few CUDA graphs
-                # serve every batch size.
-                feeds += [[0]] * ((1 << (len(feeds) - 1).bit_length()) - len(feeds))
-                self.slot, ids, n_valid = fast._start(self.prefix, feeds, need=self.need)
-                logits = fast._step(self.slot, ids, n_valid, fresh=True)
-            else:  # one token per live row; finished and padding rows have no valid token
-                batch = self.slot.state.batch
-                live = [r in self.pending for r in self.rows] + [False] * (batch - len(self.rows))
-                tokens = [self.pending[r][0] if r in self.pending else 0 for r in self.rows]
-                tokens += [0] * (batch - len(tokens))
-                device = fast.decoder.device
+    for row, loop in enumerate(loops):
+        advance(row, next(loop))
+    n_rows = len(loops)
+    batch = 1 << (n_rows - 1).bit_length()
+    device = fast.decoder.device
+    slot = None
+    with torch.inference_mode():  # the fast path's buffers are inference tensors
+        while pending:
+            if slot is None:  # first round: every row brings its whole suffix
+                feeds = [pending[row] for row in range(n_rows)] + [[0]] * (batch - n_rows)
+                slot, ids, n_valid = fast._start(prefix, feeds, need=need)
+                logits = fast._step(slot, ids, n_valid, fresh=True)
+            else:  # one token per live row
+                tokens = [pending[row][0] if row in pending else 0 for row in range(batch)]
+                live = [row in pending for row in range(batch)]
                 ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
                 n_valid = torch.tensor(live, dtype=torch.long, device=device)
-                logits = fast._step(self.slot, ids, n_valid, fresh=False)
-        return {r: logits[i] for i, r in enumerate(self.rows) if r in self.pending}
-
-
-class _RowSession:
-    def __init__(self, stepper: _BatchStepper, row: int) -> None:
-        self.stepper, self.row, self.length = stepper, row, 0
-
-    def seq_length(self) -> int:
-        return self.stepper.prefix.n_tokens + self.length
-
-    def step(self, ids: list[int]) -> torch.Tensor:
-        logits = self.stepper.step(self.row, ids)
-        self.length += len(ids)
-        return logits
-
-    def close(self) -> None:
-        self.stepper.leave(self.row)
+                logits = fast._step(slot, ids, n_valid, fresh=False)
+            greedy = logits.argmax(dim=-1).tolist()
+            rows, pending = pending, {}
+            for row in rows:
+                advance(row, loops[row].send((logits[row], greedy[row])))
+    return results  # type: ignore[return-value]
 
 
 def generate_batch(
@@ -745,35 +734,20 @@ def generate_batch(
     load_s = time.perf_counter() - t0
     prefix, _ = _fast_prefix(loaded, art)
     need = max(len(f) + r.get("max_tokens", 64) for f, r in zip(feeds, requests, strict=True))
-    stepper = _BatchStepper(fast, prefix, len(requests), need)
-    results: list[Generation | BaseException | None] = [None] * len(requests)
-
-    def run_row(row: int) -> None:
-        r = requests[row]
-        stops = _validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
-                                   r.get("top_p", 1.0), r.get("stop"))
-        usage = Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feeds[row]),
-                      output_tokens=0, prefill_tokens=len(feeds[row]))
-        try:
-            results[row] = _last(_decode(
-                loaded, _RowSession(stepper, row), feeds[row],
-                max_tokens=r.get("max_tokens", 64), temperature=r.get("temperature", 0.0),
-                top_p=r.get("top_p", 1.0), seed=r.get("seed"), stops=stops, usage=usage,
-                t0=t0, load_s=load_s, tier=tier,
-            ))
-        except BaseException as exc:
-            results[row] = exc
-
+    loops = [
+        _decode_loop(
+            loaded, art.n_tokens, feed, max_tokens=r.get("max_tokens", 64),
+            temperature=r.get("temperature", 0.0), top_p=r.get("top_p", 1.0),
+            seed=r.get("seed"), usage=Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feed),
+                                            output_tokens=0, prefill_tokens=len(feed)),
+            stops=_validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
+                                     r.get("top_p", 1.0), r.get("stop")),
+            t0=t0, load_s=load_s, tier=tier,
+        )
+        for feed, r in zip(feeds, requests, strict=True)
+    ]
     with fast._lock:  # the GPU serves one batch at a time
-        threads = [threading.Thread(target=run_row, args=(i,)) for i in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
+        return _run_batch(fast, prefix, loops, need)
 
 
 def cold_generate(
