@@ -104,22 +104,14 @@ class KVArtifact:
             # Large copies of the contiguous buffer, one per layer on a side stream, each with
             # an event: the fast path starts computing on the first layers while the later
             # ones are still in flight. Every other reader calls wait_ready() first.
-            buffer = torch.empty(host.buffer.shape, dtype=host.buffer.dtype, device=device)
-            copy_stream = torch.cuda.Stream(device=buffer.device)
-            copy_stream.wait_stream(torch.cuda.current_stream(buffer.device))
-            events = []
-            with torch.cuda.stream(copy_stream):
-                for i in range(buffer.shape[0]):
-                    buffer[i].copy_(host.buffer[i], non_blocking=True)
-                    events.append(torch.cuda.Event())
-                    events[-1].record(copy_stream)
-            buffer.record_stream(copy_stream)
+            landing = host.to_device(torch.device(device), overlap=True)
+            buffer = landing.buffer
             return KVArtifact(
                 key=self.key, manifest=self.manifest, token_ids=self.token_ids,
                 keys=[buffer[i, 0] for i in range(buffer.shape[0])],
                 values=[buffer[i, 1] for i in range(buffer.shape[0])],
                 nbytes=self.nbytes,
-                extras={"layer_ready": events},
+                extras={"layer_ready": landing.ready},
             )
 
         def move(t: torch.Tensor) -> torch.Tensor:

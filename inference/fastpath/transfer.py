@@ -84,6 +84,7 @@ class HostPrefix:
                 event = torch.cuda.Event()
                 event.record(stream)
                 events.append(event)
+        target.record_stream(stream)  # freed early, its memory still waits for the copies
         return DevicePrefix(_views(target), events, target)
 
 
