@@ -12,6 +12,7 @@ computation either way.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -48,7 +49,10 @@ class _Slot:
         self, decoder: FastDecoder, *, batch: int, capacity: int, prefix_class: int | None
     ) -> None:
         device = decoder.device
-        self.prefix: PrefixKV | None = None
+        # The bound prefix, weakly: a slot must not keep a document's KV in GPU memory after
+        # the store let it go (a request in flight holds it strongly, and every request binds
+        # before its graph runs).
+        self._bound: weakref.ref[PrefixKV] | None = None
         self.table = (
             None
             if prefix_class is None
@@ -62,12 +66,19 @@ class _Slot:
         # being copied to the GPU re-records them as its layers land.
         self.ready = _external_events(len(decoder.layers)) if device.type == "cuda" else None
 
+    @property
+    def prefix(self) -> PrefixKV | None:
+        return None if self._bound is None else self._bound()
+
     def bind(self, prefix: PrefixKV) -> None:
         if prefix is self.prefix:  # the table already points at it
             return
         if self.table is not None:
             self.table.bind(prefix)
-        self.prefix = prefix  # keeps the tensors the table points at alive while bound
+        self._bound = weakref.ref(prefix)
+
+    def unbind(self) -> None:
+        self._bound = None
 
     @property
     def view(self) -> PrefixKV | PrefixTable:
@@ -146,7 +157,7 @@ class FastReuse:
                 if slot.table is None:
                     del self._slots[key]
                 else:
-                    slot.prefix = None
+                    slot.unbind()
 
     def forget_host(self, source: HostPrefix) -> None:
         staged = self._staging.pop(id(source), None)

@@ -283,3 +283,24 @@ def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatc
     # that can hold a 64-token one, then 2 batch sizes
     assert report["fast_path"] and report["runs"] == 2 * (5 + 4) + 2
     assert list(_fast_reuse(loaded)._slots) == slots_before  # synthetic prefixes are freed
+
+
+def test_a_slot_does_not_keep_a_finished_requests_prefix_alive(loaded, shared_store, doc_keys):
+    """Once the store and the request let a document go, its KV must be freeable: slots (and
+    the graphs they serve) hold the bound prefix only weakly."""
+    import gc
+    import weakref
+
+    fast = FastReuse(loaded.model, capacity=64)
+    art, _ = _prefix(shared_store, doc_keys, loaded, DOCS[5])
+    prefix = PrefixKV([(k.clone(), v.clone()) for k, v in zip(art.keys, art.values, strict=True)])
+    suffix = _suffix_ids(loaded, QUESTIONS[2])
+    first = fast.first_logits(prefix, [suffix])
+    (slot,) = fast._slots.values()
+    assert slot.prefix is prefix
+    # The same prefix again: bound already, the same result.
+    assert torch.equal(fast.first_logits(prefix, [suffix]), first)
+    alive = weakref.ref(prefix)
+    del prefix
+    gc.collect()
+    assert alive() is None and slot.prefix is None
