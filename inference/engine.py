@@ -683,7 +683,6 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
         advance(row, next(loop))
     n_rows = len(loops)
     batch = 1 << (n_rows - 1).bit_length()
-    device = fast.decoder.device
     slot = None
     with torch.inference_mode():  # the fast path's buffers are inference tensors
         while pending:
@@ -692,10 +691,9 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
                 slot, ids, n_valid = fast._start(prefix, feeds, need=need)
                 logits = fast._step(slot, ids, n_valid, fresh=True)
             else:  # one token per live row
-                tokens = [pending[row][0] if row in pending else 0 for row in range(batch)]
-                live = [row in pending for row in range(batch)]
-                ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-                n_valid = torch.tensor(live, dtype=torch.long, device=device)
+                tokens = [[pending[row][0] if row in pending else 0] for row in range(batch)]
+                live = [int(row in pending) for row in range(batch)]
+                ids, n_valid = fast._to_device(tokens), fast._to_device(live)
                 logits = fast._step(slot, ids, n_valid, fresh=False)
             greedy = logits.argmax(dim=-1).tolist()
             rows, pending = pending, {}
@@ -720,9 +718,8 @@ def generate_batch(
     fast = _fast_reuse(loaded)
     feeds = [suffix_ids(loaded, messages=r.get("messages"), prompt=r.get("prompt"),
                         prompt_ids=r.get("prompt_ids")) for r in requests]
-    for r in requests:
-        _validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
-                           r.get("top_p", 1.0), r.get("stop"))
+    stops = [_validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
+                                r.get("top_p", 1.0), r.get("stop")) for r in requests]
     fits = fast is not None and all(
         f and len(f) + r.get("max_tokens", 64) <= fast.capacity
         for f, r in zip(feeds, requests, strict=True)
@@ -740,11 +737,9 @@ def generate_batch(
             temperature=r.get("temperature", 0.0), top_p=r.get("top_p", 1.0),
             seed=r.get("seed"), usage=Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feed),
                                             output_tokens=0, prefill_tokens=len(feed)),
-            stops=_validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
-                                     r.get("top_p", 1.0), r.get("stop")),
-            t0=t0, load_s=load_s, tier=tier,
+            stops=row_stops, t0=t0, load_s=load_s, tier=tier,
         )
-        for feed, r in zip(feeds, requests, strict=True)
+        for feed, r, row_stops in zip(feeds, requests, stops, strict=True)
     ]
     with fast._lock:  # the GPU serves one batch at a time
         return _run_batch(fast, prefix, loops, need)

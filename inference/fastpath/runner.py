@@ -180,14 +180,7 @@ class FastReuse:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool):
-            logits = self.decoder.forward(
-                input_ids,
-                prefix=slot.view,
-                state=slot.state,
-                n_valid=n_valid,
-                fresh=fresh,
-                layer_ready=ready,
-            )
+            logits = self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
         captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
         slot.graphs[(q_len, fresh)] = captured
         return captured
@@ -212,15 +205,27 @@ class FastReuse:
         lengths = slot.state.lengths.clone()
         for _ in range(2):
             slot.state.lengths.copy_(lengths)
-            self.decoder.forward(
-                input_ids,
-                prefix=slot.view,
-                state=slot.state,
-                n_valid=n_valid,
-                fresh=fresh,
-                layer_ready=layer_ready,
-            )
+            self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=layer_ready)
         slot.state.lengths.copy_(lengths)
+
+    def _forward(
+        self,
+        slot: _Slot,
+        input_ids: torch.Tensor,
+        n_valid: torch.Tensor,
+        *,
+        fresh: bool,
+        layer_ready: list[torch.cuda.Event] | None,
+    ) -> torch.Tensor:
+        """The decoder's step on a slot's buffers and bound prefix (run eagerly or captured)."""
+        return self.decoder.forward(
+            input_ids,
+            prefix=slot.view,
+            state=slot.state,
+            n_valid=n_valid,
+            fresh=fresh,
+            layer_ready=layer_ready,
+        )
 
     def _step(
         self,
@@ -234,14 +239,7 @@ class FastReuse:
         """One forward; layer_ready: per-layer events of a prefix still being copied in, each
         waited for by its own layer's attention, no earlier."""
         if not self.use_graphs:
-            return self.decoder.forward(
-                input_ids,
-                prefix=slot.view,
-                state=slot.state,
-                n_valid=n_valid,
-                fresh=fresh,
-                layer_ready=layer_ready,
-            )
+            return self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=layer_ready)
         if layer_ready:
             if fresh:  # the graph waits on the slot's events: move each one after its layer
                 if self._chain_stream is None:
@@ -260,7 +258,8 @@ class FastReuse:
 
     def _stage(self, source: HostPrefix) -> DevicePrefix:
         """Copy a host prefix into its GPU staging buffer (kept for the next request from the
-        same source), layer by layer on a side stream; returns the per-layer events."""
+        same source), layer by layer on a side stream; returns the staged prefix with its
+        per-layer events."""
         staged = self._staging.pop(id(source), None)
         if staged is None or staged[0] is not source:
             while len(self._staging) >= 2:  # staging buffers are whole documents: keep few
@@ -391,9 +390,7 @@ class FastSession:
                     self._slot, tokens, n_valid, fresh=True, layer_ready=self._layer_ready
                 )
             else:
-                device = reuse.decoder.device
-                tokens = torch.tensor([ids], dtype=torch.long, device=device)
-                n_valid = torch.full((1,), len(ids), dtype=torch.long, device=device)
+                tokens, n_valid = reuse._to_device([ids]), reuse._to_device([len(ids)])
                 logits = reuse._step(self._slot, tokens, n_valid, fresh=False)
         finally:
             reuse.use_graphs = saved
