@@ -132,6 +132,36 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     return table
 
 
+def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
+    """The whole first step, one graph per launch variant: plain launches, then programmatic
+    dependent launch with more or less prefetching into L2. Each variant's logits are compared
+    bitwise with plain launches' (PDL changes when kernels start, never what they compute)."""
+    dec = fast.decoder
+    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0, "prefetch_prefix": False}]
+    for prefetch_k in (256, 512, 1024, 2560):
+        variants.append({"pdl": True, "prefetch_k": prefetch_k, "prefetch_prefix": True})
+    variants.append({"pdl": True, "prefetch_k": 512, "prefetch_prefix": False})
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_prefix")}
+    table, plain = [], None
+    for variant in variants:
+        for key, value in variant.items():
+            setattr(dec, key, value)
+        fast._slots.clear()  # fresh captures with this variant's launches
+        try:
+            logits = fast.first_logits(prefix, suffixes).float()
+            ms = _ms_per_call(lambda: fast.first_logits(prefix, suffixes), repeat=30)
+        except Exception as exc:  # e.g. a Triton without PDL
+            table.append({**variant, "error": str(exc)[:200]})
+            continue
+        plain = logits if plain is None else plain
+        table.append({**variant, "graph_ms": round(ms, 4),
+                      "bitwise_equal_to_plain": bool(torch.equal(logits, plain))})
+    for key, value in saved.items():
+        setattr(dec, key, value)
+    fast._slots.clear()
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
@@ -141,6 +171,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--matmul", action="store_true", help="time split-K configs")
     parser.add_argument("--attention", action="store_true", help="time attention configs")
+    parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     args = parser.parse_args()
     model = build_model(args.model_config, "cuda", torch.bfloat16)
     doc = torch.randint(0, 1000, (1, args.n_tokens), device="cuda")
@@ -151,6 +182,10 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "n_tokens": args.n_tokens,
               "batch": args.batch, "suffix": args.suffix}
     fast = FastReuse(model, capacity=128)
+    report["pdl"] = fast.decoder.pdl
+    if args.launch:
+        for line in launch_table(fast, prefix, suffixes):
+            print(json.dumps(line), flush=True)
     reference = FastReuse(model, capacity=128, kernels=False)
     first = fast.first_logits(prefix, suffixes)
     report["kernels_vs_torch_ops_max_logit_diff"] = (
@@ -158,8 +193,10 @@ def main() -> None:
     )
     report["kernels_graph_ms"] = _ms_per_call(lambda: fast.first_logits(prefix, suffixes))
     fast.decoder.skinny_rows = 0
+    fast._slots.clear()  # recapture: the products are part of the graphs
     report["kernels_cublas_graph_ms"] = _ms_per_call(lambda: fast.first_logits(prefix, suffixes))
     fast.decoder.skinny_rows = 64
+    fast._slots.clear()
     report["torch_ops_graph_ms"] = _ms_per_call(lambda: reference.first_logits(prefix, suffixes))
     report["gemm_floor_ms"] = gemm_floor_ms(fast, args.batch * args.suffix)
 

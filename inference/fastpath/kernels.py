@@ -26,6 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4 (programmatic dependent launch on Hopper and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: the kernels run without PDL
+    gdc_launch_dependents = gdc_wait = None
+
 if TYPE_CHECKING:
     from inference.fastpath.model import PrefixTable
 
@@ -35,6 +40,59 @@ LOG2E = 1.4426950408889634
 # do_not_specialize: Triton would otherwise compile a variant per divisibility class of each,
 # and a worker's first request on a new document length would wait for the compiler. They are
 # used in masks and in offsets multiplied by aligned strides, so the hints buy nothing here.
+
+
+# --- programmatic dependent launch ------------------------------------------------------------
+# A reuse step is ~300 kernels in a row, most of them a few microseconds long, between weight
+# products that need the whole memory bandwidth. Launched with PDL, a kernel starts while the one
+# before it still runs: it first signals that its own successor may start (so the chain of
+# launches runs ahead of the work), prefetches what does not depend on earlier kernels (weights,
+# the hosted prefix's K/V) into L2, then waits for its predecessor to finish and flush
+# (griddepcontrol.wait) before it touches anything an earlier kernel writes or reads. Memory is
+# therefore idle less often: the next layer's weights stream in while norms and attention run.
+# The wait is transitive (each kernel waits for the one before, which waited for its own), and a
+# kernel writes nothing before its wait, so results are bitwise those of plain launches.
+
+
+def pdl_available(device: torch.device) -> bool:
+    """PDL needs Hopper or later and a Triton that exposes griddepcontrol."""
+    return (
+        device.type == "cuda"
+        and gdc_wait is not None
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
+
+
+def _launch(pdl: bool) -> dict:
+    """Launch options: the interpreter (CPU tests) knows nothing of PDL, so it gets none."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _start_dependents(PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_for_previous(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Ask the copy engine of the SM to bring nbytes at each pointer into L2 (no registers,
+    no wait). nbytes must be a multiple of 16 and the pointers 16-byte aligned; 0 skips."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.u32 p, $2, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [ptrs, nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -63,6 +121,8 @@ def _matmul_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -73,6 +133,12 @@ def _matmul_partials_kernel(
     col_ok = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k0 = split * K_PER_SPLIT
+    _start_dependents(PDL)
+    if PDL and PREFETCH_K > 0:  # the first columns of this block's weight rows, before the wait
+        n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
+        nbytes = tl.where(col_ok, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
+        _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
+    _wait_for_previous(PDL)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k = k0 + kk + rk
         k_ok = k < K
@@ -112,8 +178,12 @@ def matmul(
     block_n: int = 64,
     waves: float | None = None,
     stages: int | None = None,
+    pdl: bool = False,
+    prefetch_k: int = 0,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N]."""
+    """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N].
+    pdl: launch with programmatic dependent launch, prefetching the first prefetch_k columns of
+    the block's weight rows into L2 while the previous kernel finishes."""
     rows, k = x.shape
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
@@ -138,8 +208,11 @@ def matmul(
         BLOCK_N=block_n,
         BLOCK_K=128,
         PRECISION=_precision(x.dtype),
+        PDL=pdl,
+        PREFETCH_K=prefetch_k,
         num_warps=4,
         num_stages=stages,
+        **_launch(pdl),
     )
     return out
 
@@ -166,10 +239,13 @@ def _add_rms_norm_kernel(
     HAS_DELTA: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # x += delta, rounded to the model dtype as transformers' residual add is
         d = _sum_parts(
@@ -185,7 +261,12 @@ def _add_rms_norm_kernel(
 
 
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x += delta (in place, when given; delta is [parts, rows, hidden], summed first);
     returns rms_norm(x) * weight. x is [rows, hidden]."""
@@ -202,7 +283,9 @@ def add_rms_norm(
         HAS_DELTA=delta is not None,
         PARTS=1 if delta is None else delta.shape[0],
         BLOCK=triton.next_power_of_2(n_cols),
+        PDL=pdl,
         num_warps=8 if n_cols >= 2048 else 4,
+        **_launch(pdl),
     )
     return out
 
@@ -231,7 +314,10 @@ def _qk_norm_rope_store_kernel(
     HAS_NORM: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)  # token row: batch row b = t // S, position s = t % S
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     half = tl.arange(0, D // 2)
@@ -296,6 +382,7 @@ def qk_norm_rope_store(
     n_heads: int,
     n_kv_heads: int,
     eps: float,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv [parts, B*S, (Hq + 2 Hkv) * D] (partial products, summed first) -> q [B*S, Hq * D]
     (normed, rotated); k and v are written to keys/values [B, Hkv, C, D] at each row's
@@ -326,7 +413,9 @@ def qk_norm_rope_store(
         HAS_NORM=norm is not None,
         PARTS=parts,
         BLOCK_H=block_h,
+        PDL=pdl,
         num_warps=4,
+        **_launch(pdl),
     )
     return q
 
@@ -394,6 +483,8 @@ def _prefix_attention_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
@@ -406,8 +497,7 @@ def _prefix_attention_kernel(
     row_ok = rows < R
     dd = tl.arange(0, D)
     t = (rows // G).to(tl.int64)
-    q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
-    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+    _start_dependents(PDL)
 
     # The prefix's K/V are reached from the anchor (a pointer argument, so known to be 16-byte
     # aligned) by element offsets read from the table. Values read from memory carry no
@@ -422,6 +512,17 @@ def _prefix_attention_kernel(
     v_n = tl.multiple_of(tl.load(entry + 5), 8)
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, tl.load(n_prefix_ptr))
+    # The table and the prefix are no earlier kernel's output (bound before the step; a prefix
+    # still being copied in is waited for by the launch itself), so they may be read before the
+    # wait: this block's keys and values head for L2 while the previous kernels finish.
+    if PDL and PREFETCH:
+        keys = lo + tl.arange(0, SPLIT_LEN)
+        key_bytes = tl.where(keys < hi, D * q_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
+        _prefetch_l2(k_base + keys.to(tl.int64) * k_n, key_bytes.to(tl.int32))
+        _prefetch_l2(v_base + keys.to(tl.int64) * v_n, key_bytes.to(tl.int32))
+    _wait_for_previous(PDL)
+    q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -460,6 +561,7 @@ def _suffix_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Each batch row's queries against its own suffix buffer: key j is visible to the query
     at position p when j <= p and j < start + n_valid (padding after a row stays invisible)."""
@@ -469,6 +571,8 @@ def _suffix_attention_kernel(
     n_kv = tl.num_programs(1)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
     row_ok = local < S * G
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
     s_pos = local // G
     t = (b * S + s_pos).to(tl.int64)
     dd = tl.arange(0, D)
@@ -512,10 +616,13 @@ def _merge_kernel(
     G: tl.constexpr,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D].
 
     One pass with a running maximum (as flash attention does over key blocks)."""
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     n_kv = tl.num_programs(1)
@@ -598,13 +705,16 @@ def attention(
     stages: int = 3,
     waves: float = 2.0,
     skip_empty: bool = True,
+    pdl: bool = False,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
     [B*S, Hq*D] in q's dtype. The prefix is split by its table's capacity (its length class),
     so the launch is the same for every prefix of the class.
     block_m ... skip_empty: the prefix kernel's configuration (bench/profile_fastpath.py sweeps
-    it)."""
+    it). pdl: programmatic dependent launch (the prefix kernel prefetches its K/V into L2 before
+    it waits for q, with prefetch)."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
@@ -640,11 +750,17 @@ def attention(
         BLOCK_M=64,
         BLOCK_N=32,
         PRECISION=precision,
+        PDL=pdl,
         num_warps=4,
+        **_launch(pdl),
     )
     if n_splits:
+        prefix_pdl = pdl
         if wait is not None:  # the prefix is still being copied in, layer by layer
             torch.cuda.current_stream().wait_event(wait)
+            # The launch must wait for the copy: the kernel reads K/V before its PDL wait, and
+            # a programmatic edge would only order it after the previous kernel's start.
+            prefix_pdl = False
         _prefix_attention_kernel[(triton.cdiv(rows, block_m), n_kv, n_splits)](
             q,
             prefix.anchor,
@@ -663,8 +779,11 @@ def attention(
             BLOCK_N=block_n,
             PRECISION=precision,
             SKIP_EMPTY=skip_empty,
+            PDL=prefix_pdl,
+            PREFETCH=prefetch,
             num_warps=warps,
             num_stages=stages,
+            **_launch(prefix_pdl),
         )
     out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
@@ -678,13 +797,19 @@ def attention(
         G=group,
         D=d,
         BLOCK_M=16,
+        PDL=pdl,
+        **_launch(pdl),
     )
     return out
 
 
 # --- MLP activation -------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["n_rows"])
-def _silu_mul_kernel(x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -697,7 +822,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: 
     tl.store(out_ptr + t * inter + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype, *, pdl: bool = False) -> torch.Tensor:
     """[parts, rows, 2I] (gate then up, partial products summed first) -> silu(gate) * up,
     [rows, I] in dtype."""
     parts, rows, width = gate_up.shape
@@ -705,7 +830,7 @@ def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((rows, inter), dtype=dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up, out, rows, inter, PARTS=parts, BLOCK=block
+        gate_up, out, rows, inter, PARTS=parts, BLOCK=block, PDL=pdl, **_launch(pdl)
     )
     return out
 

@@ -243,10 +243,17 @@ class FastDecoder:
         self.n_sms = 0
         # Products with at most this many rows use the split-K Triton kernel.
         self.skinny_rows = 64 if self.kernels else 0
+        # Programmatic dependent launch (kernels.py says why); KVMARKET_PDL=0 turns it off.
+        self.pdl = False
+        # With PDL: how many columns of its weight rows each product block prefetches into L2
+        # before it waits, and whether the prefix attention prefetches its K/V.
+        self.prefetch_k = 512
+        self.prefetch_prefix = True
         if self.kernels:
-            from inference.fastpath.kernels import sm_count
+            from inference.fastpath.kernels import pdl_available, sm_count
 
             self.n_sms = sm_count(self.device)
+            self.pdl = pdl_available(self.device) and os.environ.get("KVMARKET_PDL", "1") != "0"
 
     # --- pieces ----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -421,8 +428,9 @@ class FastDecoder:
         cos, sin = self._rope_tables((positions + prefix.n_tokens).reshape(-1))  # on the device
         x = F.embedding(input_ids.reshape(-1), self.embed)
         delta = None
+        pdl = self.pdl
         for i, w in enumerate(self.layers):
-            h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps)
+            h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
             q = kernels.qk_norm_rope_store(
                 self._product(h, w.qkv, w.qkv_bias),
                 w.qk_norm,
@@ -435,6 +443,7 @@ class FastDecoder:
                 n_heads=self.n_heads,
                 n_kv_heads=self.n_kv_heads,
                 eps=self.eps,
+                pdl=pdl,
             )
             out = kernels.attention(
                 q,
@@ -449,11 +458,15 @@ class FastDecoder:
                 n_sms=self.n_sms,
                 layer=i,
                 wait=None if layer_ready is None else layer_ready[i],
+                pdl=pdl,
+                prefetch=self.prefetch_prefix,
             )
-            h = kernels.add_rms_norm(x, self._product(out, w.o_proj), w.post_norm, self.eps)
-            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype)
+            h = kernels.add_rms_norm(
+                x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
+            )
+            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype, pdl=pdl)
             delta = self._product(act, w.down)
-        h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps).view(b, s, -1)
+        h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
         state.lengths.add_(n_valid)
         if not all_logits:
             h = h[torch.arange(b, device=h.device), n_valid - 1]
@@ -463,16 +476,19 @@ class FastDecoder:
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x @ weight.T as [parts, rows, N]: split-K Triton partials for a few rows (weight
-        streaming), one cuBLAS product for more rows or with a bias."""
+        streaming), one cuBLAS product for more rows or with a bias. With PDL every product
+        of a few rows is a Triton one: a cuBLAS kernel would break the chain of early launches."""
         from inference.fastpath import kernels
 
         rows = x.shape[0]
         if (
             bias is None
             and rows <= self.skinny_rows
-            and kernels.use_split_k(rows, weight.shape[0], self.n_sms)
+            and (self.pdl or kernels.use_split_k(rows, weight.shape[0], self.n_sms))
         ):
-            return kernels.matmul(x, weight, self.n_sms)
+            return kernels.matmul(
+                x, weight, self.n_sms, pdl=self.pdl, prefetch_k=self.prefetch_k if self.pdl else 0
+            )
         return F.linear(x, weight, bias)[None]
 
 
