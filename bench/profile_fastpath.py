@@ -66,15 +66,17 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
     for kind, (k, weights) in kinds.items():
         x = torch.randn(rows, k, device="cuda", dtype=dec.dtype)
         nbytes = sum(w.numel() * w.element_size() for w in weights)
-        variants = {"cublas": lambda w, x=x: F.linear(x, w)}
-        for block_n in (64, 128):
-            for waves in (1.0, 2.0, 4.0):
-                for stages in (3, 5):
-                    variants[f"split_k n{block_n} w{waves:g} s{stages}"] = (
-                        lambda w, x=x, b=block_n, v=waves, st=stages: kernels.matmul(
-                            x, w, dec.n_sms, block_n=b, waves=v, stages=st
-                        )
-                    )
+        variants = {"cublas": lambda w, x=x: F.linear(x, w),
+                    "split_k default": lambda w, x=x: kernels.matmul(x, w, dec.n_sms)}
+        configs = [(False, n, 128, v, st) for n in (64, 128) for v in (1.0, 2.0, 3.0)
+                   for st in (4, 6)]
+        configs += [(True, n, bk, v, st) for n in (64, 128) for bk in (128, 256)
+                    for v in (1.0, 2.0, 3.0) for st in (3, 4, 6)]
+        for tma, block_n, block_k, waves, stages in configs:
+            name = f"{'tma' if tma else 'split_k'} n{block_n} k{block_k} w{waves:g} s{stages}"
+            variants[name] = lambda w, x=x, c=(tma, block_n, block_k, waves, stages): (
+                kernels.matmul(x, w, dec.n_sms, tma=c[0], block_n=c[1], block_k=c[2],
+                               waves=c[3], stages=c[4]))
         for name, fn in variants.items():
             try:
                 def run(fn=fn, weights=weights):
@@ -220,9 +222,17 @@ def main() -> None:
             print(json.dumps(line))
         print("default", json.dumps(table[0]))
     if args.matmul:
-        for rows in (args.batch * args.suffix, 1):
-            for line in matmul_table(fast, rows):
+        table = matmul_table(fast, args.batch * args.suffix)
+        for kind in ("qkv", "o_proj", "gate_up", "down"):
+            lines = [line for line in table if line["kind"] == kind]
+            ranked = sorted(lines, key=lambda r: r.get("us_per_layer", 1e9))
+            for line in [r for r in lines if r["variant"] in ("cublas", "split_k default")]:
                 print(json.dumps(line))
+            for line in ranked[:6]:
+                print(json.dumps(line))
+            errors = [r for r in lines if "error" in r]
+            if errors:
+                print(json.dumps(errors[0]), len(errors), "errors")
 
 
 if __name__ == "__main__":
