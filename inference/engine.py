@@ -691,9 +691,10 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
                 slot, ids, n_valid = fast._start(prefix, feeds, need=need)
                 logits = fast._step(slot, ids, n_valid, fresh=True)
             else:  # one token per live row
-                tokens = [[pending[row][0] if row in pending else 0] for row in range(batch)]
+                tokens = [pending[row][0] if row in pending else 0 for row in range(batch)]
                 live = [int(row in pending) for row in range(batch)]
-                ids, n_valid = fast._to_device(tokens), fast._to_device(live)
+                packed = fast._to_device(tokens + live)  # one copy for both
+                ids, n_valid = packed[:batch].view(batch, 1), packed[batch:]
                 logits = fast._step(slot, ids, n_valid, fresh=False)
             greedy = logits.argmax(dim=-1).tolist()
             rows, pending = pending, {}

@@ -54,6 +54,11 @@ LOG2E = 1.4426950408889634
 # kernel writes nothing before its wait, so results are bitwise those of plain launches.
 
 
+def tma_available(device: torch.device) -> bool:
+    """Tensor-memory-accelerator loads (the products' TMA variant) need Hopper or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def pdl_available(device: torch.device) -> bool:
     """PDL needs Hopper or later and a Triton that exposes griddepcontrol."""
     return (
@@ -231,7 +236,7 @@ def matmul(
     if waves is None:  # the configs that measured best: more blocks for decode-sized products
         waves = 2.0 if rows <= 16 else 1.0
     if stages is None:
-        stages = 3 if rows <= 16 else 5
+        stages = 3 if rows <= 16 else (6 if tma else 5)
     # As many pipeline stages as fit in shared memory (float32 tests need fewer).
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     stages = max(2, min(stages, (200 << 10) // stage_bytes))

@@ -340,8 +340,16 @@ class FastReuse:
             # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
             longest = min(slot.state.capacity, -(-longest // 16) * 16)
         slot.state.reset()
-        padded = [s + [0] * (longest - len(s)) for s in suffixes]
-        return slot, self._to_device(padded), self._to_device([len(s) for s in suffixes])
+        return (slot, *self._ids_and_lengths(suffixes, longest))
+
+    def _ids_and_lengths(
+        self, rows: list[list[int]], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows padded to width [B, width] and their lengths [B], on the device. They travel
+        in one copy: every copy adds to the request's latency."""
+        flat = [t for row in rows for t in row + [0] * (width - len(row))]
+        packed = self._to_device(flat + [len(row) for row in rows])
+        return packed[: len(flat)].view(len(rows), width), packed[len(flat) :]
 
     def _to_device(self, values: list) -> torch.Tensor:
         """A small host list on the GPU without waiting: from pageable memory a copy would wait
@@ -390,7 +398,7 @@ class FastSession:
                     self._slot, tokens, n_valid, fresh=True, layer_ready=self._layer_ready
                 )
             else:
-                tokens, n_valid = reuse._to_device([ids]), reuse._to_device([len(ids)])
+                tokens, n_valid = reuse._ids_and_lengths([ids], len(ids))
                 logits = reuse._step(self._slot, tokens, n_valid, fresh=False)
         finally:
             reuse.use_graphs = saved

@@ -136,14 +136,19 @@ def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
     assert torch.allclose(kernels.silu_mul(parts, torch.float32), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma_loads"])
 @pytest.mark.parametrize("rows", [1, 5, 48])
-def test_split_k_products_sum_to_the_matrix_product(rows):
+def test_split_k_products_sum_to_the_matrix_product(rows, tma):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, 640), torch.randn(384, 640)
     splits, k_per_split = kernels.matmul_plan(384, 640, n_sms=8, waves=2.0)
     assert splits > 1 and k_per_split % 128 == 0  # split K, in whole blocks
-    parts = kernels.matmul(x, weight, n_sms=8, waves=2.0)
+    parts = kernels.matmul(x, weight, n_sms=8, waves=2.0, tma=tma)
     assert parts.shape == (splits, rows, 384) and parts.dtype == torch.float32
+    assert torch.allclose(parts.sum(0), x @ weight.T, atol=1e-4)
+    # K not a multiple of the block: the last block's columns past K must count as zeros.
+    x, weight = torch.randn(rows, 200), torch.randn(96, 200)
+    parts = kernels.matmul(x, weight, n_sms=8, waves=2.0, tma=tma, block_k=128)
     assert torch.allclose(parts.sum(0), x @ weight.T, atol=1e-4)
 
 
