@@ -24,6 +24,7 @@ import torch
 from .errors import ArtifactCorrupted, ArtifactTruncated, ModelMismatch, UnsupportedVersion
 
 if TYPE_CHECKING:
+    from .fastpath.transfer import PinnedArena
     from .models import LoadedModel
 
 FORMAT = "kvmarket-kv"
@@ -281,7 +282,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads(manifest_json)
 
 
-def _read_verified_per_tensor(path: Path, manifest: dict[str, Any]) -> KVArtifact:
+def _read_verified_per_tensor(
+    path: Path, manifest: dict[str, Any], arena: PinnedArena | None = None
+) -> KVArtifact:
     """Parallel preads straight into one (pinned, with CUDA) host buffer, each tensor's hash
     checked in the reading threads: many cores instead of one sha256 stream."""
     from .fastpath.transfer import read_artifact_into_host
@@ -295,7 +298,7 @@ def _read_verified_per_tensor(path: Path, manifest: dict[str, Any]) -> KVArtifac
         raise ArtifactCorrupted(f"{path.name}: tensor table does not match the manifest")
     # One reader per core up to 16: each thread also hashes what it reads (~1.5 GB/s a core).
     host = read_artifact_into_host(path, threads=min(16, os.cpu_count() or 1),
-                                   tensor_sha256=hashes)
+                                   tensor_sha256=hashes, arena=arena)
     start, end = header["token_ids"]["data_offsets"]
     with path.open("rb") as fh:
         fh.seek(8 + struct.unpack("<Q", fh.read(8))[0] + start)
@@ -316,9 +319,14 @@ def _read_verified_per_tensor(path: Path, manifest: dict[str, Any]) -> KVArtifac
 
 
 def read_artifact(
-    path: str | Path, loaded: LoadedModel | None = None, *, device: str | None = None
+    path: str | Path,
+    loaded: LoadedModel | None = None,
+    *,
+    device: str | None = None,
+    arena: PinnedArena | None = None,
 ) -> KVArtifact:
-    """Read, verify the payload hash and (given ``loaded``) that the manifest matches the model."""
+    """Read, verify the payload hash and (given ``loaded``) that the manifest matches the model.
+    arena: already pinned host memory to read into (artifacts with per-tensor hashes)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -327,7 +335,7 @@ def read_artifact(
     if loaded is not None:
         check_manifest(manifest, loaded)
     if manifest.get("tensor_sha256"):
-        art = _read_verified_per_tensor(path, manifest)
+        art = _read_verified_per_tensor(path, manifest, arena)
         return art if device in (None, "cpu") else art.to(device)
     try:
         tensors = load_file(str(path), device="cpu")

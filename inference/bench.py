@@ -133,7 +133,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # One-shot prefill on GPU up to 32k tokens: chunks there only add masked attention calls.
     chunk = args.chunk_size or (32768 if device.startswith("cuda") else 512)
     root = args.store or tempfile.mkdtemp(prefix="kv-bench-")
-    store = KVStore(root, gpu_bytes=args.gpu_gib << 30, host_bytes=args.host_gib << 30)
+    started = time.perf_counter()
+    store = KVStore(root, gpu_bytes=args.gpu_gib << 30, host_bytes=args.host_gib << 30,
+                    pinned_bytes=args.pinned_gib << 30 if device.startswith("cuda") else 0)
+    pinned_s = time.perf_counter() - started
     if loaded.tokenizer is not None and getattr(loaded.tokenizer, "chat_template", None):
         question = [{"role": "user", "content": "What does the document say?"}]
         suffix = suffix_ids(loaded, messages=question)
@@ -229,6 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": chunk,
         "repeats": args.repeats,
         "warm_up": warm_up_report,
+        "pinned_arena": {"bytes": store.arena.nbytes if store.arena else 0,
+                         "seconds": round(pinned_s, 3)},
         "note": "ttft = time to first token incl. store load; disk reads may hit the OS page cache",
         "results": results,
     }
@@ -275,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=0, help="also time N decode steps")
     p.add_argument("--gpu-gib", type=int, default=24)
     p.add_argument("--host-gib", type=int, default=32)
+    p.add_argument("--pinned-gib", type=int, default=8,
+                   help="host memory the store pins at its start for reads from disk (CUDA)")
     p.add_argument("--store", help="store root (default: a temp folder, removed afterwards)")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("--no-warm-up", action="store_true",

@@ -19,6 +19,7 @@ import torch
 
 from .artifact import SUFFIX, KVArtifact, check_manifest, read_artifact, write_artifact
 from .errors import ArtifactNotFound, InvalidRequest
+from .fastpath.transfer import PinnedArena
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -78,13 +79,17 @@ class _MemoryTier:
         if art.key in self.items:
             self.items.move_to_end(art.key)
             return True
-        while self.bytes + art.nbytes > self.budget and self.items:
-            _, old = self.items.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.evictions += 1
+        self.make_room(art.nbytes)
         self.items[art.key] = art
         self.bytes += art.nbytes
         return True
+
+    def make_room(self, nbytes: int) -> None:
+        """Evict the least recently used items until nbytes more fit in the budget."""
+        while self.items and self.bytes + nbytes > self.budget:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
 
     def discard(self, key: str) -> None:
         art = self.items.pop(key, None)
@@ -111,12 +116,19 @@ class KVStore:
         *,
         gpu_bytes: int = 0,
         host_bytes: int = 512 << 20,
+        pinned_bytes: int | None = None,
         s3: S3Config | None = None,
     ) -> None:
+        """pinned_bytes: host memory pinned now, at the store's start, that reads from disk
+        land in (default: the host tier's budget when CUDA is present, else none). Without it
+        a document's first read pins its own buffer, which costs more than the read."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.gpu = _MemoryTier("gpu", gpu_bytes if torch.cuda.is_available() else 0)
         self.host = _MemoryTier("host", host_bytes)
+        if pinned_bytes is None:
+            pinned_bytes = host_bytes if torch.cuda.is_available() else 0
+        self.arena = PinnedArena(pinned_bytes) if pinned_bytes > 0 else None
         self.s3 = s3
         self._s3_client: Any = None
         self._lock = threading.RLock()
@@ -210,6 +222,9 @@ class KVStore:
             if host_art is not None:
                 check_manifest(host_art.manifest, loaded)
             else:
+                if self.arena is not None:  # the tier's evictions free arena blocks first
+                    with self._lock:
+                        self.host.make_room(self._file_bytes(key))
                 host_art, tier = self._load_cold(key, loaded)
                 if torch.cuda.is_available():
                     host_art = host_art.to("cpu", pin=True)
@@ -224,15 +239,21 @@ class KVStore:
                 return gpu_art, tier
             return host_art, tier
 
+    def _file_bytes(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def _load_cold(self, key: str, loaded: LoadedModel) -> tuple[KVArtifact, str]:
         path = self.path(key)
         if path.is_file():
             self._counters["disk_hits"] += 1
-            return read_artifact(path, loaded), "disk"
+            return read_artifact(path, loaded, arena=self.arena), "disk"
         self._counters["disk_misses"] += 1
         if self.s3 is not None and self._s3_download(key, path):
             self._counters["s3_hits"] += 1
-            return read_artifact(path, loaded), "s3"
+            return read_artifact(path, loaded, arena=self.arena), "s3"
         if self.s3 is not None:
             self._counters["s3_misses"] += 1
         raise ArtifactNotFound(f"no KV artifact with key {key}", key=key)
@@ -257,6 +278,8 @@ class KVStore:
         }
         if self.s3 is not None:
             out["s3"] = {"hits": self._counters["s3_hits"], "misses": self._counters["s3_misses"]}
+        if self.arena is not None:
+            out["pinned_arena"] = {"bytes": self.arena.nbytes, "free_bytes": self.arena.free_bytes}
         return out
 
     # -- S3 ------------------------------------------------------------------------------
