@@ -119,21 +119,38 @@ class KVStore:
         pinned_bytes: int | None = None,
         s3: S3Config | None = None,
     ) -> None:
-        """pinned_bytes: host memory pinned now, at the store's start, that reads from disk
-        land in (default: the host tier's budget when CUDA is present, else none). Without it
-        a document's first read pins its own buffer, which costs more than the read."""
+        """pinned_bytes: host memory, pinned once, that reads from disk land in (default: the
+        host tier's budget when CUDA is present, else none). Without it a document's first
+        read pins its own buffer, which costs more than the read. It is pinned by
+        pin_host_memory() (a GPU worker's start) or else by the first read from disk, never
+        at construction: a process that only serves files must not open a CUDA context."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.gpu = _MemoryTier("gpu", gpu_bytes if torch.cuda.is_available() else 0)
         self.host = _MemoryTier("host", host_bytes)
         if pinned_bytes is None:
             pinned_bytes = host_bytes if torch.cuda.is_available() else 0
-        self.arena = PinnedArena(pinned_bytes) if pinned_bytes > 0 else None
+        self.pinned_bytes = pinned_bytes
+        self._arena: PinnedArena | None = None
         self.s3 = s3
         self._s3_client: Any = None
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._counters = {"disk_hits": 0, "disk_misses": 0, "s3_hits": 0, "s3_misses": 0}
+
+    # -- pinned host memory ----------------------------------------------------------------
+    @property
+    def arena(self) -> PinnedArena | None:
+        """The pinned arena, once pinned (None before, and in stores without one)."""
+        return self._arena
+
+    def pin_host_memory(self) -> PinnedArena | None:
+        """Pin the arena now (seconds per ten GiB) if the store has one; idempotent."""
+        if self._arena is None and self.pinned_bytes > 0:
+            with self._lock:
+                if self._arena is None:
+                    self._arena = PinnedArena(self.pinned_bytes)
+        return self._arena
 
     # -- paths ---------------------------------------------------------------------------
     @staticmethod
@@ -222,7 +239,7 @@ class KVStore:
             if host_art is not None:
                 check_manifest(host_art.manifest, loaded)
             else:
-                if self.arena is not None:  # the tier's evictions free arena blocks first
+                if self.pin_host_memory() is not None:  # evictions free arena blocks first
                     with self._lock:
                         self.host.make_room(self._file_bytes(key))
                 host_art, tier = self._load_cold(key, loaded)
@@ -249,11 +266,11 @@ class KVStore:
         path = self.path(key)
         if path.is_file():
             self._counters["disk_hits"] += 1
-            return read_artifact(path, loaded, arena=self.arena), "disk"
+            return read_artifact(path, loaded, arena=self._arena), "disk"
         self._counters["disk_misses"] += 1
         if self.s3 is not None and self._s3_download(key, path):
             self._counters["s3_hits"] += 1
-            return read_artifact(path, loaded, arena=self.arena), "s3"
+            return read_artifact(path, loaded, arena=self._arena), "s3"
         if self.s3 is not None:
             self._counters["s3_misses"] += 1
         raise ArtifactNotFound(f"no KV artifact with key {key}", key=key)
@@ -278,8 +295,9 @@ class KVStore:
         }
         if self.s3 is not None:
             out["s3"] = {"hits": self._counters["s3_hits"], "misses": self._counters["s3_misses"]}
-        if self.arena is not None:
-            out["pinned_arena"] = {"bytes": self.arena.nbytes, "free_bytes": self.arena.free_bytes}
+        if self._arena is not None:
+            arena = self._arena
+            out["pinned_arena"] = {"bytes": arena.nbytes, "free_bytes": arena.free_bytes}
         return out
 
     # -- S3 ------------------------------------------------------------------------------

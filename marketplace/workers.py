@@ -64,9 +64,16 @@ def warm_up_cuda_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery
     request: model loading, Triton's kernel compiles and cuBLAS's choices take seconds that
     an agent should not wait for. A failure is logged; the first request then pays instead."""
     import inference
-    from marketplace.engine import get_loaded
+    from marketplace.engine import get_loaded, get_store
 
-    for slug in cuda_models_served(sender.app.amqp.queues.consume_from):
+    slugs = cuda_models_served(sender.app.amqp.queues.consume_from)
+    if slugs:  # reads from disk land in memory pinned now, not pinned per document
+        try:
+            arena = get_store().pin_host_memory()
+            log.info("Pinned %s bytes of host memory for KV reads.", arena and arena.nbytes)
+        except Exception:  # noqa: BLE001 - reads then pin their own buffers, as before
+            log.exception("Pinning host memory failed.")
+    for slug in slugs:
         try:
             report = inference.warm_up(get_loaded(slug))
         except Exception:  # noqa: BLE001 - serving still works, only slower to start

@@ -60,9 +60,11 @@ def test_store_reads_from_disk_into_its_arena_and_reuses_the_memory(loaded, tmp_
     precomputed = precompute(loaded, DOCS[0], store=KVStore(root))
     size = precomputed.bytes
     store = KVStore(root, host_bytes=4 * size, pinned_bytes=2 * size + 4 * PAGE)
+    assert store.arena is None and "pinned_arena" not in store.stats()  # not at construction
     art, tier = store.load_with_tier(precomputed.key, loaded)
     assert tier == "disk"
     host = art.extras["host_prefix"]
+    assert store.pin_host_memory() is store.arena  # the first read pinned it, once
     assert _inside(store.arena, host.buffer)
     first_pointer = host.buffer.data_ptr()
     reference = [k.clone() for k in art.keys]

@@ -298,14 +298,23 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     queues = ["default", "gpu.big", "gpu.tiny", "worker.host"]
     assert workers.cuda_models_served(queues) == ["big"]
 
-    warmed = []
+    warmed, pinned = [], []
     monkeypatch.setattr(engine, "get_loaded", lambda slug: f"loaded:{slug}")
     monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
-    consumer = SimpleNamespace(
-        app=SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from=queues)))
-    )
+    store = SimpleNamespace(pin_host_memory=lambda: pinned.append(True))
+    monkeypatch.setattr(engine, "get_store", lambda: store)
+
+    def consumer_of(names):
+        return SimpleNamespace(
+            app=SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from=names)))
+        )
+
+    consumer = consumer_of(queues)
     workers.warm_up_cuda_models(consumer)
     assert warmed == ["loaded:big"]
+    assert pinned == [True]  # the store's host memory for disk reads, pinned at start
+    workers.warm_up_cuda_models(consumer_of(["default", "gpu.tiny"]))
+    assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
 
     def broken(loaded):
         raise RuntimeError("no GPU")
