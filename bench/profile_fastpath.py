@@ -143,26 +143,11 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
     for prefetch_k in (256, 512, 1024, 2560):
         variants.append({"pdl": True, "prefetch_k": prefetch_k, "prefetch_prefix": True})
     variants.append({"pdl": True, "prefetch_k": 512, "prefetch_prefix": False})
-    # The whole o_proj slice prefetched during attention, with fewer stages so its blocks fit
-    # on an SM beside the prefix attention's (and so start, and prefetch, early).
-    whole = {"prefetch_k": 1 << 16}
-    for options in (
-        {"o_proj": {**whole, "stages": 3}},
-        {"o_proj": {**whole, "stages": 4}},
-        {"o_proj": whole},
-        {"o_proj": {**whole, "stages": 3}, "qkv": {**whole, "stages": 3}},
-        {"o_proj": {**whole, "stages": 3}, "down": {"prefetch_k": 2048, "stages": 3}},
-    ):
-        variants.append({"pdl": True, "prefetch_k": 512, "prefetch_prefix": False,
-                         "product_options": options})
-    variants.append({"pdl": True, "prefetch_k": 512, "prefetch_prefix": True,
-                     "product_options": {"o_proj": {**whole, "stages": 3}}})
-    keys = ("pdl", "prefetch_k", "prefetch_prefix", "product_options")
-    saved = {key: getattr(dec, key) for key in keys}
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_prefix")}
     table, plain = [], None
     for variant in variants:
-        for key in keys:
-            setattr(dec, key, variant.get(key, saved[key]))
+        for key, value in variant.items():
+            setattr(dec, key, value)
         fast._slots.clear()  # fresh captures with this variant's launches
         try:
             logits = fast.first_logits(prefix, suffixes).float()

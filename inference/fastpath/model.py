@@ -251,9 +251,6 @@ class FastDecoder:
         # K/V prefetch measured no gain.)
         self.prefetch_k = 512
         self.prefetch_prefix = False
-        # Per product kind ("qkv", "o_proj", "gate_up", "down"): kernels.matmul options for
-        # PDL steps that replace the defaults (profile_fastpath --launch tries some).
-        self.product_options: dict[str, dict] = {}
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -441,7 +438,7 @@ class FastDecoder:
         for i, w in enumerate(self.layers):
             h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
             q = kernels.qk_norm_rope_store(
-                self._product(h, w.qkv, w.qkv_bias, kind="qkv"),
+                self._product(h, w.qkv, w.qkv_bias),
                 w.qk_norm,
                 cos,
                 sin,
@@ -471,10 +468,10 @@ class FastDecoder:
                 prefetch=self.prefetch_prefix,
             )
             h = kernels.add_rms_norm(
-                x, self._product(out, w.o_proj, kind="o_proj"), w.post_norm, self.eps, pdl=pdl
+                x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
             )
-            act = kernels.silu_mul(self._product(h, w.gate_up, kind="gate_up"), self.dtype, pdl=pdl)
-            delta = self._product(act, w.down, kind="down")
+            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype, pdl=pdl)
+            delta = self._product(act, w.down)
         h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
         state.lengths.add_(n_valid)
         if not all_logits:
@@ -487,12 +484,7 @@ class FastDecoder:
         return self.pdl and rows > 16
 
     def _product(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        kind: str = "",
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x @ weight.T as [parts, rows, N]: split-K Triton partials for a few rows (weight
         streaming), one cuBLAS product for more rows or with a bias. With PDL every product
@@ -508,14 +500,14 @@ class FastDecoder:
             )
         ):
             pdl = self._pdl(rows)
-            options = {
-                "pdl": pdl,
-                "prefetch_k": self.prefetch_k if pdl else 0,
-                "tma": self.tma and rows > 16,
-            }
-            if pdl:
-                options.update(self.product_options.get(kind, {}))
-            return kernels.matmul(x, weight, self.n_sms, **options)
+            return kernels.matmul(
+                x,
+                weight,
+                self.n_sms,
+                pdl=pdl,
+                prefetch_k=self.prefetch_k if pdl else 0,
+                tma=self.tma and rows > 16,
+            )
         return F.linear(x, weight, bias)[None]
 
 
