@@ -100,6 +100,20 @@ def _prefetch_l2(ptrs, nbytes):
     )
 
 
+@triton.jit
+def _start_after_previous_streaming_weights(
+    w_ptr, rn, N, K, k0, K_PER_SPLIT: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr
+):
+    """A product block's start under PDL: signal the next kernel, send the first PREFETCH_K
+    columns of this block's weight rows (from k0) to L2, then wait for the previous kernel."""
+    _start_dependents(PDL)
+    if PDL and PREFETCH_K > 0:
+        n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
+        nbytes = tl.where(rn < N, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
+        _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
+    _wait_for_previous(PDL)
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     # float32 models (tests, CPU interpreter) must not silently drop to tf32.
     return "ieee" if dtype == torch.float32 else None
@@ -138,12 +152,7 @@ def _matmul_partials_kernel(
     col_ok = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k0 = split * K_PER_SPLIT
-    _start_dependents(PDL)
-    if PDL and PREFETCH_K > 0:  # the first columns of this block's weight rows, before the wait
-        n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
-        nbytes = tl.where(col_ok, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
-        _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
-    _wait_for_previous(PDL)
+    _start_after_previous_streaming_weights(w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k = k0 + kk + rk
         k_ok = k < K
@@ -182,12 +191,7 @@ def _matmul_tma_kernel(
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = split * K_PER_SPLIT
-    _start_dependents(PDL)
-    if PDL and PREFETCH_K > 0:
-        n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
-        nbytes = tl.where(rn < N, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
-        _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
-    _wait_for_previous(PDL)
+    _start_after_previous_streaming_weights(w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         a = x_desc.load([0, k0 + kk])
@@ -242,29 +246,28 @@ def matmul(
     stages = max(2, min(stages, (200 << 10) // stage_bytes))
     splits, k_per_split = matmul_plan(n, k, n_sms, block_n=block_n, waves=waves, block_k=block_k)
     out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), splits)
+    sizes_and_options = dict(
+        K_PER_SPLIT=k_per_split,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PRECISION=_precision(x.dtype),
+        PDL=pdl,
+        PREFETCH_K=prefetch_k,
+        num_warps=4,
+        num_stages=stages,
+        **_launch(pdl),
+    )
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        _matmul_tma_kernel[(triton.cdiv(n, block_n), splits)](
-            TensorDescriptor.from_tensor(x, [block_m, block_k]),
-            TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-            weight,
-            out,
-            rows,
-            n,
-            k,
-            K_PER_SPLIT=k_per_split,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            PRECISION=_precision(x.dtype),
-            PDL=pdl,
-            PREFETCH_K=prefetch_k,
-            num_warps=4,
-            num_stages=stages,
-            **_launch(pdl),
-        )
-        return out
+        x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+        _matmul_tma_kernel[grid](x_desc, w_desc, weight, out, rows, n, k, **sizes_and_options)
+    else:
+        _matmul_partials_kernel[grid](x, weight, out, rows, n, k, **sizes_and_options)
+    return out
     _matmul_partials_kernel[(triton.cdiv(n, block_n), splits)](
         x,
         weight,
