@@ -61,6 +61,10 @@ def test_gpu_worker_reserves_a_gpu_and_runs_solo_with_prefetch_one(config) -> No
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    # Triton's compiled kernels live in a volume: a restarted worker does not recompile.
+    cache = gpu["environment"]["TRITON_CACHE_DIR"]
+    assert any(v["target"] == cache and v["source"] == "tritoncache" for v in gpu["volumes"])
+    assert gpu["environment"]["KV_STORE_DIR"] == "/var/lib/kvmarket/kv"  # the shared env kept
 
 
 def test_beat_uses_the_database_scheduler(config) -> None:
