@@ -70,6 +70,13 @@ class _Slot:
     def prefix(self) -> PrefixKV | None:
         return None if self._bound is None else self._bound()
 
+    @property
+    def nbytes(self) -> int:
+        """GPU memory of the suffix buffers (the graphs' own pool comes on top, about as
+        large: activations of the same batch)."""
+        state = self.state
+        return sum(t.numel() * t.element_size() for t in (*state.keys, *state.values))
+
     def bind(self, prefix: PrefixKV) -> None:
         if prefix is self.prefix:  # the table already points at it
             return
@@ -101,12 +108,16 @@ class FastReuse:
         capacity: int = 256,
         use_graphs: bool | None = None,
         max_slots: int = 48,
+        max_slot_bytes: int = 16 << 30,
         kernels: bool | None = None,
     ) -> None:
+        """max_slots, max_slot_bytes: slots kept (least recently used go first), by count and
+        by the bytes of their suffix buffers (a batch of 512 on Qwen3-4B holds 4.8 GB)."""
         self.decoder = FastDecoder(hf_model, kernels=kernels)
         self.capacity = capacity
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots
+        self.max_slot_bytes = max_slot_bytes
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._staging: OrderedDict[int, tuple[HostPrefix, DevicePrefix]] = OrderedDict()
         self._chain_stream: torch.cuda.Stream | None = None
@@ -142,10 +153,13 @@ class FastReuse:
                 capacity=capacity,
                 prefix_class=key[0] if self.decoder.kernels else None,
             )
-        self._slots[key] = slot  # the most recently used; the least go past max_slots
+        self._slots[key] = slot  # the most recently used; the least go past the limits
         self._slots.move_to_end(key)
-        while len(self._slots) > self.max_slots:
-            self._slots.popitem(last=False)
+        total = sum(s.nbytes for s in self._slots.values())
+        while len(self._slots) > 1 and (
+            len(self._slots) > self.max_slots or total > self.max_slot_bytes
+        ):
+            total -= self._slots.popitem(last=False)[1].nbytes
         slot.bind(prefix)
         return slot
 

@@ -270,6 +270,27 @@ def test_suffix_buffers_are_sized_to_the_request(loaded, shared_store, doc_keys)
             session.step([1] * (session.capacity - session.length + 1))
 
 
+def test_slots_past_the_byte_budget_go_least_recently_used_first(
+    loaded, shared_store, doc_keys
+):
+    """Slots hold suffix buffers of batch x capacity: a count limit alone would let a few large
+    batches take the GPU's memory. The slot in use is never the one dropped."""
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[3])
+    suffix = _suffix_ids(loaded, QUESTIONS[2])
+    probe = FastReuse(loaded.model, capacity=64)
+    probe.first_logits(prefix, [suffix])
+    one_row = next(iter(probe._slots.values())).nbytes
+    fast = FastReuse(loaded.model, capacity=64, max_slot_bytes=6 * one_row)
+    for batch in (1, 2, 4):  # 7 rows' worth: the oldest (1 row) must go
+        fast.first_logits(prefix, [suffix] * batch)
+    assert sorted(key[1] for key in fast._slots) == [2, 4]
+    assert sum(slot.nbytes for slot in fast._slots.values()) == 6 * one_row
+    fast.first_logits(prefix, [suffix] * 8)  # alone over the budget: kept, the rest dropped
+    assert [key[1] for key in fast._slots] == [8]
+    fast.first_logits(prefix, [suffix] * 2)
+    assert [key[1] for key in fast._slots] == [2]
+
+
 def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatch):
     from inference import warm_up
     from inference.engine import _fast_reuse
