@@ -59,6 +59,11 @@ class _Slot:
             else PrefixTable(len(decoder.layers), prefix_class, device, decoder.dtype)
         )
         self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=device)
+        # GPU memory of the suffix buffers (the graphs' own pool comes on top, about as large:
+        # activations of the same batch). Counted once: _slot() sums it on every request.
+        self.nbytes = sum(
+            t.numel() * t.element_size() for t in (*self.state.keys, *self.state.values)
+        )
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         # A private memory pool per slot: its graphs are freed together with it.
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
@@ -69,13 +74,6 @@ class _Slot:
     @property
     def prefix(self) -> PrefixKV | None:
         return None if self._bound is None else self._bound()
-
-    @property
-    def nbytes(self) -> int:
-        """GPU memory of the suffix buffers (the graphs' own pool comes on top, about as
-        large: activations of the same batch)."""
-        state = self.state
-        return sum(t.numel() * t.element_size() for t in (*state.keys, *state.values))
 
     def bind(self, prefix: PrefixKV) -> None:
         if prefix is self.prefix:  # the table already points at it
@@ -146,20 +144,22 @@ class FastReuse:
         else:  # graphs hold the addresses of this prefix's tensors
             key = (id(prefix), batch, capacity)
         slot = self._slots.get(key)
-        if slot is None or (not self.decoder.kernels and slot.prefix is not prefix):
+        created = slot is None or (not self.decoder.kernels and slot.prefix is not prefix)
+        if created:
             slot = _Slot(
                 self.decoder,
                 batch=batch,
                 capacity=capacity,
                 prefix_class=key[0] if self.decoder.kernels else None,
             )
-        self._slots[key] = slot  # the most recently used; the least go past the limits
+        self._slots[key] = slot  # the most recently used
         self._slots.move_to_end(key)
-        total = sum(s.nbytes for s in self._slots.values())
-        while len(self._slots) > 1 and (
-            len(self._slots) > self.max_slots or total > self.max_slot_bytes
-        ):
-            total -= self._slots.popitem(last=False)[1].nbytes
+        if created:  # only a new slot can pass the limits: the least recently used go
+            total = sum(s.nbytes for s in self._slots.values())
+            while len(self._slots) > 1 and (
+                len(self._slots) > self.max_slots or total > self.max_slot_bytes
+            ):
+                total -= self._slots.popitem(last=False)[1].nbytes
         slot.bind(prefix)
         return slot
 
