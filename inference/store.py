@@ -239,9 +239,12 @@ class KVStore:
             if host_art is not None:
                 check_manifest(host_art.manifest, loaded)
             else:
-                if self.pin_host_memory() is not None:  # evictions free arena blocks first
+                incoming = self._file_bytes(key)
+                # Evictions before the read free arena blocks for it (an artifact the tier
+                # cannot keep anyway evicts nothing).
+                if self.pin_host_memory() is not None and incoming <= self.host.budget:
                     with self._lock:
-                        self.host.make_room(self._file_bytes(key))
+                        self.host.make_room(incoming)
                 host_art, tier = self._load_cold(key, loaded)
                 if torch.cuda.is_available():
                     host_art = host_art.to("cpu", pin=True)

@@ -60,7 +60,7 @@ class _Slot:
         )
         self.state = SuffixState(decoder, batch=batch, capacity=capacity, device=device)
         # GPU memory of the suffix buffers (the graphs' own pool comes on top, about as large:
-        # activations of the same batch). Counted once: _slot() sums it on every request.
+        # activations of the same batch). Counted once: FastReuse sums it over its slots.
         self.nbytes = sum(
             t.numel() * t.element_size() for t in (*self.state.keys, *self.state.values)
         )

@@ -81,3 +81,25 @@ def test_store_reads_from_disk_into_its_arena_and_reuses_the_memory(loaded, tmp_
     gc.collect()
     reread = store.load(precomputed.key, loaded)
     assert reread.extras["host_prefix"].buffer.data_ptr() == first_pointer  # first fit again
+
+
+def test_the_host_tier_makes_room_before_a_read_so_it_lands_in_the_arena(loaded, tmp_path):
+    """Tier and arena hold one document: reading a second one evicts the first before the
+    read (freeing its block), instead of after it, when the read would have found no room."""
+    root = tmp_path / "kv"
+    seed = KVStore(root)
+    first, second = (precompute(loaded, doc, store=seed) for doc in DOCS[:2])
+    room = max(first.bytes, second.bytes) + 2 * PAGE
+    store = KVStore(root, host_bytes=room, pinned_bytes=room)
+    store.load(first.key, loaded)
+    gc.collect()
+    art, tier = store.load_with_tier(second.key, loaded)
+    assert tier == "disk" and list(store.host.items) == [second.key]
+    assert _inside(store.arena, art.extras["host_prefix"].buffer)
+    assert store.stats()["host"]["evictions"] == 1
+    # A document larger than the tier evicts nothing: it could not be kept anyway.
+    small = KVStore(root, host_bytes=first.bytes // 2, pinned_bytes=room)
+    small.host.items["placeholder"] = art
+    small.host.bytes = 1
+    assert small.load_with_tier(first.key, loaded)[1] == "disk"
+    assert "placeholder" in small.host.items
