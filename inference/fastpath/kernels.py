@@ -3,13 +3,13 @@
 Why: after CUDA graphs remove launch gaps, a reuse step is the weight-bound GEMMs plus ~50
 small elementwise kernels per layer (norms, rope, copies, the attention merge), each a few
 microseconds, and a prefix attention that puts too few thread blocks on the chip when a single
-request has 48 tokens. Here each layer's non-GEMM work is seven kernels:
+request has 48 tokens. Here each layer's non-GEMM work is six kernels:
 
 * add_rms_norm: residual add and RMSNorm in one pass;
 * qk_norm_rope_store: Qwen3's per-head q/k norm, rotary embedding, and the suffix KV write;
-* attention: the shared prefix split into KV chunks (flash-decoding), each row's own suffix
-  (causal, per-row lengths), and one kernel that merges the partial results by log-sum-exp
-  and writes them in the layout the output projection reads;
+* attention: one launch for the shared prefix split into KV chunks (flash-decoding) and each
+  row's own suffix (causal, per-row lengths), and one kernel that merges the partial results by
+  log-sum-exp and writes them in the layout the output projection reads;
 * silu_mul: the MLP activation.
 
 Each kernel rounds where transformers rounds (e.g. RMSNorm casts before its weight multiply,
@@ -536,40 +536,21 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
     tl.store(lse_ptr + idx, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["R", "layer"])
-def _prefix_attention_kernel(
-    q_ptr,
-    anchor_ptr,
-    table_ptr,
-    n_prefix_ptr,
-    out_ptr,
-    lse_ptr,
-    R,
-    layer,
-    qk_scale,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    SPLIT_LEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr,
-    PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+@triton.jit
+def _prefix_part(
+    q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, split, n_kv,
+    R, layer, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
     serves any prefix of its class; splits past the prefix's end store an empty part."""
-    pid_m = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    n_kv = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     dd = tl.arange(0, D)
     t = (rows // G).to(tl.int64)
-    _start_dependents(PDL)
 
     # The prefix's K/V are reached from the anchor (a pointer argument, so known to be 16-byte
     # aligned) by element offsets read from the table. Values read from memory carry no
@@ -610,41 +591,18 @@ def _prefix_attention_kernel(
     _store_partial(out_ptr, lse_ptr, part, acc, m_i, l_i, row_ok, D)
 
 
-@triton.jit(do_not_specialize=["part", "R", "S"])
-def _suffix_attention_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    out_ptr,
-    lse_ptr,
-    start_ptr,
-    n_valid_ptr,
-    part,
-    R,
-    S,
-    cache_b,
-    cache_h,
-    cache_n,
-    qk_scale,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    CAPACITY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+@triton.jit
+def _suffix_part(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, b, n_kv,
+    part, R, S, cache_b, cache_h, cache_n, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, CAPACITY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Each batch row's queries against its own suffix buffer: key j is visible to the query
     at position p when j <= p and j < start + n_valid (padding after a row stays invisible)."""
-    pid_m = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    b = tl.program_id(2)
-    n_kv = tl.num_programs(1)
+    _wait_for_previous(PDL)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
     row_ok = local < S * G
-    _start_dependents(PDL)
-    _wait_for_previous(PDL)
     s_pos = local // G
     t = (b * S + s_pos).to(tl.int64)
     dd = tl.arange(0, D)
@@ -671,6 +629,64 @@ def _suffix_attention_kernel(
     rows = b * S * G + local
     idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
+
+
+@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer"])
+def _attention_parts_kernel(
+    q_ptr,
+    anchor_ptr,
+    table_ptr,
+    n_prefix_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    start_ptr,
+    n_valid_ptr,
+    n_splits,
+    R,
+    S,
+    layer,
+    cache_b,
+    cache_h,
+    cache_n,
+    qk_scale,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,
+    PREFIX_BLOCK_M: tl.constexpr,
+    PREFIX_BLOCK_N: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    SUFFIX_BLOCK_M: tl.constexpr,
+    SUFFIX_BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Both segments' partial attention in one launch: programs along axis 2 below n_splits
+    take a split of the prefix, the others one batch row's suffix (its part comes last). One
+    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix)."""
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    z = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    _start_dependents(PDL)
+    if z < n_splits:
+        if pid_m * PREFIX_BLOCK_M < R:
+            _prefix_part(
+                q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
+                n_kv, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M, PREFIX_BLOCK_N,
+                PRECISION, SKIP_EMPTY, PDL, PREFETCH,
+            )
+    else:
+        if pid_m * SUFFIX_BLOCK_M < S * G:
+            _suffix_part(
+                q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
+                z - n_splits, n_kv, n_splits, R, S, cache_b, cache_h, cache_n, qk_scale, HQ, G,
+                D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+            )
 
 
 MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
@@ -784,9 +800,10 @@ def attention(
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
     [B*S, Hq*D] in q's dtype. The prefix is split by its table's capacity (its length class),
     so the launch is the same for every prefix of the class.
-    block_m ... skip_empty: the prefix kernel's configuration (bench/profile_fastpath.py sweeps
-    it). pdl: programmatic dependent launch (the prefix kernel prefetches its K/V into L2 before
-    it waits for q, with prefetch)."""
+    block_m ... skip_empty: the prefix part's configuration (bench/profile_fastpath.py sweeps
+    it). pdl: programmatic dependent launch (the prefix part prefetches its K/V into L2 before
+    it waits for q, with prefetch). Both segments' parts come from one launch, then one kernel
+    merges them."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
@@ -800,8 +817,20 @@ def attention(
     qk_scale = scale * LOG2E
     precision = _precision(q.dtype)
     warps = warps or (8 if block_m == 128 else 4)
-    _suffix_attention_kernel[(triton.cdiv(seq_len * group, 64), n_kv, batch)](
+    parts_pdl = pdl
+    if n_splits and wait is not None:  # the prefix is still being copied in, layer by layer
+        torch.cuda.current_stream().wait_event(wait)
+        # The launch must wait for the copy: the kernel reads K/V before its PDL wait, and a
+        # programmatic edge would only order it after the previous kernel's start.
+        parts_pdl = False
+    suffix_block_m = 64
+    m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
+                   triton.cdiv(seq_len * group, suffix_block_m))
+    _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
         q,
+        prefix.anchor if n_splits else q,
+        prefix.entries if n_splits else start,
+        prefix.n_tokens if n_splits else start,
         keys,
         values,
         parts,
@@ -811,6 +840,7 @@ def attention(
         n_splits,
         rows,
         seq_len,
+        layer,
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
@@ -818,45 +848,20 @@ def attention(
         HQ=n_heads,
         G=group,
         D=d,
+        SPLIT_LEN=max(split_len, block_n),  # without a prefix: never run, but compiled
+        PREFIX_BLOCK_M=block_m,
+        PREFIX_BLOCK_N=block_n,
         CAPACITY=keys.shape[2],
-        BLOCK_M=64,
-        BLOCK_N=32,
+        SUFFIX_BLOCK_M=suffix_block_m,
+        SUFFIX_BLOCK_N=32,
         PRECISION=precision,
-        PDL=pdl,
-        num_warps=4,
-        **_launch(pdl),
+        SKIP_EMPTY=skip_empty,
+        PDL=parts_pdl,
+        PREFETCH=prefetch,
+        num_warps=warps,
+        num_stages=stages,
+        **_launch(parts_pdl),
     )
-    if n_splits:
-        prefix_pdl = pdl
-        if wait is not None:  # the prefix is still being copied in, layer by layer
-            torch.cuda.current_stream().wait_event(wait)
-            # The launch must wait for the copy: the kernel reads K/V before its PDL wait, and
-            # a programmatic edge would only order it after the previous kernel's start.
-            prefix_pdl = False
-        _prefix_attention_kernel[(triton.cdiv(rows, block_m), n_kv, n_splits)](
-            q,
-            prefix.anchor,
-            prefix.entries,
-            prefix.n_tokens,
-            parts,
-            lse,
-            rows,
-            layer,
-            qk_scale,
-            HQ=n_heads,
-            G=group,
-            D=d,
-            SPLIT_LEN=split_len,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            PRECISION=precision,
-            SKIP_EMPTY=skip_empty,
-            PDL=prefix_pdl,
-            PREFETCH=prefetch,
-            num_warps=warps,
-            num_stages=stages,
-            **_launch(prefix_pdl),
-        )
     out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
         parts,
