@@ -106,15 +106,23 @@ class FastReuse:
         capacity: int = 256,
         use_graphs: bool | None = None,
         max_slots: int = 48,
-        max_slot_bytes: int = 16 << 30,
+        max_slot_bytes: int | None = None,
         kernels: bool | None = None,
     ) -> None:
         """max_slots, max_slot_bytes: slots kept (least recently used go first), by count and
-        by the bytes of their suffix buffers (a batch of 512 on Qwen3-4B holds 4.8 GB)."""
+        by the bytes of their suffix buffers (a batch of 512 on Qwen3-4B holds 4.8 GB); the
+        byte limit defaults to a fifth of the GPU's memory (16 GiB without one)."""
         self.decoder = FastDecoder(hf_model, kernels=kernels)
         self.capacity = capacity
         self.use_graphs = self.decoder.device.type == "cuda" if use_graphs is None else use_graphs
         self.max_slots = max_slots
+        if max_slot_bytes is None:
+            device = self.decoder.device
+            max_slot_bytes = (
+                torch.cuda.get_device_properties(device).total_memory // 5
+                if device.type == "cuda"
+                else 16 << 30
+            )
         self.max_slot_bytes = max_slot_bytes
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._staging: OrderedDict[int, tuple[HostPrefix, DevicePrefix]] = OrderedDict()
