@@ -201,6 +201,11 @@ def _matmul_tma_kernel(
     tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+# Products of at most this many rows are decode-sized: they get more, shallower split-K blocks,
+# pointer loads and plain launches (TMA and PDL measured no better or slower for them).
+DECODE_ROWS = 16
+
+
 def matmul_plan(
     n: int, k: int, n_sms: int, *, block_n: int = 64, waves: float = 2.0, block_k: int = 128
 ) -> tuple[int, int]:
@@ -215,7 +220,7 @@ def matmul_plan(
 def use_split_k(rows: int, n: int, n_sms: int) -> bool:
     """Where split-K beats one cuBLAS product (measured on H100/H200, bench/profile_fastpath.py
     --matmul): decode-sized products, and products whose column tiles alone leave SMs idle."""
-    return rows <= 16 or (rows <= 64 and triton.cdiv(n, 64) < 2 * n_sms)
+    return rows <= DECODE_ROWS or (rows <= 64 and triton.cdiv(n, 64) < 2 * n_sms)
 
 
 def matmul(
@@ -238,9 +243,9 @@ def matmul(
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
     if waves is None:  # the configs that measured best: more blocks for decode-sized products
-        waves = 2.0 if rows <= 16 else 1.0
+        waves = 2.0 if rows <= DECODE_ROWS else 1.0
     if stages is None:
-        stages = 3 if rows <= 16 else (6 if tma else 5)
+        stages = 3 if rows <= DECODE_ROWS else (6 if tma else 5)
     # As many pipeline stages as fit in shared memory (float32 tests need fewer).
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     stages = max(2, min(stages, (200 << 10) // stage_bytes))

@@ -481,7 +481,9 @@ class FastDecoder:
     def _pdl(self, rows: int) -> bool:
         """PDL for steps of many tokens only: on decode steps (a few rows, products split over
         two waves of blocks) it measured slower on an H100, 5.06 ms a step against 4.61."""
-        return self.pdl and rows > 16
+        from inference.fastpath.kernels import DECODE_ROWS
+
+        return self.pdl and rows > DECODE_ROWS
 
     def _product(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -492,21 +494,19 @@ class FastDecoder:
         from inference.fastpath import kernels
 
         rows = x.shape[0]
+        pdl = self._pdl(rows)
         if (
             bias is None
             and rows <= self.skinny_rows
-            and (
-                self._pdl(rows) or kernels.use_split_k(rows, weight.shape[0], self.n_sms)
-            )
+            and (pdl or kernels.use_split_k(rows, weight.shape[0], self.n_sms))
         ):
-            pdl = self._pdl(rows)
             return kernels.matmul(
                 x,
                 weight,
                 self.n_sms,
                 pdl=pdl,
                 prefetch_k=self.prefetch_k if pdl else 0,
-                tma=self.tma and rows > 16,
+                tma=self.tma and rows > kernels.DECODE_ROWS,
             )
         return F.linear(x, weight, bias)[None]
 

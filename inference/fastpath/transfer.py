@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -75,7 +76,7 @@ class PinnedArena:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor in the arena, or None when no free range is large enough
         (the caller falls back to a pinned allocation of its own)."""
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         size = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
         with self._lock:
             offset = self._take(size)
