@@ -691,10 +691,9 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
                 slot, ids, n_valid = fast._start(prefix, feeds, need=need)
                 logits = fast._step(slot, ids, n_valid, fresh=True)
             else:  # one token per live row
-                tokens = [pending[row][0] if row in pending else 0 for row in range(batch)]
+                tokens = [[pending[row][0] if row in pending else 0] for row in range(batch)]
                 live = [int(row in pending) for row in range(batch)]
-                packed = fast._to_device(tokens + live)  # one copy for both
-                ids, n_valid = packed[:batch].view(batch, 1), packed[batch:]
+                ids, n_valid = fast._ids_and_lengths(tokens, 1, lengths=live)
                 logits = fast._step(slot, ids, n_valid, fresh=False)
             greedy = logits.argmax(dim=-1).tolist()
             rows, pending = pending, {}

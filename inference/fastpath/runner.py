@@ -365,12 +365,14 @@ class FastReuse:
         return (slot, *self._ids_and_lengths(suffixes, longest))
 
     def _ids_and_lengths(
-        self, rows: list[list[int]], width: int
+        self, rows: list[list[int]], width: int, lengths: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows padded to width [B, width] and their lengths [B], on the device. They travel
-        in one copy: every copy adds to the request's latency."""
+        """rows padded to width [B, width] and their lengths [B] (default: the rows' own), on
+        the device. They travel in one copy: every copy adds to the request's latency."""
         flat = [t for row in rows for t in row + [0] * (width - len(row))]
-        packed = self._to_device(flat + [len(row) for row in rows])
+        if lengths is None:
+            lengths = [len(row) for row in rows]
+        packed = self._to_device(flat + lengths)
         return packed[: len(flat)].view(len(rows), width), packed[len(flat) :]
 
     def _to_device(self, values: list) -> torch.Tensor:
