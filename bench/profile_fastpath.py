@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kv_reuse_fast import build_model, hf_prefill  # noqa: E402
-from inference.fastpath.model import PrefixKV  # noqa: E402
+from inference.fastpath.model import DEFAULT_PREFETCH_NEXT, PrefixKV  # noqa: E402
 from inference.fastpath.runner import FastReuse  # noqa: E402
 
 
@@ -134,20 +134,52 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     return table
 
 
+# Plans of next-product weight prefetches (FastDecoder.prefetch_next) that --launch compares.
+PREFETCH_PLANS = {
+    "none": {},
+    "default": dict(DEFAULT_PREFETCH_NEXT),
+    "small": {
+        "input_norm": ("qkv", 0, 256),
+        "qk_rope": ("o_proj", 0, 256),
+        "attention": ("o_proj", 256, 768),
+        "merge": ("gate_up", 0, 256),
+        "post_norm": ("gate_up", 256, 512),
+        "silu": ("down", 0, 256),
+    },
+    "large": {
+        "input_norm": ("qkv", 0, 1024),
+        "qk_rope": ("o_proj", 0, 512),
+        "attention": ("o_proj", 512, 4096),
+        "merge": ("gate_up", 0, 1024),
+        "post_norm": ("gate_up", 1024, 1536),
+        "silu": ("down", 0, 1024),
+    },
+    "attention only": {"attention": ("o_proj", 0, 4096)},
+    "o_proj and gate_up": {
+        "qk_rope": ("o_proj", 0, 512),
+        "attention": ("o_proj", 512, 4096),
+        "merge": ("gate_up", 0, 512),
+        "post_norm": ("gate_up", 512, 768),
+    },
+}
+
+
 def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
     """The whole first step, one graph per launch variant: plain launches, then programmatic
-    dependent launch with more or less prefetching into L2. Each variant's logits are compared
-    bitwise with plain launches' (PDL changes when kernels start, never what they compute)."""
+    dependent launch with more or less prefetching into L2 (each product's own first columns,
+    prefetch_k, and the next product's weights from the kernels before it, prefetch_next).
+    Each variant's logits are compared bitwise with plain launches' (PDL and prefetches change
+    when kernels start and what sits in L2, never what they compute)."""
     dec = fast.decoder
-    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0, "prefetch_prefix": False}]
-    for prefetch_k in (256, 512, 1024, 2560):
-        variants.append({"pdl": True, "prefetch_k": prefetch_k, "prefetch_prefix": True})
-    variants.append({"pdl": True, "prefetch_k": 512, "prefetch_prefix": False})
-    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_prefix")}
+    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0, "prefetch_next": "none"}]
+    variants += [{"pdl": True, "prefetch_k": 512, "prefetch_next": plan} for plan in PREFETCH_PLANS]
+    variants += [{"pdl": True, "prefetch_k": 0, "prefetch_next": plan}
+                 for plan in ("default", "large")]
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_next")}
     table, plain = [], None
     for variant in variants:
         for key, value in variant.items():
-            setattr(dec, key, value)
+            setattr(dec, key, PREFETCH_PLANS[value] if key == "prefetch_next" else value)
         fast._slots.clear()  # fresh captures with this variant's launches
         try:
             logits = fast.first_logits(prefix, suffixes).float()
@@ -164,6 +196,62 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
     return table
 
 
+def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
+    """Each of a layer's non-product kernels alone, plain launches, 36 in a row in one graph
+    (as many as layers): what each costs when nothing overlaps it."""
+    from inference.fastpath import kernels
+    from inference.fastpath.model import PrefixTable, SuffixState
+
+    dec = fast.decoder
+    cuda = torch.device("cuda")
+    table = PrefixTable.of(prefix, len(prefix.layers), cuda, dec.dtype)
+    state = SuffixState(dec, batch=1, capacity=64, device=cuda)
+    n_valid = torch.full((1,), tokens, dtype=torch.long, device=cuda)
+    x = torch.randn(tokens, dec.hidden, device=cuda, dtype=dec.dtype)
+    delta = torch.randn(3, tokens, dec.hidden, device=cuda)
+    width = (dec.n_heads + 2 * dec.n_kv_heads) * dec.head_dim
+    qkv = torch.randn(1, tokens, width, device=cuda)
+    q = torch.randn(tokens, dec.n_heads * dec.head_dim, device=cuda, dtype=dec.dtype)
+    gate_up = torch.randn(1, tokens, 2 * dec.intermediate, device=cuda)
+    cos, sin = dec._rope_tables(torch.arange(tokens, device=cuda) + prefix.n_tokens)
+    w = dec.layers[0]
+    n_layers = len(dec.layers)
+
+    def attention(i: int, no_prefix: bool = False, **options) -> torch.Tensor:
+        return kernels.attention(
+            q, None if no_prefix else table, state.keys[i], state.values[i], layer=i,
+            start=state.lengths, n_valid=n_valid, seq_len=tokens, n_heads=dec.n_heads,
+            scale=dec.scale, n_sms=dec.n_sms, **options)
+
+    runs = {
+        "add_rms_norm (3 parts)": lambda i: kernels.add_rms_norm(x, delta, w.input_norm, dec.eps),
+        "qk_norm_rope_store": lambda i: kernels.qk_norm_rope_store(
+            qkv, w.qk_norm, cos, sin, keys=state.keys[i], values=state.values[i],
+            start=state.lengths, seq_len=tokens, n_heads=dec.n_heads,
+            n_kv_heads=dec.n_kv_heads, eps=dec.eps),
+        "attention parts + merge": attention,
+        "attention, merge of 4 parts x 8 rows": lambda i: attention(
+            i, merge_part_block=4, merge_block_m=8),
+        "attention, merge of 2 parts x 16 rows": lambda i: attention(
+            i, merge_part_block=2, merge_block_m=16),
+        "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
+        "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
+        "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),
+    }
+    rows = []
+    for name, fn in runs.items():
+        def run(fn=fn):
+            for i in range(n_layers):
+                fn(i)
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        ms = _ms_per_call(graph.replay, repeat=20)
+        rows.append({"kernel": name, "us_per_layer": round(ms * 1e3 / n_layers, 2)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
@@ -174,6 +262,7 @@ def main() -> None:
     parser.add_argument("--matmul", action="store_true", help="time split-K configs")
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
+    parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
     args = parser.parse_args()
     model = build_model(args.model_config, "cuda", torch.bfloat16)
     doc = torch.randint(0, 1000, (1, args.n_tokens), device="cuda")
@@ -219,6 +308,9 @@ def main() -> None:
             torch.cuda.synchronize()
         print(label)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    if args.kernels:
+        for line in kernel_table(fast, prefix, args.batch * args.suffix):
+            print(json.dumps(line), flush=True)
     if args.attention:
         table = attention_table(fast, prefix, args.batch * args.suffix)
         for line in sorted(table, key=lambda r: r.get("us_per_layer", 1e9))[:12]:
