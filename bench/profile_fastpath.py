@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kv_reuse_fast import build_model, hf_prefill  # noqa: E402
-from inference.fastpath.model import DEFAULT_PREFETCH_NEXT, PrefixKV  # noqa: E402
+from inference.fastpath.model import PrefixKV  # noqa: E402
 from inference.fastpath.runner import FastReuse  # noqa: E402
 
 
@@ -137,7 +137,14 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
 # Plans of next-product weight prefetches (FastDecoder.prefetch_next) that --launch compares.
 PREFETCH_PLANS = {
     "none": {},
-    "default": dict(DEFAULT_PREFETCH_NEXT),
+    "moderate": {
+        "input_norm": ("qkv", 0, 512),
+        "qk_rope": ("o_proj", 0, 512),
+        "attention": ("o_proj", 512, 1536),
+        "merge": ("gate_up", 0, 512),
+        "post_norm": ("gate_up", 512, 768),
+        "silu": ("down", 0, 512),
+    },
     "small": {
         "input_norm": ("qkv", 0, 256),
         "qk_rope": ("o_proj", 0, 256),
@@ -172,9 +179,11 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
     when kernels start and what sits in L2, never what they compute)."""
     dec = fast.decoder
     variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0, "prefetch_next": "none"}]
-    variants += [{"pdl": True, "prefetch_k": 512, "prefetch_next": plan} for plan in PREFETCH_PLANS]
-    variants += [{"pdl": True, "prefetch_k": 0, "prefetch_next": plan}
-                 for plan in ("default", "large")]
+    # "none" comes back between the others: a drift within the process (seen after large
+    # prefetches) would otherwise pass for a variant's cost.
+    for plan in ("none", "small", "attention only", "none", "o_proj and gate_up", "moderate",
+                 "none", "large", "none"):
+        variants.append({"pdl": True, "prefetch_k": 512, "prefetch_next": plan})
     saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_next")}
     table, plain = [], None
     for variant in variants:
@@ -223,6 +232,10 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
             start=state.lengths, n_valid=n_valid, seq_len=tokens, n_heads=dec.n_heads,
             scale=dec.scale, n_sms=dec.n_sms, **options)
 
+    def flash_prefix(i: int) -> torch.Tensor:
+        keys, values = prefix.layers[i]
+        return dec._prefix_attention(q.view(1, tokens, dec.n_heads, dec.head_dim), keys, values)
+
     runs = {
         "add_rms_norm (3 parts)": lambda i: kernels.add_rms_norm(x, delta, w.input_norm, dec.eps),
         "qk_norm_rope_store": lambda i: kernels.qk_norm_rope_store(
@@ -235,6 +248,14 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         "attention, merge of 2 parts x 16 rows": lambda i: attention(
             i, merge_part_block=2, merge_block_m=16),
         "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
+        "attention, suffix only, suffix blocks 16 x 64": lambda i: attention(
+            i, no_prefix=True, suffix_block_m=16, suffix_block_n=64),
+        "attention, prefix blocks of 32 rows": lambda i: attention(i, block_m=32),
+        "attention, 8 warps": lambda i: attention(i, warps=8),
+        "attention, 2 stages": lambda i: attention(i, stages=2),
+        "attention, 1 wave": lambda i: attention(i, waves=1.0),
+        "attention, 4 waves": lambda i: attention(i, waves=4.0),
+        "torch flash attention, prefix only (reference)": lambda i: flash_prefix(i),
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),
     }
@@ -248,7 +269,13 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         with torch.cuda.graph(graph):
             run()
         ms = _ms_per_call(graph.replay, repeat=20)
-        rows.append({"kernel": name, "us_per_layer": round(ms * 1e3 / n_layers, 2)})
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        each = {e.key[:40]: round(e.self_device_time_total / max(1, e.count), 2)
+                for e in prof.key_averages() if e.self_device_time_total > 0}
+        rows.append({"kernel": name, "us_per_layer": round(ms * 1e3 / n_layers, 2),
+                     "us_per_kernel": each})
     return rows
 
 
@@ -274,6 +301,9 @@ def main() -> None:
               "batch": args.batch, "suffix": args.suffix}
     fast = FastReuse(model, capacity=128)
     report["pdl"] = fast.decoder.pdl
+    if args.kernels:
+        for line in kernel_table(fast, prefix, args.batch * args.suffix):
+            print(json.dumps(line), flush=True)
     if args.launch:
         for line in launch_table(fast, prefix, suffixes):
             print(json.dumps(line), flush=True)
@@ -308,9 +338,6 @@ def main() -> None:
             torch.cuda.synchronize()
         print(label)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
-    if args.kernels:
-        for line in kernel_table(fast, prefix, args.batch * args.suffix):
-            print(json.dumps(line), flush=True)
     if args.attention:
         table = attention_table(fast, prefix, args.batch * args.suffix)
         for line in sorted(table, key=lambda r: r.get("us_per_layer", 1e9))[:12]:

@@ -910,6 +910,8 @@ def attention(
     merge_prefetch_next: WeightPrefetch | None = None,
     merge_block_m: int = 4,
     merge_part_block: int = 16,
+    suffix_block_m: int = 64,
+    suffix_block_n: int = 32,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
@@ -939,7 +941,6 @@ def attention(
         # The launch must wait for the copy: the kernel reads K/V before its PDL wait, and a
         # programmatic edge would only order it after the previous kernel's start.
         parts_pdl = False
-    suffix_block_m = 64
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
@@ -970,7 +971,7 @@ def attention(
         PREFIX_BLOCK_N=block_n,
         CAPACITY=keys.shape[2],
         SUFFIX_BLOCK_M=suffix_block_m,
-        SUFFIX_BLOCK_N=32,
+        SUFFIX_BLOCK_N=suffix_block_n,
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
         PDL=parts_pdl,

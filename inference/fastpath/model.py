@@ -32,17 +32,11 @@ from inference.errors import UnsupportedArchitecture
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "mistral", "qwen2")
 
-# The kernels between a layer's products and the product each one prefetches for (FastDecoder.
+# The kernels between a layer's products and the product each one may prefetch for (FastDecoder.
 # prefetch_next): input_norm -> qkv, qk_rope and attention -> o_proj, merge and post_norm ->
-# gate_up, silu -> down.
-DEFAULT_PREFETCH_NEXT = {
-    "input_norm": ("qkv", 0, 512),
-    "qk_rope": ("o_proj", 0, 512),
-    "attention": ("o_proj", 512, 1536),
-    "merge": ("gate_up", 0, 512),
-    "post_norm": ("gate_up", 512, 768),
-    "silu": ("down", 0, 512),
-}
+# gate_up, silu -> down. None by default: on an H100 every plan measured slower
+# (profile_fastpath --launch).
+DEFAULT_PREFETCH_NEXT: dict[str, tuple[str, int, int]] = {}
 
 
 def _flash_takes_grouped_heads() -> bool:
