@@ -134,61 +134,22 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     return table
 
 
-# Plans of next-product weight prefetches (FastDecoder.prefetch_next) that --launch compares.
-PREFETCH_PLANS = {
-    "none": {},
-    "moderate": {
-        "input_norm": ("qkv", 0, 512),
-        "qk_rope": ("o_proj", 0, 512),
-        "attention": ("o_proj", 512, 1536),
-        "merge": ("gate_up", 0, 512),
-        "post_norm": ("gate_up", 512, 768),
-        "silu": ("down", 0, 512),
-    },
-    "small": {
-        "input_norm": ("qkv", 0, 256),
-        "qk_rope": ("o_proj", 0, 256),
-        "attention": ("o_proj", 256, 768),
-        "merge": ("gate_up", 0, 256),
-        "post_norm": ("gate_up", 256, 512),
-        "silu": ("down", 0, 256),
-    },
-    "large": {
-        "input_norm": ("qkv", 0, 1024),
-        "qk_rope": ("o_proj", 0, 512),
-        "attention": ("o_proj", 512, 4096),
-        "merge": ("gate_up", 0, 1024),
-        "post_norm": ("gate_up", 1024, 1536),
-        "silu": ("down", 0, 1024),
-    },
-    "attention only": {"attention": ("o_proj", 0, 4096)},
-    "o_proj and gate_up": {
-        "qk_rope": ("o_proj", 0, 512),
-        "attention": ("o_proj", 512, 4096),
-        "merge": ("gate_up", 0, 512),
-        "post_norm": ("gate_up", 512, 768),
-    },
-}
-
-
 def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
     """The whole first step, one graph per launch variant: plain launches, then programmatic
-    dependent launch with more or less prefetching into L2 (each product's own first columns,
-    prefetch_k, and the next product's weights from the kernels before it, prefetch_next).
+    dependent launch with more or less prefetching into L2 (each product's first columns).
     Each variant's logits are compared bitwise with plain launches' (PDL and prefetches change
     when kernels start and what sits in L2, never what they compute)."""
     dec = fast.decoder
-    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0, "prefetch_next": "none"}]
-    # "none" comes back between the others: a drift within the process (seen after large
+    # The default comes back between the others: a drift within the process (seen after large
     # prefetches) would otherwise pass for a variant's cost.
-    for plan in ("none", "small", "attention only", "none", "o_proj and gate_up", "moderate",
-                 "none", "large", "none"):
-        variants.append({"pdl": True, "prefetch_k": 512, "prefetch_next": plan})
-    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "prefetch_next")}
+    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0}, {"pdl": True, "prefetch_k": 512},
+                {"pdl": True, "prefetch_k": 512, "fused_merge": False},
+                {"pdl": False, "fused_merge": False}, {"pdl": True, "prefetch_k": 512}]
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "fused_merge")}
     table, plain = [], None
     for variant in variants:
         for key, value in variant.items():
-            setattr(dec, key, PREFETCH_PLANS[value] if key == "prefetch_next" else value)
+            setattr(dec, key, value)
         fast._slots.clear()  # fresh captures with this variant's launches
         try:
             logits = fast.first_logits(prefix, suffixes).float()
@@ -242,19 +203,16 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
             qkv, w.qk_norm, cos, sin, keys=state.keys[i], values=state.values[i],
             start=state.lengths, seq_len=tokens, n_heads=dec.n_heads,
             n_kv_heads=dec.n_kv_heads, eps=dec.eps),
-        "attention parts + merge": attention,
-        "attention, merge of 4 parts x 8 rows": lambda i: attention(
-            i, merge_part_block=4, merge_block_m=8),
-        "attention, merge of 2 parts x 16 rows": lambda i: attention(
-            i, merge_part_block=2, merge_block_m=16),
-        "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
+        "attention parts, fused merge": attention,
+        "attention parts + merge kernel": lambda i: attention(i, fused_merge=False),
+        "attention, suffix only, fused merge": lambda i: attention(i, no_prefix=True),
+        "attention, suffix only + merge kernel": lambda i: attention(
+            i, no_prefix=True, fused_merge=False),
         "attention, suffix only, suffix blocks 16 x 64": lambda i: attention(
             i, no_prefix=True, suffix_block_m=16, suffix_block_n=64),
-        "attention, prefix blocks of 32 rows": lambda i: attention(i, block_m=32),
-        "attention, 8 warps": lambda i: attention(i, warps=8),
-        "attention, 2 stages": lambda i: attention(i, stages=2),
         "attention, 1 wave": lambda i: attention(i, waves=1.0),
         "attention, 4 waves": lambda i: attention(i, waves=4.0),
+        "attention, 1 wave, merge kernel": lambda i: attention(i, waves=1.0, fused_merge=False),
         "torch flash attention, prefix only (reference)": lambda i: flash_prefix(i),
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),

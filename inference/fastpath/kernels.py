@@ -20,7 +20,6 @@ in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -113,65 +112,6 @@ def _start_after_previous_streaming_weights(
         nbytes = tl.where(rn < N, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
         _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
     _wait_for_previous(PDL)
-
-
-@triton.jit
-def _prefetch_next_weights(w_ptr, n_rows, K, k_per_split, n_splits, lo, hi, ENABLED: tl.constexpr):
-    """Send columns [lo, hi) of every K-split of the next product's weight [n_rows, K] into L2,
-    spread over this kernel's programs (see WeightPrefetch)."""
-    if ENABLED:
-        CHUNKS: tl.constexpr = 64
-        n0 = tl.num_programs(0)
-        n1 = tl.num_programs(1)
-        pid = (tl.program_id(2) * n1 + tl.program_id(1)) * n0 + tl.program_id(0)
-        n_chunks = n_rows * n_splits
-        for first in range(pid * CHUNKS, n_chunks, n0 * n1 * tl.num_programs(2) * CHUNKS):
-            chunk = first + tl.arange(0, CHUNKS)
-            k0 = (chunk % n_splits) * k_per_split + lo
-            n_k = tl.maximum(tl.minimum(hi - lo, K - k0), 0)
-            size = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-            nbytes = tl.where(chunk < n_chunks, n_k * size, 0)
-            _prefetch_l2(w_ptr + (chunk // n_splits).to(tl.int64) * K + k0, nbytes.to(tl.int32))
-
-
-@dataclass(frozen=True)
-class WeightPrefetch:
-    """Columns [lo, hi) of every K-split of a product's weight, for a kernel that runs before
-    the product to send into L2.
-
-    Why: between two products run latency-bound kernels (norms, rope, attention, the merge)
-    that leave memory idle for microseconds, and a product block can only prefetch its own
-    weights once it is resident, after the kernel before it has left the SM. Weights are no
-    kernel's output, so the kernel before prefetches them ahead of its PDL wait: they stream in
-    while that kernel (and the tail of the one before it) runs, and the product's first tiles
-    come from L2. Nothing computed changes."""
-
-    weight: torch.Tensor  # [N, K], K contiguous
-    k_per_split: int  # the product's K-split (matmul_plan): each block starts at s * k_per_split
-    lo: int
-    hi: int
-
-    def __post_init__(self) -> None:
-        # cp.async.bulk.prefetch needs 16-byte aligned addresses and sizes.
-        step = 16 // self.weight.element_size()
-        if self.weight.stride(-1) != 1 or any(
-            v % step for v in (self.weight.shape[1], self.k_per_split, self.lo, self.hi)
-        ):
-            raise ValueError("weight prefetches need 16-byte aligned rows and column ranges")
-
-    def args(self) -> tuple:
-        n, k = self.weight.shape
-        hi = min(self.hi, self.k_per_split)
-        return (self.weight, n, k, self.k_per_split, triton.cdiv(k, self.k_per_split), self.lo, hi)
-
-
-# Run-time sizes of a kernel's WeightPrefetch (do_not_specialize: one variant for all weights).
-_PREFETCH_SIZES = ["pf_rows", "pf_k", "pf_k_per_split", "pf_splits", "pf_lo", "pf_hi"]
-
-
-def _prefetch_args(prefetch: WeightPrefetch | None, dummy: torch.Tensor) -> tuple:
-    """A kernel's prefetch arguments (pointer and sizes; its PREFETCH_NEXT says whether)."""
-    return (dummy, 0, 0, 1, 1, 0, 0) if prefetch is None else prefetch.args()
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -277,17 +217,6 @@ def matmul_plan(
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-def _default_waves(rows: int) -> float:
-    """The configs that measured best: more blocks for decode-sized products."""
-    return 2.0 if rows <= DECODE_ROWS else 1.0
-
-
-def default_k_per_split(rows: int, weight: torch.Tensor, n_sms: int) -> int:
-    """K per split of matmul's default plan for `rows` rows (what a WeightPrefetch follows)."""
-    n, k = weight.shape
-    return matmul_plan(n, k, n_sms, waves=_default_waves(rows))[1]
-
-
 def use_split_k(rows: int, n: int, n_sms: int) -> bool:
     """Where split-K beats one cuBLAS product (measured on H100/H200, bench/profile_fastpath.py
     --matmul): decode-sized products, and products whose column tiles alone leave SMs idle."""
@@ -313,8 +242,8 @@ def matmul(
     rows, k = x.shape
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
-    if waves is None:
-        waves = _default_waves(rows)
+    if waves is None:  # the configs that measured best: more blocks for decode-sized products
+        waves = 2.0 if rows <= DECODE_ROWS else 1.0
     if stages is None:
         stages = 3 if rows <= DECODE_ROWS else (6 if tma else 5)
     # As many pipeline stages as fit in shared memory (float32 tests need fewer).
@@ -356,7 +285,7 @@ def _sum_parts(ptr, offsets, mask, part_stride, PARTS: tl.constexpr, dtype: tl.c
 
 
 # --- RMSNorm with the residual add -----------------------------------------------------------
-@triton.jit(do_not_specialize=["n_rows", *_PREFETCH_SIZES])
+@triton.jit(do_not_specialize=["n_rows"])
 def _add_rms_norm_kernel(
     x_ptr,
     delta_ptr,
@@ -365,26 +294,15 @@ def _add_rms_norm_kernel(
     n_rows,
     n_cols,
     eps,
-    pf_ptr,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
-    pf_splits,
-    pf_lo,
-    pf_hi,
     HAS_DELTA: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH_NEXT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     _start_dependents(PDL)
-    _prefetch_next_weights(
-        pf_ptr, pf_rows, pf_k, pf_k_per_split, pf_splits, pf_lo, pf_hi, PREFETCH_NEXT
-    )
     _wait_for_previous(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # x += delta, rounded to the model dtype as transformers' residual add is
@@ -407,10 +325,9 @@ def add_rms_norm(
     eps: float,
     *,
     pdl: bool = False,
-    prefetch_next: WeightPrefetch | None = None,
 ) -> torch.Tensor:
     """x += delta (in place, when given; delta is [parts, rows, hidden], summed first);
-    returns rms_norm(x) * weight. x is [rows, hidden]. prefetch_next: weights to send to L2."""
+    returns rms_norm(x) * weight. x is [rows, hidden]."""
     rows, n_cols = x.shape
     out = torch.empty_like(x)
     _add_rms_norm_kernel[(rows,)](
@@ -421,9 +338,7 @@ def add_rms_norm(
         rows,
         n_cols,
         eps,
-        *_prefetch_args(prefetch_next, x),
         HAS_DELTA=delta is not None,
-        PREFETCH_NEXT=prefetch_next is not None,
         PARTS=1 if delta is None else delta.shape[0],
         BLOCK=triton.next_power_of_2(n_cols),
         PDL=pdl,
@@ -434,7 +349,7 @@ def add_rms_norm(
 
 
 # --- q/k norm, rope, KV write ----------------------------------------------------------------
-@triton.jit(do_not_specialize=["S", "n_tokens", "capacity", *_PREFETCH_SIZES])
+@triton.jit(do_not_specialize=["S", "n_tokens", "capacity"])
 def _qk_norm_rope_store_kernel(
     qkv_ptr,
     norm_ptr,
@@ -451,13 +366,6 @@ def _qk_norm_rope_store_kernel(
     cache_b,
     cache_h,
     cache_n,
-    pf_ptr,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
-    pf_splits,
-    pf_lo,
-    pf_hi,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -465,12 +373,8 @@ def _qk_norm_rope_store_kernel(
     PARTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH_NEXT: tl.constexpr,
 ):
     _start_dependents(PDL)
-    _prefetch_next_weights(
-        pf_ptr, pf_rows, pf_k, pf_k_per_split, pf_splits, pf_lo, pf_hi, PREFETCH_NEXT
-    )
     _wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)  # token row: batch row b = t // S, position s = t % S
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -537,7 +441,6 @@ def qk_norm_rope_store(
     n_kv_heads: int,
     eps: float,
     pdl: bool = False,
-    prefetch_next: WeightPrefetch | None = None,
 ) -> torch.Tensor:
     """qkv [parts, B*S, (Hq + 2 Hkv) * D] (partial products, summed first) -> q [B*S, Hq * D]
     (normed, rotated); k and v are written to keys/values [B, Hkv, C, D] at each row's
@@ -562,10 +465,8 @@ def qk_norm_rope_store(
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
-        *_prefetch_args(prefetch_next, keys),
         HQ=n_heads,
         HKV=n_kv_heads,
-        PREFETCH_NEXT=prefetch_next is not None,
         D=d,
         HAS_NORM=norm is not None,
         PARTS=parts,
@@ -716,7 +617,7 @@ def _suffix_part(
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
 
 
-@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer", *_PREFETCH_SIZES])
+@triton.jit(do_not_specialize=["n_granules", "n_splits", "R", "S", "layer"])
 def _attention_parts_kernel(
     q_ptr,
     anchor_ptr,
@@ -728,6 +629,10 @@ def _attention_parts_kernel(
     lse_ptr,
     start_ptr,
     n_valid_ptr,
+    merged_ptr,
+    counters_ptr,
+    expected_ptr,
+    n_granules,
     n_splits,
     R,
     S,
@@ -736,13 +641,6 @@ def _attention_parts_kernel(
     cache_h,
     cache_n,
     qk_scale,
-    pf_ptr,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
-    pf_splits,
-    pf_lo,
-    pf_hi,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -756,100 +654,138 @@ def _attention_parts_kernel(
     SKIP_EMPTY: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
-    PREFETCH_NEXT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
+    MAX_PARTS: tl.constexpr,
+    MAX_TOUCH: tl.constexpr,
 ):
     """Both segments' partial attention in one launch: programs along axis 2 below n_splits
     take a split of the prefix, the others one batch row's suffix (its part comes last). One
-    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix)."""
+    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix).
+    With FUSED_MERGE the last program to store a part of a granule of rows merges it (into
+    merged_ptr): no merge kernel, and no launch between the parts and their merge."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     z = tl.program_id(2)
     n_kv = tl.num_programs(1)
     _start_dependents(PDL)
-    _prefetch_next_weights(
-        pf_ptr, pf_rows, pf_k, pf_k_per_split, pf_splits, pf_lo, pf_hi, PREFETCH_NEXT
-    )
     if z < n_splits:
-        if pid_m * PREFIX_BLOCK_M < R:
+        first_row = pid_m * PREFIX_BLOCK_M
+        end_row = tl.minimum(first_row + PREFIX_BLOCK_M, R)
+        if first_row < R:
             _prefix_part(
                 q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
                 n_kv, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M, PREFIX_BLOCK_N,
                 PRECISION, SKIP_EMPTY, PDL, PREFETCH,
             )
     else:
+        row_start = (z - n_splits) * S * G
+        first_row = row_start + pid_m * SUFFIX_BLOCK_M
+        end_row = row_start + tl.minimum((pid_m + 1) * SUFFIX_BLOCK_M, S * G)
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
                 q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
                 z - n_splits, n_kv, n_splits, R, S, cache_b, cache_h, cache_n, qk_scale, HQ, G,
                 D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
             )
+    if FUSED_MERGE:
+        if first_row < end_row:  # this program stored a part
+            _merge_if_last(
+                out_ptr, lse_ptr, merged_ptr, counters_ptr, expected_ptr, n_granules, first_row,
+                end_row, kv_head, n_kv, R, n_splits + 1, MAX_PARTS, HQ, G, D, PREFIX_BLOCK_M,
+                MAX_TOUCH,
+            )
 
 
 MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
 
 
-@triton.jit(do_not_specialize=["R", "n_parts", *_PREFETCH_SIZES])
-def _merge_kernel(
-    parts_ptr,
-    lse_ptr,
-    out_ptr,
-    R,
-    n_parts,
-    pf_ptr,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
-    pf_splits,
-    pf_lo,
-    pf_hi,
-    MAX_PARTS: tl.constexpr,
-    PART_BLOCK: tl.constexpr,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
+@triton.jit
+def _merge_rows(
+    parts_ptr, lse_ptr, out_ptr, rows, row_ok, kv_head, n_kv, R, n_parts,
+    MAX_PARTS: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    PDL: tl.constexpr,
-    PREFETCH_NEXT: tl.constexpr,
 ):
-    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D].
-
-    PART_BLOCK parts are loaded at once (their loads are independent: one memory round trip
-    instead of one per part), with a running maximum across blocks of parts."""
-    _start_dependents(PDL)
-    _prefetch_next_weights(
-        pf_ptr, pf_rows, pf_k, pf_k_per_split, pf_splits, pf_lo, pf_hi, PREFETCH_NEXT
-    )
-    _wait_for_previous(PDL)
-    pid_m = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    n_kv = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
+    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m) for these query rows of one kv
+    head, written as [tokens, Hq * D]. One pass with a running maximum (as flash attention
+    does over key blocks). Loads skip L1: other programs of the same launch wrote the parts."""
     dd = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # The number of parts is a run-time value (one compiled kernel for every document length)
     # under a static bound: loops to run-time bounds don't run in Triton's interpreter.
-    for first in range(0, MAX_PARTS, PART_BLOCK):
-        if first < n_parts:
-            p = first + tl.arange(0, PART_BLOCK)
-            ok = (p < n_parts)[:, None] & row_ok[None, :]
-            idx = (p[:, None] * n_kv + kv_head).to(tl.int64) * R + rows[None, :]  # [P, M]
-            lse = tl.load(lse_ptr + idx, mask=ok, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
+    for p in range(MAX_PARTS):
+        if p < n_parts:
+            idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
+            lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
             alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(lse - m_safe[None, :])
+            w = tl.math.exp2(lse - m_safe)
             o = tl.load(
-                parts_ptr + idx[:, :, None] * D + dd[None, None, :], mask=ok[:, :, None], other=0.0
+                parts_ptr + idx[:, None] * D + dd[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+                cache_modifier=".cg",
             )
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
-            total = total * alpha + tl.sum(w, axis=0)
+            acc = acc * alpha[:, None] + w[:, None] * o
+            total = total * alpha + w
             m = m_new
     t = (rows // G).to(tl.int64)
     o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["R", "n_parts"])
+def _merge_kernel(
+    parts_ptr,
+    lse_ptr,
+    out_ptr,
+    R,
+    n_parts,
+    MAX_PARTS: tl.constexpr,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The parts' merge as a kernel of its own (attention(fused_merge=False))."""
+    _start_dependents(PDL)
+    _wait_for_previous(PDL)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _merge_rows(
+        parts_ptr, lse_ptr, out_ptr, rows, rows < R, tl.program_id(1), tl.num_programs(1), R,
+        n_parts, MAX_PARTS, HQ, G, D, BLOCK_M,
+    )
+
+
+@triton.jit
+def _merge_if_last(
+    parts_ptr, lse_ptr, out_ptr, counters_ptr, expected_ptr, n_granules, first_row, end_row,
+    kv_head, n_kv, R, n_parts,
+    MAX_PARTS: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    GRANULE: tl.constexpr, MAX_TOUCH: tl.constexpr,
+):
+    """After a program stored its part for query rows [first_row, end_row): take a ticket for
+    each granule (GRANULE rows) those rows touch; the program that completes a granule (every
+    part that covers it is stored) merges it and puts its counter back to 0 for the next
+    launch. The stores before the barrier and the release of the ticket make this program's
+    part visible to whichever program merges."""
+    tl.debug_barrier()
+    g0 = first_row // GRANULE
+    for i in tl.static_range(MAX_TOUCH):
+        g = g0 + i
+        if g * GRANULE < end_row:
+            counter = counters_ptr + kv_head * n_granules + g
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == tl.load(expected_ptr + g) - 1:
+                tl.store(counter, 0)
+                rows = g * GRANULE + tl.arange(0, GRANULE)
+                _merge_rows(
+                    parts_ptr, lse_ptr, out_ptr, rows, rows < R, kv_head, n_kv, R, n_parts,
+                    MAX_PARTS, HQ, G, D, GRANULE,
+                )
 
 
 def prefix_splits(
@@ -875,6 +811,40 @@ def prefix_splits(
     want = min(32, max(1, triton.cdiv(int(waves * n_sms), blocks)))
     split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
     return triton.cdiv(n_prefix, split_len), split_len
+
+
+_MERGE_TICKETS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _merge_tickets(
+    rows: int,
+    row_rows: int,
+    batch: int,
+    n_kv: int,
+    n_splits: int,
+    granule: int,
+    suffix_block_m: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a fused merge: how many programs store a part covering each granule of query rows
+    (every prefix split, and each batch row's suffix blocks that reach into it), and the
+    per-(kv head, granule) ticket counters, zero between launches. Made once per launch shape,
+    outside graph capture (the step's warm-up makes them); the counters are shared by every
+    launch of the shape, which the stream runs one after another."""
+    key = (rows, row_rows, batch, n_kv, n_splits, granule, suffix_block_m, str(device))
+    if key not in _MERGE_TICKETS:
+        n_granules = triton.cdiv(rows, granule)
+        expected = [n_splits] * n_granules
+        for b in range(batch):
+            for first in range(0, row_rows, suffix_block_m):
+                end = b * row_rows + min(first + suffix_block_m, row_rows)
+                for g in range((b * row_rows + first) // granule, (end - 1) // granule + 1):
+                    expected[g] += 1
+        _MERGE_TICKETS[key] = (
+            torch.tensor(expected, dtype=torch.int32, device=device),
+            torch.zeros((n_kv, n_granules), dtype=torch.int32, device=device),
+        )
+    return _MERGE_TICKETS[key]
 
 
 def _block_m(rows: int, n_kv_heads: int) -> int:
@@ -905,13 +875,10 @@ def attention(
     waves: float = 2.0,
     skip_empty: bool = True,
     pdl: bool = False,
-    prefetch_prefix: bool = True,
-    prefetch_next: WeightPrefetch | None = None,
-    merge_prefetch_next: WeightPrefetch | None = None,
-    merge_block_m: int = 4,
-    merge_part_block: int = 16,
+    prefetch: bool = True,
     suffix_block_m: int = 64,
     suffix_block_n: int = 32,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
@@ -919,9 +886,8 @@ def attention(
     so the launch is the same for every prefix of the class.
     block_m ... skip_empty: the prefix part's configuration (bench/profile_fastpath.py sweeps
     it). pdl: programmatic dependent launch (the prefix part prefetches its K/V into L2 before
-    it waits for q, with prefetch_prefix). Both segments' parts come from one launch, then one
-    kernel merges them; prefetch_next and merge_prefetch_next: weights each of the two sends
-    to L2 (WeightPrefetch)."""
+    it waits for q, with prefetch). Both segments' parts come from one launch, then one kernel
+    merges them."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
@@ -943,6 +909,13 @@ def attention(
         parts_pdl = False
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
+    out = torch.empty_like(q)
+    if fused_merge:
+        expected, counters = _merge_tickets(
+            rows, seq_len * group, batch, n_kv, n_splits, block_m, suffix_block_m, q.device
+        )
+    else:
+        expected = counters = start
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
         q,
         prefix.anchor if n_splits else q,
@@ -954,6 +927,10 @@ def attention(
         lse,
         start,
         n_valid,
+        out,
+        counters,
+        expected,
+        counters.shape[-1] if fused_merge else 0,
         n_splits,
         rows,
         seq_len,
@@ -962,7 +939,6 @@ def attention(
         keys.stride(1),
         keys.stride(2),
         qk_scale,
-        *_prefetch_args(prefetch_next, q),
         HQ=n_heads,
         G=group,
         D=d,
@@ -975,56 +951,39 @@ def attention(
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
         PDL=parts_pdl,
-        PREFETCH=prefetch_prefix,
-        PREFETCH_NEXT=prefetch_next is not None,
+        PREFETCH=prefetch,
+        FUSED_MERGE=fused_merge,
+        MAX_PARTS=MAX_PARTS,
+        MAX_TOUCH=triton.cdiv(suffix_block_m, block_m) + 1,
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),
     )
-    out = torch.empty_like(q)
-    _merge_kernel[(triton.cdiv(rows, merge_block_m), n_kv)](
+    if fused_merge:
+        return out
+    _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
         parts,
         lse,
         out,
         rows,
         n_splits + 1,
-        *_prefetch_args(merge_prefetch_next, q),
         MAX_PARTS=MAX_PARTS,
-        PART_BLOCK=merge_part_block,
         HQ=n_heads,
         G=group,
         D=d,
-        BLOCK_M=merge_block_m,
+        BLOCK_M=16,
         PDL=pdl,
-        PREFETCH_NEXT=merge_prefetch_next is not None,
         **_launch(pdl),
     )
     return out
 
 
 # --- MLP activation -------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["n_rows", *_PREFETCH_SIZES])
+@triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(
-    x_ptr,
-    out_ptr,
-    n_rows,
-    inter,
-    pf_ptr,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
-    pf_splits,
-    pf_lo,
-    pf_hi,
-    PARTS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-    PREFETCH_NEXT: tl.constexpr,
+    x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
     _start_dependents(PDL)
-    _prefetch_next_weights(
-        pf_ptr, pf_rows, pf_k, pf_k_per_split, pf_splits, pf_lo, pf_hi, PREFETCH_NEXT
-    )
     _wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -1038,13 +997,7 @@ def _silu_mul_kernel(
     tl.store(out_ptr + t * inter + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
 
 
-def silu_mul(
-    gate_up: torch.Tensor,
-    dtype: torch.dtype,
-    *,
-    pdl: bool = False,
-    prefetch_next: WeightPrefetch | None = None,
-) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype, *, pdl: bool = False) -> torch.Tensor:
     """[parts, rows, 2I] (gate then up, partial products summed first) -> silu(gate) * up,
     [rows, I] in dtype."""
     parts, rows, width = gate_up.shape
@@ -1052,16 +1005,7 @@ def silu_mul(
     out = torch.empty((rows, inter), dtype=dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up,
-        out,
-        rows,
-        inter,
-        *_prefetch_args(prefetch_next, out),
-        PARTS=parts,
-        BLOCK=block,
-        PDL=pdl,
-        PREFETCH_NEXT=prefetch_next is not None,
-        **_launch(pdl),
+        gate_up, out, rows, inter, PARTS=parts, BLOCK=block, PDL=pdl, **_launch(pdl)
     )
     return out
 

@@ -32,12 +32,6 @@ from inference.errors import UnsupportedArchitecture
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "mistral", "qwen2")
 
-# The kernels between a layer's products and the product each one may prefetch for (FastDecoder.
-# prefetch_next): input_norm -> qkv, qk_rope and attention -> o_proj, merge and post_norm ->
-# gate_up, silu -> down. None by default: on an H100 every plan measured slower
-# (profile_fastpath --launch).
-DEFAULT_PREFETCH_NEXT: dict[str, tuple[str, int, int]] = {}
-
 
 def _flash_takes_grouped_heads() -> bool:
     """Whether this build's flash kernel accepts fewer K/V heads than query heads."""
@@ -257,10 +251,8 @@ class FastDecoder:
         # K/V prefetch measured no gain.)
         self.prefetch_k = 512
         self.prefetch_prefix = False
-        # With PDL: which columns (of every K-split) of the next product's weights each
-        # latency-bound kernel sends to L2 ahead of its wait, while memory would be idle
-        # (kernels.WeightPrefetch): kernel -> (product, first column, end column).
-        self.prefetch_next: dict[str, tuple[str, int, int]] = dict(DEFAULT_PREFETCH_NEXT)
+        # The attention's last program per block of rows merges the parts (kernels.attention).
+        self.fused_merge = True
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -446,10 +438,7 @@ class FastDecoder:
         delta = None
         pdl = self._pdl(b * s)
         for i, w in enumerate(self.layers):
-            nxt = self._weight_prefetches(w, b * s) if pdl else {}
-            h = kernels.add_rms_norm(
-                x, delta, w.input_norm, self.eps, pdl=pdl, prefetch_next=nxt.get("input_norm")
-            )
+            h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
             q = kernels.qk_norm_rope_store(
                 self._product(h, w.qkv, w.qkv_bias),
                 w.qk_norm,
@@ -463,7 +452,6 @@ class FastDecoder:
                 n_kv_heads=self.n_kv_heads,
                 eps=self.eps,
                 pdl=pdl,
-                prefetch_next=nxt.get("qk_rope"),
             )
             out = kernels.attention(
                 q,
@@ -479,41 +467,19 @@ class FastDecoder:
                 layer=i,
                 wait=None if layer_ready is None else layer_ready[i],
                 pdl=pdl,
-                prefetch_prefix=self.prefetch_prefix,
-                prefetch_next=nxt.get("attention"),
-                merge_prefetch_next=nxt.get("merge"),
+                prefetch=self.prefetch_prefix,
+                fused_merge=self.fused_merge,
             )
             h = kernels.add_rms_norm(
-                x,
-                self._product(out, w.o_proj),
-                w.post_norm,
-                self.eps,
-                pdl=pdl,
-                prefetch_next=nxt.get("post_norm"),
+                x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
             )
-            act = kernels.silu_mul(
-                self._product(h, w.gate_up), self.dtype, pdl=pdl, prefetch_next=nxt.get("silu")
-            )
+            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype, pdl=pdl)
             delta = self._product(act, w.down)
         h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
         state.lengths.add_(n_valid)
         if not all_logits:
             h = h[torch.arange(b, device=h.device), n_valid - 1]
         return F.linear(h, self.lm_head)
-
-    def _weight_prefetches(self, w: LayerWeights, rows: int) -> dict:
-        """This layer's prefetch_next as kernels.WeightPrefetch jobs, by kernel (only products
-        that run on the split-K kernel: their K-split is known)."""
-        from inference.fastpath.kernels import WeightPrefetch, default_k_per_split
-
-        jobs = {}
-        for kernel, (product, lo, hi) in self.prefetch_next.items():
-            weight = getattr(w, product)
-            bias = w.qkv_bias if product == "qkv" else None
-            if hi > lo and self._split_k(rows, weight, bias):
-                k_per_split = default_k_per_split(rows, weight, self.n_sms)
-                jobs[kernel] = WeightPrefetch(weight, k_per_split, lo, hi)
-        return jobs
 
     def _pdl(self, rows: int) -> bool:
         """PDL for steps of many tokens only: on decode steps (a few rows, products split over
@@ -532,7 +498,11 @@ class FastDecoder:
 
         rows = x.shape[0]
         pdl = self._pdl(rows)
-        if self._split_k(rows, weight, bias):
+        if (
+            bias is None
+            and rows <= self.skinny_rows
+            and (pdl or kernels.use_split_k(rows, weight.shape[0], self.n_sms))
+        ):
             return kernels.matmul(
                 x,
                 weight,
@@ -542,16 +512,6 @@ class FastDecoder:
                 tma=self.tma and rows > kernels.DECODE_ROWS,
             )
         return F.linear(x, weight, bias)[None]
-
-    def _split_k(self, rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether this product runs on the split-K Triton kernel (else cuBLAS)."""
-        from inference.fastpath import kernels
-
-        return (
-            bias is None
-            and rows <= self.skinny_rows
-            and (self._pdl(rows) or kernels.use_split_k(rows, weight.shape[0], self.n_sms))
-        )
 
 
 def _kernels_available(device: torch.device) -> bool:
