@@ -143,9 +143,8 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
     # The default comes back between the others: a drift within the process (seen after large
     # prefetches) would otherwise pass for a variant's cost.
     variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0}, {"pdl": True, "prefetch_k": 512},
-                {"pdl": True, "prefetch_k": 512, "fused_merge": False},
-                {"pdl": False, "fused_merge": False}, {"pdl": True, "prefetch_k": 512}]
-    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k", "fused_merge")}
+                {"pdl": True, "prefetch_k": 256}, {"pdl": True, "prefetch_k": 512}]
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k")}
     table, plain = [], None
     for variant in variants:
         for key, value in variant.items():
@@ -203,16 +202,9 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
             qkv, w.qk_norm, cos, sin, keys=state.keys[i], values=state.values[i],
             start=state.lengths, seq_len=tokens, n_heads=dec.n_heads,
             n_kv_heads=dec.n_kv_heads, eps=dec.eps),
-        "attention parts, fused merge": attention,
-        "attention parts + merge kernel": lambda i: attention(i, fused_merge=False),
-        "attention, suffix only, fused merge": lambda i: attention(i, no_prefix=True),
-        "attention, suffix only + merge kernel": lambda i: attention(
-            i, no_prefix=True, fused_merge=False),
-        "attention, suffix only, suffix blocks 16 x 64": lambda i: attention(
-            i, no_prefix=True, suffix_block_m=16, suffix_block_n=64),
+        "attention parts + merge": attention,
+        "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
         "attention, 1 wave": lambda i: attention(i, waves=1.0),
-        "attention, 4 waves": lambda i: attention(i, waves=4.0),
-        "attention, 1 wave, merge kernel": lambda i: attention(i, waves=1.0, fused_merge=False),
         "torch flash attention, prefix only (reference)": lambda i: flash_prefix(i),
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),

@@ -617,7 +617,7 @@ def _suffix_part(
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
 
 
-@triton.jit(do_not_specialize=["n_granules", "n_splits", "R", "S", "layer"])
+@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer"])
 def _attention_parts_kernel(
     q_ptr,
     anchor_ptr,
@@ -629,10 +629,6 @@ def _attention_parts_kernel(
     lse_ptr,
     start_ptr,
     n_valid_ptr,
-    merged_ptr,
-    counters_ptr,
-    expected_ptr,
-    n_granules,
     n_splits,
     R,
     S,
@@ -654,86 +650,32 @@ def _attention_parts_kernel(
     SKIP_EMPTY: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
-    MAX_PARTS: tl.constexpr,
-    MAX_TOUCH: tl.constexpr,
 ):
     """Both segments' partial attention in one launch: programs along axis 2 below n_splits
     take a split of the prefix, the others one batch row's suffix (its part comes last). One
-    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix).
-    With FUSED_MERGE the last program to store a part of a granule of rows merges it (into
-    merged_ptr): no merge kernel, and no launch between the parts and their merge."""
+    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix)."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     z = tl.program_id(2)
     n_kv = tl.num_programs(1)
     _start_dependents(PDL)
     if z < n_splits:
-        first_row = pid_m * PREFIX_BLOCK_M
-        end_row = tl.minimum(first_row + PREFIX_BLOCK_M, R)
-        if first_row < R:
+        if pid_m * PREFIX_BLOCK_M < R:
             _prefix_part(
                 q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
                 n_kv, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M, PREFIX_BLOCK_N,
                 PRECISION, SKIP_EMPTY, PDL, PREFETCH,
             )
     else:
-        row_start = (z - n_splits) * S * G
-        first_row = row_start + pid_m * SUFFIX_BLOCK_M
-        end_row = row_start + tl.minimum((pid_m + 1) * SUFFIX_BLOCK_M, S * G)
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
                 q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
                 z - n_splits, n_kv, n_splits, R, S, cache_b, cache_h, cache_n, qk_scale, HQ, G,
                 D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
             )
-    if FUSED_MERGE:
-        if first_row < end_row:  # this program stored a part
-            _merge_if_last(
-                out_ptr, lse_ptr, merged_ptr, counters_ptr, expected_ptr, n_granules, first_row,
-                end_row, kv_head, n_kv, R, n_splits + 1, MAX_PARTS, HQ, G, D, PREFIX_BLOCK_M,
-                MAX_TOUCH,
-            )
 
 
 MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
-
-
-@triton.jit
-def _merge_rows(
-    parts_ptr, lse_ptr, out_ptr, rows, row_ok, kv_head, n_kv, R, n_parts,
-    MAX_PARTS: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m) for these query rows of one kv
-    head, written as [tokens, Hq * D]. One pass with a running maximum (as flash attention
-    does over key blocks). Loads skip L1: other programs of the same launch wrote the parts."""
-    dd = tl.arange(0, D)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # The number of parts is a run-time value (one compiled kernel for every document length)
-    # under a static bound: loops to run-time bounds don't run in Triton's interpreter.
-    for p in range(MAX_PARTS):
-        if p < n_parts:
-            idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
-            lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
-            alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(lse - m_safe)
-            o = tl.load(
-                parts_ptr + idx[:, None] * D + dd[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            acc = acc * alpha[:, None] + w[:, None] * o
-            total = total * alpha + w
-            m = m_new
-    t = (rows // G).to(tl.int64)
-    o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
-    tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["R", "n_parts"])
@@ -750,42 +692,39 @@ def _merge_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """The parts' merge as a kernel of its own (attention(fused_merge=False))."""
+    """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D].
+
+    One pass with a running maximum (as flash attention does over key blocks)."""
     _start_dependents(PDL)
     _wait_for_previous(PDL)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    _merge_rows(
-        parts_ptr, lse_ptr, out_ptr, rows, rows < R, tl.program_id(1), tl.num_programs(1), R,
-        n_parts, MAX_PARTS, HQ, G, D, BLOCK_M,
-    )
-
-
-@triton.jit
-def _merge_if_last(
-    parts_ptr, lse_ptr, out_ptr, counters_ptr, expected_ptr, n_granules, first_row, end_row,
-    kv_head, n_kv, R, n_parts,
-    MAX_PARTS: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    GRANULE: tl.constexpr, MAX_TOUCH: tl.constexpr,
-):
-    """After a program stored its part for query rows [first_row, end_row): take a ticket for
-    each granule (GRANULE rows) those rows touch; the program that completes a granule (every
-    part that covers it is stored) merges it and puts its counter back to 0 for the next
-    launch. The stores before the barrier and the release of the ticket make this program's
-    part visible to whichever program merges."""
-    tl.debug_barrier()
-    g0 = first_row // GRANULE
-    for i in tl.static_range(MAX_TOUCH):
-        g = g0 + i
-        if g * GRANULE < end_row:
-            counter = counters_ptr + kv_head * n_granules + g
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == tl.load(expected_ptr + g) - 1:
-                tl.store(counter, 0)
-                rows = g * GRANULE + tl.arange(0, GRANULE)
-                _merge_rows(
-                    parts_ptr, lse_ptr, out_ptr, rows, rows < R, kv_head, n_kv, R, n_parts,
-                    MAX_PARTS, HQ, G, D, GRANULE,
-                )
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    n_kv = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    dd = tl.arange(0, D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # The number of parts is a run-time value (one compiled kernel for every document length)
+    # under a static bound: loops to run-time bounds don't run in Triton's interpreter.
+    for p in range(MAX_PARTS):
+        if p < n_parts:
+            idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
+            lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(lse - m_safe)
+            o = tl.load(
+                parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0
+            )
+            acc = acc * alpha[:, None] + w[:, None] * o
+            total = total * alpha + w
+            m = m_new
+    t = (rows // G).to(tl.int64)
+    o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
 
 
 def prefix_splits(
@@ -811,40 +750,6 @@ def prefix_splits(
     want = min(32, max(1, triton.cdiv(int(waves * n_sms), blocks)))
     split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
     return triton.cdiv(n_prefix, split_len), split_len
-
-
-_MERGE_TICKETS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _merge_tickets(
-    rows: int,
-    row_rows: int,
-    batch: int,
-    n_kv: int,
-    n_splits: int,
-    granule: int,
-    suffix_block_m: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a fused merge: how many programs store a part covering each granule of query rows
-    (every prefix split, and each batch row's suffix blocks that reach into it), and the
-    per-(kv head, granule) ticket counters, zero between launches. Made once per launch shape,
-    outside graph capture (the step's warm-up makes them); the counters are shared by every
-    launch of the shape, which the stream runs one after another."""
-    key = (rows, row_rows, batch, n_kv, n_splits, granule, suffix_block_m, str(device))
-    if key not in _MERGE_TICKETS:
-        n_granules = triton.cdiv(rows, granule)
-        expected = [n_splits] * n_granules
-        for b in range(batch):
-            for first in range(0, row_rows, suffix_block_m):
-                end = b * row_rows + min(first + suffix_block_m, row_rows)
-                for g in range((b * row_rows + first) // granule, (end - 1) // granule + 1):
-                    expected[g] += 1
-        _MERGE_TICKETS[key] = (
-            torch.tensor(expected, dtype=torch.int32, device=device),
-            torch.zeros((n_kv, n_granules), dtype=torch.int32, device=device),
-        )
-    return _MERGE_TICKETS[key]
 
 
 def _block_m(rows: int, n_kv_heads: int) -> int:
@@ -878,7 +783,6 @@ def attention(
     prefetch: bool = True,
     suffix_block_m: int = 64,
     suffix_block_n: int = 32,
-    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
@@ -909,13 +813,6 @@ def attention(
         parts_pdl = False
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
-    out = torch.empty_like(q)
-    if fused_merge:
-        expected, counters = _merge_tickets(
-            rows, seq_len * group, batch, n_kv, n_splits, block_m, suffix_block_m, q.device
-        )
-    else:
-        expected = counters = start
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
         q,
         prefix.anchor if n_splits else q,
@@ -927,10 +824,6 @@ def attention(
         lse,
         start,
         n_valid,
-        out,
-        counters,
-        expected,
-        counters.shape[-1] if fused_merge else 0,
         n_splits,
         rows,
         seq_len,
@@ -952,15 +845,11 @@ def attention(
         SKIP_EMPTY=skip_empty,
         PDL=parts_pdl,
         PREFETCH=prefetch,
-        FUSED_MERGE=fused_merge,
-        MAX_PARTS=MAX_PARTS,
-        MAX_TOUCH=triton.cdiv(suffix_block_m, block_m) + 1,
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),
     )
-    if fused_merge:
-        return out
+    out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
         parts,
         lse,

@@ -251,8 +251,6 @@ class FastDecoder:
         # K/V prefetch measured no gain.)
         self.prefetch_k = 512
         self.prefetch_prefix = False
-        # The attention's last program per block of rows merges the parts (kernels.attention).
-        self.fused_merge = True
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -468,7 +466,6 @@ class FastDecoder:
                 wait=None if layer_ready is None else layer_ready[i],
                 pdl=pdl,
                 prefetch=self.prefetch_prefix,
-                fused_merge=self.fused_merge,
             )
             h = kernels.add_rms_norm(
                 x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl

@@ -92,36 +92,6 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
                 assert torch.allclose(got, expected, atol=1e-5), (b, s, h)
 
 
-@pytest.mark.parametrize("with_prefix", [True, False])
-@pytest.mark.parametrize(("block_m", "suffix_block_m"), [(16, 8), (16, 64), (32, 16)])
-def test_fused_merge_equals_the_merge_kernel_and_leaves_its_tickets_at_zero(
-    with_prefix, block_m, suffix_block_m
-):
-    """The last program to store a part of a granule of rows merges it: the same result as the
-    merge kernel, for suffix blocks that straddle granules or cover part of one, and every
-    ticket counter back at zero for the next launch (a captured graph replays it)."""
-    torch.manual_seed(1)
-    n_heads, n_kv, d, n_prefix, seq, batch, capacity = 4, 2, 16, 200, 5, 3, 16
-    q = torch.randn(batch * seq, n_heads * d)
-    k_pre, v_pre = torch.randn(n_kv, n_prefix, d), torch.randn(n_kv, n_prefix, d)
-    keys, values = torch.randn(batch, n_kv, capacity, d), torch.randn(batch, n_kv, capacity, d)
-    start, n_valid = torch.tensor([0, 3, 1]), torch.tensor([5, 2, 4])
-    table = PrefixTable.of(PrefixKV([(k_pre, v_pre)]), 1, torch.device("cpu"), torch.float32)
-
-    def attention(fused: bool) -> torch.Tensor:
-        return kernels.attention(
-            q, table if with_prefix else None, keys, values, layer=0, start=start,
-            n_valid=n_valid, seq_len=seq, n_heads=n_heads, scale=d**-0.5, n_sms=8,
-            block_m=block_m, suffix_block_m=suffix_block_m, fused_merge=fused,
-        )
-
-    unfused = attention(False)
-    for _ in range(2):  # the second launch finds its counters at zero again
-        assert torch.equal(attention(True), unfused)
-    assert kernels._MERGE_TICKETS
-    assert all(not counters.any() for _, counters in kernels._MERGE_TICKETS.values())
-
-
 def test_prefix_splits_fill_the_chip_with_few_compiled_variants():
     # One request of 48 tokens (192 query rows per KV head) on 132 SMs: 1-4 blocks per SM.
     n_splits, split_len = kernels.prefix_splits(3774, 192, 8, 132)
