@@ -201,91 +201,6 @@ def _matmul_tma_kernel(
     tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-@triton.jit(do_not_specialize=["M"])
-def _matmul_stream_kernel(
-    x_desc,
-    w_desc,
-    w_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    UNITS: tl.constexpr,
-    UNITS_MAX: tl.constexpr,
-    CONTRIBUTORS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-    PREFETCH_K: tl.constexpr,
-):
-    """The product as one persistent pass per SM (stream-K): the work is UNITS (column tile,
-    K block) pairs in tile order, and program p takes units [p * UNITS // P, (p + 1) * UNITS
-    // P), crossing from one tile into the next without stopping its TMA pipeline. Every SM
-    streams from the first microsecond to the last; a grid of whole tiles leaves SMs idle in
-    its last wave (a 304-tile product on 132 SMs runs 2.3 waves in 3).
-
-    A tile's K range is covered by one to CONTRIBUTORS programs in a row: the j-th of them
-    stores its partial sum in slot j of out [CONTRIBUTORS, M, N], and the one that finishes
-    the tile zero-fills the slots after its own, so consumers add CONTRIBUTORS slots in a
-    fixed order (deterministic; no atomics, no waiting)."""
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    first = pid * UNITS // n_programs
-    end = (pid + 1) * UNITS // n_programs
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    _start_after_previous_streaming_weights(
-        w_ptr, (first // k_blocks) * BLOCK_N + rn, N, K, (first % k_blocks) * BLOCK_K,
-        PREFETCH_K, PDL, PREFETCH_K,
-    )
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i in range(UNITS_MAX):  # a static trip count; past `end`, units repeat and are dropped
-        unit = tl.minimum(first + i, end - 1)
-        tile = unit // k_blocks
-        kb = unit % k_blocks
-        a = x_desc.load([0, kb * BLOCK_K])
-        b = w_desc.load([tile * BLOCK_N, kb * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-        live = first + i < end
-        tile_done = kb == k_blocks - 1
-        if live & (tile_done | (first + i == end - 1)):
-            # This program's slot for the tile: how many programs took its earlier units.
-            owner = ((tile * k_blocks + 1) * n_programs + UNITS - 1) // UNITS - 1
-            slot = pid - owner
-            cols = tile * BLOCK_N + rn
-            ok = (rm < M)[:, None] & (cols < N)[None, :]
-            offsets = rm[:, None].to(tl.int64) * N + cols[None, :]
-            tl.store(out_ptr + slot.to(tl.int64) * M * N + offsets, acc, mask=ok)
-            if tile_done:
-                for later in tl.static_range(1, CONTRIBUTORS):
-                    tl.store(
-                        out_ptr + later * M.to(tl.int64) * N + offsets,
-                        tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
-                        mask=ok & (later > slot),
-                    )
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-
-
-def stream_plan(n: int, k: int, programs: int, *, block_n: int, block_k: int) -> tuple:
-    """(programs, units, units per program at most, contributors per tile at most) of a
-    stream-K product of an [n, k] weight."""
-    units = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
-    programs = min(programs, units)
-    k_blocks = triton.cdiv(k, block_k)
-
-    def owner(unit: int) -> int:
-        return ((unit + 1) * programs + units - 1) // units - 1
-
-    contributors = max(
-        owner(t * k_blocks + k_blocks - 1) - owner(t * k_blocks) + 1
-        for t in range(units // k_blocks)
-    )
-    return programs, units, triton.cdiv(units, programs), contributors
-
-
 # Products of at most this many rows are decode-sized: they get more, shallower split-K blocks,
 # pointer loads and plain launches (TMA and PDL measured no better or slower for them).
 DECODE_ROWS = 16
@@ -320,14 +235,10 @@ def matmul(
     prefetch_k: int = 0,
     tma: bool = False,
     block_k: int = 128,
-    stream: bool = False,
-    stream_waves: int = 1,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N].
     pdl: launch with programmatic dependent launch, prefetching the first prefetch_k columns of
-    the block's weight rows into L2 while the previous kernel finishes. stream (with tma): one
-    persistent program per SM (stream_waves per SM; _matmul_stream_kernel), partial sums
-    [contributors, M, N]."""
+    the block's weight rows into L2 while the previous kernel finishes."""
     rows, k = x.shape
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
@@ -338,7 +249,11 @@ def matmul(
     # As many pipeline stages as fit in shared memory (float32 tests need fewer).
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     stages = max(2, min(stages, (200 << 10) // stage_bytes))
-    options = dict(
+    splits, k_per_split = matmul_plan(n, k, n_sms, block_n=block_n, waves=waves, block_k=block_k)
+    out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), splits)
+    sizes_and_options = dict(
+        K_PER_SPLIT=k_per_split,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -354,27 +269,9 @@ def matmul(
 
         x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    if tma and stream:
-        programs, units, units_max, contributors = stream_plan(
-            n, k, stream_waves * n_sms, block_n=block_n, block_k=block_k
-        )
-        out = torch.empty((contributors, rows, n), dtype=torch.float32, device=x.device)
-        _matmul_stream_kernel[(programs,)](
-            x_desc, w_desc, weight, out, rows, n, k, UNITS=units, UNITS_MAX=units_max,
-            CONTRIBUTORS=contributors, **options,
-        )
-        return out
-    splits, k_per_split = matmul_plan(n, k, n_sms, block_n=block_n, waves=waves, block_k=block_k)
-    out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), splits)
-    if tma:
-        _matmul_tma_kernel[grid](
-            x_desc, w_desc, weight, out, rows, n, k, K_PER_SPLIT=k_per_split, **options
-        )
+        _matmul_tma_kernel[grid](x_desc, w_desc, weight, out, rows, n, k, **sizes_and_options)
     else:
-        _matmul_partials_kernel[grid](
-            x, weight, out, rows, n, k, K_PER_SPLIT=k_per_split, **options
-        )
+        _matmul_partials_kernel[grid](x, weight, out, rows, n, k, **sizes_and_options)
     return out
 
 

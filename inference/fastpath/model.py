@@ -254,8 +254,6 @@ class FastDecoder:
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
-        # With TMA: products run as one persistent stream-K pass per SM (kernels.matmul).
-        self.stream_k = False
         if self.kernels:
             from inference.fastpath.kernels import pdl_available, sm_count, tma_available
 
@@ -509,7 +507,6 @@ class FastDecoder:
                 pdl=pdl,
                 prefetch_k=self.prefetch_k if pdl else 0,
                 tma=self.tma and rows > kernels.DECODE_ROWS,
-                stream=self.stream_k,
             )
         return F.linear(x, weight, bias)[None]
 
