@@ -158,7 +158,9 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
             continue
         plain = logits if plain is None else plain
         table.append({**variant, "graph_ms": round(ms, 4),
-                      "bitwise_equal_to_plain": bool(torch.equal(logits, plain))})
+                      "bitwise_equal_to_plain": bool(torch.equal(logits, plain)),
+                      "max_logit_diff_to_plain": (logits - plain).abs().max().item(),
+                      "same_argmax": bool(torch.equal(logits.argmax(-1), plain.argmax(-1)))})
     for key, value in saved.items():
         setattr(dec, key, value)
     fast._slots.clear()
