@@ -211,7 +211,10 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),
     }
-    rows = []
+    # The compiled loop to each split's end against the interpreter's masked loop to the
+    # class's split length: the same blocks in the same order, so the same bits.
+    rows = [{"attention_runtime_loop_bitwise_equal_to_static_loop": bool(torch.equal(
+        attention(0), attention(0, runtime_loop=False)))}]
     for name, fn in runs.items():
         def run(fn=fn):
             for i in range(n_layers):

@@ -46,8 +46,8 @@ LOG2E = 1.4426950408889634
 # A reuse step is ~300 kernels in a row, most of them a few microseconds long, between weight
 # products that need the whole memory bandwidth. Launched with PDL, a kernel starts while the one
 # before it still runs: it first signals that its own successor may start (so the chain of
-# launches runs ahead of the work), prefetches what does not depend on earlier kernels (weights,
-# the hosted prefix's K/V) into L2, then waits for its predecessor to finish and flush
+# launches runs ahead of the work), prefetches what does not depend on earlier kernels (its
+# weights) into L2, then waits for its predecessor to finish and flush
 # (griddepcontrol.wait) before it touches anything an earlier kernel writes or reads. Memory is
 # therefore idle less often: the next layer's weights stream in while norms and attention run.
 # The wait is transitive (each kernel waits for the one before, which waited for its own), and a
@@ -525,14 +525,21 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
 @triton.jit
 def _prefix_part(
     q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, split, n_kv,
-    R, layer, qk_scale,
+    n_splits, R, layer, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr, RUNTIME_LOOP: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
-    serves any prefix of its class; splits past the prefix's end store an empty part."""
+    serves any prefix of its class.
+
+    The splits share the prefix's actual length evenly (in whole key blocks), not its class's
+    capacity: every split has work, and the longest loop is as short as the split count allows
+    (3774 tokens in 10 splits: 6 key blocks each, where splits of the 4096-token class would
+    give 8). SPLIT_LEN, the class's split length, bounds it. With RUNTIME_LOOP (compiled
+    kernels) the loop runs to the split's end; Triton's interpreter (CPU tests) cannot loop to
+    a loaded value, so there the loop runs to SPLIT_LEN under a mask."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     dd = tl.arange(0, D)
@@ -549,24 +556,26 @@ def _prefix_part(
     v_base += kv_head * tl.multiple_of(tl.load(entry + 4), 8)
     k_n = tl.multiple_of(tl.load(entry + 3), 8)
     v_n = tl.multiple_of(tl.load(entry + 5), 8)
-    lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, tl.load(n_prefix_ptr))
-    # The table and the prefix are no earlier kernel's output (bound before the step; a prefix
-    # still being copied in is waited for by the launch itself), so they may be read before the
-    # wait: this block's keys and values head for L2 while the previous kernels finish.
-    if PDL and PREFETCH:
-        keys = lo + tl.arange(0, SPLIT_LEN)
-        key_bytes = tl.where(keys < hi, D * q_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
-        _prefetch_l2(k_base + keys.to(tl.int64) * k_n, key_bytes.to(tl.int32))
-        _prefetch_l2(v_base + keys.to(tl.int64) * v_n, key_bytes.to(tl.int32))
+    n_prefix = tl.load(n_prefix_ptr)
+    split_len = tl.cdiv(tl.cdiv(n_prefix, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, n_prefix)
     _wait_for_previous(PDL)
     q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if (lo < hi) | (not SKIP_EMPTY):  # splits past the prefix's end skip their loop
-        for offset in range(0, SPLIT_LEN, BLOCK_N):  # static bounds: one variant per SPLIT_LEN
+    if RUNTIME_LOOP:
+        for first in range(lo, hi, BLOCK_N):
+            cols = first + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            acc, m_i, l_i = _attend_block(
+                q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i,
+                qk_scale, D, PRECISION,
+            )
+    elif (lo < hi) | (not SKIP_EMPTY):  # splits past the prefix's end skip their loop
+        for offset in range(0, SPLIT_LEN, BLOCK_N):
             cols = lo + offset + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
             acc, m_i, l_i = _attend_block(
@@ -649,7 +658,7 @@ def _attention_parts_kernel(
     PRECISION: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    RUNTIME_LOOP: tl.constexpr,
 ):
     """Both segments' partial attention in one launch: programs along axis 2 below n_splits
     take a split of the prefix, the others one batch row's suffix (its part comes last). One
@@ -663,8 +672,8 @@ def _attention_parts_kernel(
         if pid_m * PREFIX_BLOCK_M < R:
             _prefix_part(
                 q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
-                n_kv, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M, PREFIX_BLOCK_N,
-                PRECISION, SKIP_EMPTY, PDL, PREFETCH,
+                n_kv, n_splits, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M,
+                PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP,
             )
     else:
         if pid_m * SUFFIX_BLOCK_M < S * G:
@@ -736,19 +745,21 @@ def prefix_splits(
     waves: float = 2.0,
     block_m: int | None = None,
 ) -> tuple[int, int]:
-    """(number of splits, keys per split) so the prefix attention puts about two blocks on
-    every SM (at most 32 splits, at least 64 keys each). On an H100 at 3774 prefix tokens, one,
-    two or four waves and every block shape measured within 2% (profile_fastpath --attention):
-    a single request's attention is latency-bound, about 27 us a layer for its three kernels.
+    """(number of splits, keys per split at most) of a prefix of n_prefix tokens (a length
+    class's capacity) so the prefix attention puts about two blocks on every SM (at most 32
+    splits). A block is latency-bound (ncu on an H100: 2 blocks of 4 warps per SM, limited by
+    registers and shared memory), so its time follows its number of key blocks; the kernel
+    divides the actual prefix among the splits, so that number is the smallest the split
+    count allows.
 
-    Keys per split is a power of two: it is a compile-time constant of the kernel, so every
-    prefix length shares a handful of compiled variants.
+    Keys per split, a multiple of 64, is a compile-time constant of the kernel (the bound of
+    the interpreter's loop): every length class has one.
     """
     if n_prefix == 0:
         return 0, 0
     blocks = triton.cdiv(rows, block_m or _block_m(rows, n_kv_heads)) * n_kv_heads
     want = min(32, max(1, triton.cdiv(int(waves * n_sms), blocks)))
-    split_len = max(64, triton.next_power_of_2(triton.cdiv(n_prefix, want)))
+    split_len = max(64, triton.cdiv(triton.cdiv(n_prefix, want), 64) * 64)
     return triton.cdiv(n_prefix, split_len), split_len
 
 
@@ -780,18 +791,18 @@ def attention(
     waves: float = 2.0,
     skip_empty: bool = True,
     pdl: bool = False,
-    prefetch: bool = True,
     suffix_block_m: int = 64,
     suffix_block_n: int = 32,
+    runtime_loop: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
-    [B*S, Hq*D] in q's dtype. The prefix is split by its table's capacity (its length class),
-    so the launch is the same for every prefix of the class.
-    block_m ... skip_empty: the prefix part's configuration (bench/profile_fastpath.py sweeps
-    it). pdl: programmatic dependent launch (the prefix part prefetches its K/V into L2 before
-    it waits for q, with prefetch). Both segments' parts come from one launch, then one kernel
-    merges them."""
+    [B*S, Hq*D] in q's dtype. The number of prefix splits follows its table's capacity (its
+    length class), so the launch is the same for every prefix of the class; the kernel shares
+    the actual length among them. block_m ... skip_empty: the prefix part's configuration
+    (bench/profile_fastpath.py sweeps it). pdl: programmatic dependent launch. runtime_loop:
+    loop to each split's end (default on CUDA; see _prefix_part). Both segments' parts come
+    from one launch, then one kernel merges them."""
     tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
@@ -844,7 +855,7 @@ def attention(
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
         PDL=parts_pdl,
-        PREFETCH=prefetch,
+        RUNTIME_LOOP=q.is_cuda if runtime_loop is None else runtime_loop,
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),

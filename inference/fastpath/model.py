@@ -246,11 +246,10 @@ class FastDecoder:
         # Programmatic dependent launch (kernels.py says why); KVMARKET_PDL=0 turns it off.
         self.pdl = False
         # With PDL: how many columns of its weight rows each product block prefetches into L2
-        # before it waits, and whether the prefix attention prefetches its K/V.
-        # (profile_fastpath --launch on an H100: 256 to 512 columns measured best; the prefix's
-        # K/V prefetch measured no gain.)
+        # before it waits (profile_fastpath --launch on an H100: 256 to 512 columns measured
+        # best; prefetching the prefix's K/V, or the next product's weights from the kernels
+        # before it, measured no gain or a loss).
         self.prefetch_k = 512
-        self.prefetch_prefix = False
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -465,7 +464,6 @@ class FastDecoder:
                 layer=i,
                 wait=None if layer_ready is None else layer_ready[i],
                 pdl=pdl,
-                prefetch=self.prefetch_prefix,
             )
             h = kernels.add_rms_norm(
                 x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.fastpath.model import PrefixKV, PrefixTable
+from inference.fastpath.model import PrefixKV, PrefixTable, prefix_capacity
 from inference.fastpath.runner import FastReuse
 from tests.inference.helpers import DOCS, QUESTIONS
 
@@ -94,16 +94,20 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
 
 def test_prefix_splits_fill_the_chip_with_few_compiled_variants():
     # One request of 48 tokens (192 query rows per KV head) on 132 SMs: 1-4 blocks per SM.
-    n_splits, split_len = kernels.prefix_splits(3774, 192, 8, 132)
-    assert 132 <= 3 * 8 * n_splits <= 4 * 132 and split_len & (split_len - 1) == 0
+    n_splits, split_len = kernels.prefix_splits(4096, 192, 8, 132)
+    assert 132 <= 3 * 8 * n_splits <= 4 * 132 and split_len % 64 == 0
+    assert n_splits * split_len >= 4096 > (n_splits - 1) * split_len
     # A decode step (4 query rows per KV head): many splits, but a bounded merge.
     n_splits, split_len = kernels.prefix_splits(3774, 4, 8, 132)
     assert 16 <= n_splits <= 32 and split_len >= 64
     # A big batch fills the chip without splitting the prefix.
-    assert kernels.prefix_splits(3774, 512 * 48 * 4, 8, 132) == (1, 4096)
+    assert kernels.prefix_splits(4096, 512 * 48 * 4, 8, 132) == (1, 4096)
     assert kernels.prefix_splits(0, 192, 8, 132) == (0, 0)
-    lengths = {kernels.prefix_splits(n, 192, 8, 132)[1] for n in range(100, 40000, 97)}
-    assert len(lengths) <= 8
+    # Graphs and kernels serve a length class: its capacity decides the splits.
+    lengths = {
+        kernels.prefix_splits(prefix_capacity(n), 192, 8, 132)[1] for n in range(100, 40000, 97)
+    }
+    assert len(lengths) <= 10
     # The merge kernel's static bound holds every split plus the suffix, for any length.
     most = max(
         kernels.prefix_splits(n, rows, 8, sms)[0]
