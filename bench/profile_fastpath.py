@@ -207,6 +207,8 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         "attention parts + merge": attention,
         "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
         "attention, 1 wave": lambda i: attention(i, waves=1.0),
+        "attention, 4 waves": lambda i: attention(i, waves=4.0),
+        "attention, merge of 8 warps": lambda i: attention(i, merge_warps=8),
         "torch flash attention, prefix only (reference)": lambda i: flash_prefix(i),
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),

@@ -684,17 +684,16 @@ def _attention_parts_kernel(
             )
 
 
-MAX_PARTS = 33  # prefix splits (at most 32) + the suffix
+MAX_PARTS = 33  # prefix splits (at most 32) + the suffix: the most the unrolled merge loads
 
 
-@triton.jit(do_not_specialize=["R", "n_parts"])
+@triton.jit(do_not_specialize=["R"])
 def _merge_kernel(
     parts_ptr,
     lse_ptr,
     out_ptr,
     R,
-    n_parts,
-    MAX_PARTS: tl.constexpr,
+    N_PARTS: tl.constexpr,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -703,7 +702,9 @@ def _merge_kernel(
 ):
     """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), written as [tokens, Hq * D].
 
-    One pass with a running maximum (as flash attention does over key blocks)."""
+    One pass with a running maximum (as flash attention does over key blocks). The loop over
+    the parts is unrolled (their number is fixed by the launch shape, as the splits are), so
+    every part's loads are issued at once: one memory round trip instead of one per part."""
     _start_dependents(PDL)
     _wait_for_previous(PDL)
     pid_m = tl.program_id(0)
@@ -715,22 +716,17 @@ def _merge_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # The number of parts is a run-time value (one compiled kernel for every document length)
-    # under a static bound: loops to run-time bounds don't run in Triton's interpreter.
-    for p in range(MAX_PARTS):
-        if p < n_parts:
-            idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
-            lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
-            m_new = tl.maximum(m, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
-            alpha = tl.math.exp2(m - m_safe)
-            w = tl.math.exp2(lse - m_safe)
-            o = tl.load(
-                parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0
-            )
-            acc = acc * alpha[:, None] + w[:, None] * o
-            total = total * alpha + w
-            m = m_new
+    for p in tl.static_range(N_PARTS):
+        idx = (p * n_kv + kv_head).to(tl.int64) * R + rows
+        lse = tl.load(lse_ptr + idx, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty parts so far
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        o = tl.load(parts_ptr + idx[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        total = total * alpha + w
+        m = m_new
     t = (rows // G).to(tl.int64)
     o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
@@ -794,6 +790,7 @@ def attention(
     suffix_block_m: int = 64,
     suffix_block_n: int = 32,
     runtime_loop: bool | None = None,
+    merge_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
@@ -866,13 +863,13 @@ def attention(
         lse,
         out,
         rows,
-        n_splits + 1,
-        MAX_PARTS=MAX_PARTS,
+        N_PARTS=n_splits + 1,
         HQ=n_heads,
         G=group,
         D=d,
         BLOCK_M=16,
         PDL=pdl,
+        num_warps=merge_warps,
         **_launch(pdl),
     )
     return out
