@@ -29,6 +29,18 @@ def _ms_per_call(fn, repeat: int = 20) -> float:
     return (time.perf_counter() - start) / repeat * 1e3
 
 
+def _host_ms(fn, repeat: int = 20) -> float:
+    """Host time of one call, the GPU idle before it (so no queue pushes back on the host)."""
+    total = 0.0
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        total += time.perf_counter() - start
+    torch.cuda.synchronize()
+    return total / repeat * 1e3
+
+
 def gemm_floor_ms(fast: FastReuse, tokens: int) -> float:
     """The step's matrix products alone (all layers and the LM head), replayed as one graph."""
     dec = fast.decoder
@@ -208,7 +220,10 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
         "attention, 1 wave": lambda i: attention(i, waves=1.0),
         "attention, 4 waves": lambda i: attention(i, waves=4.0),
-        "attention, merge of 8 warps": lambda i: attention(i, merge_warps=8),
+        "attention, 3 waves": lambda i: attention(i, waves=3.0),
+        "attention, key blocks of 128": lambda i: attention(i, block_n=128),
+        "attention, key blocks of 128, 2 stages": lambda i: attention(i, block_n=128, stages=2),
+        "attention, 2 stages": lambda i: attention(i, stages=2),
         "torch flash attention, prefix only (reference)": lambda i: flash_prefix(i),
         "silu_mul": lambda i: kernels.silu_mul(gate_up, dec.dtype),
         "empty (torch zero_ of 1 element)": lambda i: n_valid[:0].zero_(),
@@ -273,6 +288,14 @@ def main() -> None:
     report["kernels_graph_latency_ms"] = _ms_per_call(
         lambda: (fast.first_logits(prefix, suffixes), torch.cuda.synchronize())
     )
+    # Where latency exceeds throughput: the host's time per request (not overlapped when one
+    # request waits for its answer), and the replay alone.
+    graph = next(iter(fast._slots.values())).graphs[(-(-args.suffix // 16) * 16, True)]
+    report["replay_only_latency_ms"] = _ms_per_call(
+        lambda: (graph.graph.replay(), torch.cuda.synchronize())
+    )
+    report["first_logits_host_ms"] = _host_ms(lambda: fast.first_logits(prefix, suffixes))
+    report["replay_host_ms"] = _host_ms(graph.graph.replay)
     fast.decoder.skinny_rows = 0
     fast._slots.clear()  # recapture: the products are part of the graphs
     report["kernels_cublas_graph_ms"] = _ms_per_call(lambda: fast.first_logits(prefix, suffixes))

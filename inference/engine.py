@@ -688,13 +688,12 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
         while pending:
             if slot is None:  # first round: every row brings its whole suffix
                 feeds = [pending[row] for row in range(n_rows)] + [[0]] * (batch - n_rows)
-                slot, ids, n_valid = fast._start(prefix, feeds, need=need)
-                logits = fast._step(slot, ids, n_valid, fresh=True)
+                slot, logits = fast._first_step(prefix, feeds, need=need)
             else:  # one token per live row
                 tokens = [[pending[row][0] if row in pending else 0] for row in range(batch)]
                 live = [int(row in pending) for row in range(batch)]
                 ids, n_valid = fast._ids_and_lengths(tokens, 1, lengths=live)
-                logits = fast._step(slot, ids, n_valid, fresh=False)
+                logits = fast._step(slot, ids, n_valid)
             greedy = logits.argmax(dim=-1).tolist()
             rows, pending = pending, {}
             for row in rows:

@@ -34,6 +34,12 @@ class _Graph:
     input_ids: torch.Tensor
     n_valid: torch.Tensor
     logits: torch.Tensor
+    # A first-step graph copies its inputs (token ids, then lengths) from this pinned buffer and
+    # resets the suffix lengths itself: a request writes the buffer and replays, no other CUDA
+    # call on the host's path to the GPU (measured: those calls took 0.19 ms a request).
+    host_inputs: torch.Tensor | None = None
+    # Recorded by the graph once it has copied host_inputs: the buffer may be written again.
+    inputs_read: torch.cuda.Event | None = None
 
 
 class _Slot:
@@ -200,10 +206,26 @@ class FastReuse:
         with torch.cuda.stream(side):
             self._warm_up(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
         torch.cuda.current_stream().wait_stream(side)
+        host_inputs = inputs_read = None
+        if fresh:
+            host_inputs = torch.zeros(batch * q_len + batch, dtype=torch.long).pin_memory()
+            inputs_read = torch.cuda.Event(external=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool):
+            if host_inputs is not None:
+                input_ids.view(-1).copy_(host_inputs[: batch * q_len], non_blocking=True)
+                n_valid.copy_(host_inputs[batch * q_len :], non_blocking=True)
+                inputs_read.record()
+                slot.state.reset()
             logits = self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
-        captured = _Graph(graph=graph, input_ids=input_ids, n_valid=n_valid, logits=logits)
+        captured = _Graph(
+            graph=graph,
+            input_ids=input_ids,
+            n_valid=n_valid,
+            logits=logits,
+            host_inputs=host_inputs,
+            inputs_read=inputs_read,
+        )
         slot.graphs[(q_len, fresh)] = captured
         return captured
 
@@ -249,30 +271,51 @@ class FastReuse:
             layer_ready=layer_ready,
         )
 
-    def _step(
+    def _first_step(
         self,
-        slot: _Slot,
-        input_ids: torch.Tensor,
-        n_valid: torch.Tensor,
+        prefix: PrefixKV,
+        suffixes: list[list[int]],
         *,
-        fresh: bool,
+        need: int | None = None,
         layer_ready: list[torch.cuda.Event] | None = None,
-    ) -> torch.Tensor:
-        """One forward; layer_ready: per-layer events of a prefix still being copied in, each
+    ) -> tuple[_Slot, torch.Tensor]:
+        """A request's (or batch's) first step: its slot, bound to the prefix, and the logits
+        after each suffix [B, V] (with graphs, the graph's own buffer: read it before the slot's
+        next first step). need: suffix tokens per row over the whole request (default: the
+        longest suffix); layer_ready: per-layer events of a prefix still being copied in, each
         waited for by its own layer's attention, no earlier."""
+        if not suffixes or any(len(s) == 0 for s in suffixes):
+            raise ValueError("every suffix needs at least one token")
+        longest = max(len(s) for s in suffixes)
+        slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
         if not self.use_graphs:
-            return self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=layer_ready)
-        if layer_ready:
-            if fresh:  # the graph waits on the slot's events: move each one after its layer
-                if self._chain_stream is None:
-                    self._chain_stream = torch.cuda.Stream()
-                chain = self._chain_stream
-                for landed, event in zip(layer_ready, slot.ready, strict=True):
-                    chain.wait_event(landed)
-                    event.record(chain)
-            else:
-                torch.cuda.current_stream().wait_event(layer_ready[-1])
-        g = self._graph(slot, input_ids.shape[1], fresh)
+            slot.state.reset()
+            ids, n_valid = self._ids_and_lengths(suffixes, longest)
+            return slot, self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
+        # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
+        width = min(slot.state.capacity, -(-longest // 16) * 16)
+        g = self._graph(slot, width, fresh=True)
+        g.inputs_read.synchronize()  # the last replay has copied its inputs
+        flat = [t for row in suffixes for t in row + [0] * (width - len(row))]
+        host = g.host_inputs.numpy()
+        host[: len(flat)] = flat
+        host[len(flat) :] = [len(row) for row in suffixes]
+        if layer_ready:  # the graph waits on the slot's events: move each one after its layer
+            if self._chain_stream is None:
+                self._chain_stream = torch.cuda.Stream()
+            chain = self._chain_stream
+            for landed, event in zip(layer_ready, slot.ready, strict=True):
+                chain.wait_event(landed)
+                event.record(chain)
+        g.graph.replay()
+        return slot, g.logits
+
+    def _step(self, slot: _Slot, input_ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """A later step of the slot's request: input_ids [B, S] (on the device) after what its
+        rows hold."""
+        if not self.use_graphs:
+            return self._forward(slot, input_ids, n_valid, fresh=False, layer_ready=None)
+        g = self._graph(slot, input_ids.shape[1], False)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.n_valid.copy_(n_valid, non_blocking=True)
         g.graph.replay()
@@ -299,33 +342,30 @@ class FastReuse:
     @torch.inference_mode()
     def first_logits(self, prefix: PrefixKV, suffixes: list[list[int]]) -> torch.Tensor:
         """Logits after each suffix [B, V]: B agents' suffixes against one shared prefix."""
-        slot, ids, n_valid = self._start(prefix, suffixes)
-        return self._step(slot, ids, n_valid, fresh=True).clone()
+        return self._first_step(prefix, suffixes)[1].clone()
 
     @torch.inference_mode()
     def first_logits_from_host(self, source: HostPrefix, suffixes: list[list[int]]) -> torch.Tensor:
         """Like first_logits for a prefix in (pinned) host memory: the copy to the GPU runs
         layer by layer, overlapped with the compute of the layers already there."""
         staged = self._stage(source)
-        slot, ids, n_valid = self._start(staged.prefix, suffixes)
-        return self._step(slot, ids, n_valid, fresh=True, layer_ready=staged.ready).clone()
+        return self._first_step(staged.prefix, suffixes, layer_ready=staged.ready)[1].clone()
 
     @torch.inference_mode()
     def greedy(
         self, prefix: PrefixKV, suffixes: list[list[int]], max_new_tokens: int
     ) -> list[list[int]]:
         """Greedy continuation of each suffix; one host sync at the end."""
-        slot, ids, n_valid = self._start(
+        slot, logits = self._first_step(
             prefix, suffixes, need=max(len(s) for s in suffixes) + max_new_tokens
         )
-        logits = self._step(slot, ids, n_valid, fresh=True)
-        ones = torch.ones_like(n_valid)
+        ones = torch.ones(len(suffixes), dtype=torch.long, device=logits.device)
         generated = []
         for step in range(max_new_tokens):
             next_ids = logits.argmax(dim=-1, keepdim=True)
             generated.append(next_ids)
             if step + 1 < max_new_tokens:
-                logits = self._step(slot, next_ids, ones, fresh=False)
+                logits = self._step(slot, next_ids, ones)
         return torch.cat(generated, dim=1).tolist()
 
     def session(
@@ -348,21 +388,6 @@ class FastReuse:
             capacity=self.slot_capacity(max_tokens or self.capacity),
             layer_ready=layer_ready,
         )
-
-    def _start(
-        self, prefix: PrefixKV, suffixes: list[list[int]], *, need: int | None = None
-    ) -> tuple[_Slot, torch.Tensor, torch.Tensor]:
-        """The slot for this request, bound to its prefix, and its padded suffix tensors.
-        need: suffix tokens per row over the whole request (default: the longest suffix)."""
-        if not suffixes or any(len(s) == 0 for s in suffixes):
-            raise ValueError("every suffix needs at least one token")
-        longest = max(len(s) for s in suffixes)
-        slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
-        if self.use_graphs:
-            # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
-            longest = min(slot.state.capacity, -(-longest // 16) * 16)
-        slot.state.reset()
-        return (slot, *self._ids_and_lengths(suffixes, longest))
 
     def _ids_and_lengths(
         self, rows: list[list[int]], width: int, lengths: list[int] | None = None
@@ -417,13 +442,12 @@ class FastSession:
         saved, reuse.use_graphs = reuse.use_graphs, self._graphs
         try:
             if self._slot is None:
-                self._slot, tokens, n_valid = reuse._start(self.prefix, [ids], need=self.capacity)
-                logits = reuse._step(
-                    self._slot, tokens, n_valid, fresh=True, layer_ready=self._layer_ready
+                self._slot, logits = reuse._first_step(
+                    self.prefix, [ids], need=self.capacity, layer_ready=self._layer_ready
                 )
             else:
                 tokens, n_valid = reuse._ids_and_lengths([ids], len(ids))
-                logits = reuse._step(self._slot, tokens, n_valid, fresh=False)
+                logits = reuse._step(self._slot, tokens, n_valid)
         finally:
             reuse.use_graphs = saved
         self.length += len(ids)
