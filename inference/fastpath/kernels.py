@@ -787,10 +787,7 @@ def attention(
     waves: float = 2.0,
     skip_empty: bool = True,
     pdl: bool = False,
-    suffix_block_m: int = 64,
-    suffix_block_n: int = 32,
     runtime_loop: bool | None = None,
-    merge_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
@@ -816,9 +813,10 @@ def attention(
     parts_pdl = pdl
     if n_splits and wait is not None:  # the prefix is still being copied in, layer by layer
         torch.cuda.current_stream().wait_event(wait)
-        # The launch must wait for the copy: the kernel reads K/V before its PDL wait, and a
-        # programmatic edge would only order it after the previous kernel's start.
+        # The launch must wait for the copy: with PDL it would start once the previous kernel
+        # signals, and its griddepcontrol.wait covers that kernel, not the copy.
         parts_pdl = False
+    suffix_block_m = 64
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
@@ -848,7 +846,7 @@ def attention(
         PREFIX_BLOCK_N=block_n,
         CAPACITY=keys.shape[2],
         SUFFIX_BLOCK_M=suffix_block_m,
-        SUFFIX_BLOCK_N=suffix_block_n,
+        SUFFIX_BLOCK_N=32,
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
         PDL=parts_pdl,
@@ -869,7 +867,6 @@ def attention(
         D=d,
         BLOCK_M=16,
         PDL=pdl,
-        num_warps=merge_warps,
         **_launch(pdl),
     )
     return out
