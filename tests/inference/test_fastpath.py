@@ -270,6 +270,15 @@ def test_suffix_buffers_are_sized_to_the_request(loaded, shared_store, doc_keys)
             session.step([1] * (session.capacity - session.length + 1))
 
 
+def test_a_first_step_needs_a_token_in_every_suffix(loaded, shared_store, doc_keys):
+    fast = FastReuse(loaded.model, capacity=64)
+    _, prefix = _prefix(shared_store, doc_keys, loaded, DOCS[8])
+    for suffixes in ([], [[]], [[5], []]):
+        with pytest.raises(ValueError, match="at least one token"):
+            fast.first_logits(prefix, suffixes)
+    assert not fast._slots  # nothing was set up for the refused request
+
+
 def test_slots_past_the_byte_budget_go_least_recently_used_first(
     loaded, shared_store, doc_keys
 ):
