@@ -1,6 +1,8 @@
 """Profile one fast-path step on the GPU: where the time goes, and the GEMM-only floor.
 
 python bench/profile_fastpath.py --model-config qwen3-4b --n-tokens 3774
+ncu --kernel-name regex:_attention_parts --launch-skip 72 --launch-count 1 \
+    python bench/profile_fastpath.py --eager-steps 3     # eager steps only: a target for ncu
 """
 
 import argparse
@@ -27,6 +29,15 @@ def _ms_per_call(fn, repeat: int = 20) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeat * 1e3
+
+
+def _captured(run) -> torch.cuda.CUDAGraph:
+    """run() once (compiles, cuBLAS choices), then captured as a CUDA graph."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
 
 
 def _host_ms(fn, repeat: int = 20) -> float:
@@ -56,11 +67,7 @@ def gemm_floor_ms(fast: FastReuse, tokens: int) -> float:
             F.linear(act, w.down)
         F.linear(h[-1:], dec.lm_head)
 
-    products()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        products()
-    return _ms_per_call(graph.replay)
+    return _ms_per_call(_captured(products).replay)
 
 
 def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
@@ -94,11 +101,7 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
                 def run(fn=fn, weights=weights):
                     for w in weights:
                         fn(w)
-                run()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                ms = _ms_per_call(graph.replay, repeat=10)
+                ms = _ms_per_call(_captured(run).replay, repeat=10)
             except Exception as exc:  # a config that does not fit (shared memory)
                 table.append({"kind": kind, "variant": name, "error": str(exc)[:120]})
                 continue
@@ -134,11 +137,7 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
                                   n_heads=dec.n_heads, scale=dec.scale, n_sms=dec.n_sms,
                                   **config)
         try:
-            run()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            ms = _ms_per_call(graph.replay, repeat=10)
+            ms = _ms_per_call(_captured(run).replay, repeat=10)
         except Exception as exc:  # a config that does not fit
             table.append({**config, "error": str(exc)[:100]})
             continue
@@ -236,10 +235,7 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         def run(fn=fn):
             for i in range(n_layers):
                 fn(i)
-        run()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        graph = _captured(run)
         ms = _ms_per_call(graph.replay, repeat=20)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             graph.replay()
@@ -262,6 +258,8 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
+    parser.add_argument("--eager-steps", type=int, default=0,
+                        help="only run this many first steps eagerly (no graph), for ncu")
     args = parser.parse_args()
     model = build_model(args.model_config, "cuda", torch.bfloat16)
     doc = torch.randint(0, 1000, (1, args.n_tokens), device="cuda")
@@ -269,6 +267,12 @@ def main() -> None:
     prefix = PrefixKV([(c.keys[0].contiguous(), c.values[0].contiguous()) for c in cache.layers])
     del cache
     suffixes = [list(range(100 + i, 100 + i + args.suffix)) for i in range(args.batch)]
+    if args.eager_steps:
+        eager = FastReuse(model, capacity=128, use_graphs=False)
+        for _ in range(args.eager_steps):
+            eager.first_logits(prefix, suffixes)
+        torch.cuda.synchronize()
+        return
     report = {"device": torch.cuda.get_device_name(), "n_tokens": args.n_tokens,
               "batch": args.batch, "suffix": args.suffix}
     fast = FastReuse(model, capacity=128)
