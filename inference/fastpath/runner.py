@@ -97,6 +97,13 @@ class _Slot:
         return self.prefix if self.table is None else self.table
 
 
+def _packed(rows: list[list[int]], width: int, lengths: list[int] | None = None) -> list[int]:
+    """Token rows padded to width and flattened, then their lengths (default: the rows' own):
+    a step's inputs as one buffer, for one copy."""
+    flat = [t for row in rows for t in row + [0] * (width - len(row))]
+    return flat + ([len(row) for row in rows] if lengths is None else lengths)
+
+
 def _external_events(n: int) -> list[torch.cuda.Event]:
     events = [torch.cuda.Event(external=True) for _ in range(n)]
     for event in events:  # recorded once, so waiting on one is defined before any copy
@@ -296,10 +303,7 @@ class FastReuse:
         width = min(slot.state.capacity, -(-longest // 16) * 16)
         g = self._graph(slot, width, fresh=True)
         g.inputs_read.synchronize()  # the last replay has copied its inputs
-        flat = [t for row in suffixes for t in row + [0] * (width - len(row))]
-        host = g.host_inputs.numpy()
-        host[: len(flat)] = flat
-        host[len(flat) :] = [len(row) for row in suffixes]
+        g.host_inputs.numpy()[:] = _packed(suffixes, width)
         if layer_ready:  # the graph waits on the slot's events: move each one after its layer
             if self._chain_stream is None:
                 self._chain_stream = torch.cuda.Stream()
@@ -394,11 +398,8 @@ class FastReuse:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """rows padded to width [B, width] and their lengths [B] (default: the rows' own), on
         the device. They travel in one copy: every copy adds to the request's latency."""
-        flat = [t for row in rows for t in row + [0] * (width - len(row))]
-        if lengths is None:
-            lengths = [len(row) for row in rows]
-        packed = self._to_device(flat + lengths)
-        return packed[: len(flat)].view(len(rows), width), packed[len(flat) :]
+        packed = self._to_device(_packed(rows, width, lengths))
+        return packed[: len(rows) * width].view(len(rows), width), packed[len(rows) * width :]
 
     def _to_device(self, values: list) -> torch.Tensor:
         """A small host list on the GPU without waiting: from pageable memory a copy would wait
