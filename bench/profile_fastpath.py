@@ -85,7 +85,7 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
     src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = _ms_per_call(functools.partial(dst.copy_, src), repeat=10)
-    table = [{"kind": "copy", "variant": "2 GiB device copy", "us_per_layer": 0.0,
+    table = [{"kind": "copy", "variant": "2 GiB device copy",
               "gb_per_s": round(2 * src.numel() / copy_ms / 1e6, 1)}]
     del src, dst  # the products' timings must not share the card with 4 GiB of copies
     for kind, (k, weights) in kinds.items():
@@ -94,7 +94,8 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
         variants = {"cublas": lambda w, x=x: F.linear(x, w),
                     "split_k default": lambda w, x=x: kernels.matmul(x, w, dec.n_sms)}
         # Wider column tiles re-read the activations from L2 less often (48 rows of x per
-        # 64 weight rows at n64); stages are capped by shared memory inside matmul().
+        # 64 weight rows at n64), yet measured slower for every kind on an H200; stages are
+        # capped by shared memory inside matmul().
         # Triton's warp specialization (a producer warp issuing the copies) measured slower
         # for every kind on an H200 (gate_up 36.2 us a layer against 30.9), so it is not swept.
         configs = [(n, bk, v) for n in (64, 128, 256) for bk in (64, 128) for v in (1.0, 2.0)]
@@ -130,7 +131,8 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
     n_valid = torch.full((1,), tokens, dtype=torch.long, device="cuda")
     configs = [{}]
     # 256 rows hold a KV head's 4 query heads x 48 tokens in one block, so each prefix K/V tile
-    # is loaded once instead of once per 64-row block (8 warps, 1 block per SM).
+    # is loaded once instead of once per 64-row block (8 warps, 1 block per SM); on an H200 it
+    # measured slower than 64-row blocks (22.6 us a layer against 16.5).
     for block_m in (64, 128, 256):
         for stages in (2, 3):
             for waves in (1.0, 2.0):
@@ -341,8 +343,7 @@ def main() -> None:
         print("default", json.dumps(table[0]))
     if args.matmul:
         table = matmul_table(fast, args.batch * args.suffix)
-        print(json.dumps(table[0]))
-        for kind in ("qkv", "o_proj", "gate_up", "down"):
+        for kind in ("copy", "qkv", "o_proj", "gate_up", "down"):
             lines = [line for line in table if line["kind"] == kind]
             ranked = sorted(lines, key=lambda r: r.get("us_per_layer", 1e9))
             for line in [r for r in lines if r["variant"] in ("cublas", "split_k default")]:
