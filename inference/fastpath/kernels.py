@@ -127,11 +127,39 @@ def _precision(dtype: torch.dtype) -> str | None:
 # Products without split (cuBLAS, bigger batches) are passed as [1, rows, N].
 
 
+@triton.jit
+def _store_product(
+    out_ptr, act_ptr, acc, rm, rn, M, N, split, pid_n,
+    BLOCK_M: tl.constexpr, SILU_GROUP: tl.constexpr,
+):
+    """A product block's result: its float32 partial sum in slice `split` of out [splits, M, N],
+    or, with SILU_GROUP (a gate/up product in one split whose tile holds SILU_GROUP gate
+    columns then their SILU_GROUP up columns), silu(gate) * up in act [M, N / 2], rounded
+    exactly as silu_mul rounds (the output, then silu, then the product)."""
+    if SILU_GROUP:
+        dtype = act_ptr.dtype.element_ty
+        halves = tl.permute(tl.reshape(acc.to(dtype), [BLOCK_M, 2, SILU_GROUP]), [0, 2, 1])
+        gate, up = tl.split(halves)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype)
+        cols = pid_n * SILU_GROUP + tl.arange(0, SILU_GROUP)
+        inter = N // 2
+        tl.store(
+            act_ptr + rm[:, None].to(tl.int64) * inter + cols[None, :],
+            act.to(tl.float32) * up.to(tl.float32),
+            mask=(rm < M)[:, None] & (cols < inter)[None, :],
+        )
+    else:
+        out = out_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+        tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_partials_kernel(
     x_ptr,
     w_ptr,
     out_ptr,
+    act_ptr,
     M,
     N,
     K,
@@ -142,6 +170,7 @@ def _matmul_partials_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
+    SILU_GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -162,8 +191,7 @@ def _matmul_partials_kernel(
             mask=col_ok[None, :] & k_ok[:, None],
         )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    out = out_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    _store_product(out_ptr, act_ptr, acc, rm, rn, M, N, split, pid_n, BLOCK_M, SILU_GROUP)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -172,6 +200,7 @@ def _matmul_tma_kernel(
     w_desc,
     w_ptr,
     out_ptr,
+    act_ptr,
     M,
     N,
     K,
@@ -182,6 +211,7 @@ def _matmul_tma_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
+    SILU_GROUP: tl.constexpr,
 ):
     """_matmul_partials_kernel with tiles brought in by the tensor memory accelerator (Hopper):
     one instruction per tile instead of per-thread address arithmetic, rows and columns past
@@ -197,8 +227,7 @@ def _matmul_tma_kernel(
         a = x_desc.load([0, k0 + kk])
         b = w_desc.load([pid_n * BLOCK_N, k0 + kk])
         acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-    out = out_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
-    tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _store_product(out_ptr, act_ptr, acc, rm, rn, M, N, split, pid_n, BLOCK_M, SILU_GROUP)
 
 
 # Products of at most this many rows are decode-sized: they get more, shallower split-K blocks,
@@ -235,10 +264,15 @@ def matmul(
     prefetch_k: int = 0,
     tma: bool = False,
     block_k: int = 128,
+    silu_group: int = 0,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N].
     pdl: launch with programmatic dependent launch, prefetching the first prefetch_k columns of
-    the block's weight rows into L2 while the previous kernel finishes."""
+    the block's weight rows into L2 while the previous kernel finishes.
+    silu_group: weight is a gate/up matrix interleaved in groups of silu_group rows
+    (interleave_gate_up); returns silu(gate) * up [M, N / 2] in x's dtype instead, computed by
+    the product's own blocks when it runs in one split with tiles of both halves of a group
+    (no partial sums written and read back, no activation kernel), else by silu_mul."""
     rows, k = x.shape
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
@@ -250,7 +284,11 @@ def matmul(
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     stages = max(2, min(stages, (200 << 10) // stage_bytes))
     splits, k_per_split = matmul_plan(n, k, n_sms, block_n=block_n, waves=waves, block_k=block_k)
-    out = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
+    fused_silu = silu_group and splits == 1 and block_n == 2 * silu_group
+    out = torch.empty(
+        (0 if fused_silu else splits, rows, n), dtype=torch.float32, device=x.device
+    )
+    act = torch.empty((rows, n // 2) if fused_silu else (0,), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), splits)
     sizes_and_options = dict(
         K_PER_SPLIT=k_per_split,
@@ -260,6 +298,7 @@ def matmul(
         PRECISION=_precision(x.dtype),
         PDL=pdl,
         PREFETCH_K=prefetch_k,
+        SILU_GROUP=silu_group if fused_silu else 0,
         num_warps=4,
         num_stages=stages,
         **_launch(pdl),
@@ -269,9 +308,15 @@ def matmul(
 
         x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-        _matmul_tma_kernel[grid](x_desc, w_desc, weight, out, rows, n, k, **sizes_and_options)
+        _matmul_tma_kernel[grid](
+            x_desc, w_desc, weight, out, act, rows, n, k, **sizes_and_options
+        )
     else:
-        _matmul_partials_kernel[grid](x, weight, out, rows, n, k, **sizes_and_options)
+        _matmul_partials_kernel[grid](x, weight, out, act, rows, n, k, **sizes_and_options)
+    if fused_silu:
+        return act
+    if silu_group:
+        return silu_mul(out, x.dtype, group=silu_group, pdl=pdl)
     return out
 
 
@@ -875,7 +920,8 @@ def attention(
 # --- MLP activation -------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(
-    x_ptr, out_ptr, n_rows, inter, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+    x_ptr, out_ptr, n_rows, inter, group, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _start_dependents(PDL)
     _wait_for_previous(PDL)
@@ -884,24 +930,44 @@ def _silu_mul_kernel(
     mask = cols < inter
     dtype = out_ptr.dtype.element_ty
     stride = n_rows * 2 * inter
-    gate = _sum_parts(x_ptr, t * 2 * inter + cols, mask, stride, PARTS, dtype)
-    up = _sum_parts(x_ptr, t * 2 * inter + inter + cols, mask, stride, PARTS, dtype)
+    gate_col = (cols // group) * 2 * group + cols % group  # its up column is group further
+    gate = _sum_parts(x_ptr, t * 2 * inter + gate_col, mask, stride, PARTS, dtype)
+    up = _sum_parts(x_ptr, t * 2 * inter + gate_col + group, mask, stride, PARTS, dtype)
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dtype)  # silu, rounded as F.silu rounds
     tl.store(out_ptr + t * inter + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype, *, pdl: bool = False) -> torch.Tensor:
-    """[parts, rows, 2I] (gate then up, partial products summed first) -> silu(gate) * up,
-    [rows, I] in dtype."""
+def silu_mul(
+    gate_up: torch.Tensor, dtype: torch.dtype, *, group: int | None = None, pdl: bool = False
+) -> torch.Tensor:
+    """[parts, rows, 2I] (partial products, summed first) -> silu(gate) * up, [rows, I] in
+    dtype. Columns alternate between `group` gate columns and their `group` up columns
+    (interleave_gate_up); the default, I, is all gate columns then all up columns."""
     parts, rows, width = gate_up.shape
     inter = width // 2
     out = torch.empty((rows, inter), dtype=dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up, out, rows, inter, PARTS=parts, BLOCK=block, PDL=pdl, **_launch(pdl)
+        gate_up, out, rows, inter, group or inter, PARTS=parts, BLOCK=block, PDL=pdl,
+        **_launch(pdl),
     )
     return out
+
+
+# Gate and up rows of a kernels decoder's MLP weight alternate in groups of this many, so that
+# one 64-column tile of the product holds both halves of 32 outputs (matmul(silu_group=...)).
+SILU_GROUP = 32
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, group: int) -> torch.Tensor:
+    """[I, H] gate and up weights -> [2I, H]: `group` gate rows, then the same outputs' up
+    rows, and so on (I must be a multiple of group)."""
+    inter, hidden = gate.shape
+    if inter % group:
+        raise ValueError(f"{inter} gate rows do not split into groups of {group}")
+    pairs = torch.stack([gate.view(-1, group, hidden), up.view(-1, group, hidden)], dim=1)
+    return pairs.reshape(2 * inter, hidden)
 
 
 def sm_count(device: torch.device) -> int:

@@ -57,7 +57,9 @@ class LayerWeights:
     qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: Qwen3 normalises q and k per head
     o_proj: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    # [2 * intermediate, hidden]: gate then up rows; with the kernels, interleaved in groups of
+    # FastDecoder.silu_group rows (kernels.interleave_gate_up)
+    gate_up: torch.Tensor
     down: torch.Tensor
 
 
@@ -240,6 +242,9 @@ class FastDecoder:
             )
         self.intermediate = self.layers[0].down.shape[1]
         self.kernels = _kernels_available(self.device) if kernels is None else kernels
+        # Gate and up rows alternate in groups of this many (one group: all gate rows, then all
+        # up rows); with the kernels, small groups, so the MLP product computes its activation.
+        self.silu_group = self.intermediate
         self.n_sms = 0
         # Products with at most this many rows use the split-K Triton kernel.
         self.skinny_rows = 64 if self.kernels else 0
@@ -254,9 +259,18 @@ class FastDecoder:
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
         if self.kernels:
+            from inference.fastpath import kernels as kernels_mod
             from inference.fastpath.kernels import pdl_available, sm_count, tma_available
 
             self.n_sms = sm_count(self.device)
+            if self.intermediate % kernels_mod.SILU_GROUP == 0:
+                self.silu_group = kernels_mod.SILU_GROUP
+                for w, layer in zip(self.layers, base.layers, strict=True):
+                    mlp = layer.mlp
+                    w.gate_up = kernels_mod.interleave_gate_up(
+                        mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                        self.silu_group,
+                    )
             self.pdl = pdl_available(self.device) and os.environ.get("KVMARKET_PDL", "1") != "0"
             self.tma = tma_available(self.device)
 
@@ -468,8 +482,7 @@ class FastDecoder:
             h = kernels.add_rms_norm(
                 x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
             )
-            act = kernels.silu_mul(self._product(h, w.gate_up), self.dtype, pdl=pdl)
-            delta = self._product(act, w.down)
+            delta = self._product(self._product(h, w.gate_up, silu=True), w.down)
         h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
         state.lengths.add_(n_valid)
         if not all_logits:
@@ -484,11 +497,17 @@ class FastDecoder:
         return self.pdl and rows > DECODE_ROWS
 
     def _product(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        silu: bool = False,
     ) -> torch.Tensor:
         """x @ weight.T as [parts, rows, N]: split-K Triton partials for a few rows (weight
         streaming), one cuBLAS product for more rows or with a bias. With PDL every product
-        of a few rows is a Triton one: a cuBLAS kernel would break the chain of early launches."""
+        of a few rows is a Triton one: a cuBLAS kernel would break the chain of early launches.
+        silu (the MLP's gate/up weight): returns the activation silu(gate) * up [rows, I]."""
         from inference.fastpath import kernels
 
         rows = x.shape[0]
@@ -505,8 +524,10 @@ class FastDecoder:
                 pdl=pdl,
                 prefetch_k=self.prefetch_k if pdl else 0,
                 tma=self.tma and rows > kernels.DECODE_ROWS,
+                silu_group=self.silu_group if silu else 0,
             )
-        return F.linear(x, weight, bias)[None]
+        out = F.linear(x, weight, bias)[None]
+        return kernels.silu_mul(out, self.dtype, group=self.silu_group, pdl=pdl) if silu else out
 
 
 def _kernels_available(device: torch.device) -> bool:

@@ -70,7 +70,7 @@ class _Slot:
         self.nbytes = sum(
             t.numel() * t.element_size() for t in (*self.state.keys, *self.state.values)
         )
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, bool, bool], _Graph] = {}  # (q_len, fresh, waits)
         # A private memory pool per slot: its graphs are freed together with it.
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         # Per-layer events the first-step graph waits on (event wait nodes): a prefix still
@@ -199,15 +199,19 @@ class FastReuse:
         if staged is not None:
             self.forget(staged[1].prefix)
 
-    def _graph(self, slot: _Slot, q_len: int, fresh: bool) -> _Graph:
-        cached = slot.graphs.get((q_len, fresh))
+    def _graph(self, slot: _Slot, q_len: int, fresh: bool, *, waits: bool = False) -> _Graph:
+        """The slot's graph of a step of q_len tokens per row; waits (first steps only): its
+        layers wait for the slot's per-layer events (a prefix still being copied in). A hot
+        prefix gets the graph without them: an event wait before a layer's attention also
+        takes that launch out of the chain of early (PDL) launches."""
+        cached = slot.graphs.get((q_len, fresh, waits))
         if cached is not None:
             return cached
         batch = slot.state.batch
         device = self.decoder.device
         input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
         n_valid = torch.full((batch,), q_len, dtype=torch.long, device=device)
-        ready = slot.ready if fresh else None
+        ready = slot.ready if waits else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -233,7 +237,7 @@ class FastReuse:
             host_inputs=host_inputs,
             inputs_read=inputs_read,
         )
-        slot.graphs[(q_len, fresh)] = captured
+        slot.graphs[(q_len, fresh, waits)] = captured
         return captured
 
     @torch.inference_mode()
@@ -301,7 +305,7 @@ class FastReuse:
             return slot, self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
         # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
         width = min(slot.state.capacity, -(-longest // 16) * 16)
-        g = self._graph(slot, width, fresh=True)
+        g = self._graph(slot, width, fresh=True, waits=bool(layer_ready))
         g.inputs_read.synchronize()  # the last replay has copied its inputs
         g.host_inputs.numpy()[:] = _packed(suffixes, width)
         if layer_ready:  # the graph waits on the slot's events: move each one after its layer

@@ -140,6 +140,36 @@ def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
     assert torch.allclose(kernels.silu_mul(parts, torch.float32), expected, atol=1e-5)
 
 
+def test_silu_mul_reads_gate_and_up_interleaved_in_groups():
+    torch.manual_seed(2)
+    gate, up = torch.randn(4, 96), torch.randn(4, 96)
+    expected = torch.nn.functional.silu(gate) * up
+    # Columns as interleave_gate_up lays out weight rows: 32 gate, their 32 up, and so on.
+    interleaved = torch.stack([gate.view(4, 3, 32), up.view(4, 3, 32)], dim=2).reshape(4, 192)
+    got = kernels.silu_mul(interleaved[None], torch.float32, group=32)
+    assert torch.allclose(got, expected, atol=1e-6)
+    weights = kernels.interleave_gate_up(gate.T.contiguous(), up.T.contiguous(), 32)
+    assert torch.equal(weights.T, interleaved)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma_loads"])
+@pytest.mark.parametrize("rows", [5, 48])
+def test_gate_up_product_computes_the_activation_in_its_own_blocks(rows, tma):
+    torch.manual_seed(rows)
+    x, gate, up = torch.randn(rows, 640) / 25, torch.randn(96, 640), torch.randn(96, 640)
+    weight = kernels.interleave_gate_up(gate, up, 32)
+    expected = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    for n_sms in (2, 8):  # 3 tiles: one split on 2 SMs (fused), two splits on 8 (not fused)
+        splits = kernels.matmul_plan(192, 640, n_sms, waves=1.0 if rows > 16 else 2.0)[0]
+        assert (splits == 1) == (n_sms == 2)
+        act = kernels.matmul(x, weight, n_sms, tma=tma, silu_group=32)
+        assert act.shape == (rows, 96) and act.dtype == torch.float32
+        assert torch.allclose(act, expected, rtol=1e-4, atol=1e-4)
+        # Fused or not, the same rounding steps: equal to the partial sums then silu_mul.
+        parts = kernels.matmul(x, weight, n_sms, tma=tma)
+        assert torch.equal(act, kernels.silu_mul(parts, torch.float32, group=32))
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma_loads"])
 @pytest.mark.parametrize("rows", [1, 5, 48])
 def test_split_k_products_sum_to_the_matrix_product(rows, tma):
