@@ -101,7 +101,8 @@ def matmul_table(fast: FastReuse, rows: int) -> list[dict]:
         # Few stages let two blocks share an SM (two pipelines in flight, their waits and
         # barriers overlapped) where one block of six stages fills its shared memory.
         # H200: gate_up 29.1 us a layer at k64 s4 (three blocks an SM: all 304 resident at
-        # once) against 31.7 at k128 s6 (one block an SM: 2.3 waves).
+        # once) against 30.9-31.7 at k128 s6 (one block an SM: 2.3 waves), yet in the whole
+        # step (PDL, L2 prefetch) it measured no faster (graph 3.43 ms either way): not kept.
         configs = [(64, 128, 1.0, 6), (64, 64, 1.0, 4), (64, 64, 2.0, 4), (64, 64, 2.5, 4),
                    (64, 64, 3.0, 4), (64, 64, 2.0, 3), (64, 64, 3.0, 3), (64, 64, 4.0, 3),
                    (64, 128, 2.0, 2), (64, 128, 3.0, 2), (64, 128, 2.0, 3)]
@@ -236,6 +237,7 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
             start=state.lengths, seq_len=tokens, n_heads=dec.n_heads,
             n_kv_heads=dec.n_kv_heads, eps=dec.eps),
         "attention parts + merge": attention,
+        "attention, bf16 parts": lambda i: attention(i, part_dtype=torch.bfloat16),
         "attention, suffix only (+ merge)": lambda i: attention(i, no_prefix=True),
         "attention, 1 wave": lambda i: attention(i, waves=1.0),
         "attention, 4 waves": lambda i: attention(i, waves=4.0),
