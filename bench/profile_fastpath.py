@@ -216,7 +216,7 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
     qkv = torch.randn(1, tokens, width, device=cuda)
     q = torch.randn(tokens, dec.n_heads * dec.head_dim, device=cuda, dtype=dec.dtype)
     gate_up = torch.randn(1, tokens, 2 * dec.intermediate, device=cuda)
-    cos, sin = dec._rope_tables(torch.arange(tokens, device=cuda) + prefix.n_tokens)
+    cos, sin = dec.rope_table
     w = dec.layers[0]
     n_layers = len(dec.layers)
 
@@ -234,7 +234,7 @@ def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
         "add_rms_norm (3 parts)": lambda i: kernels.add_rms_norm(x, delta, w.input_norm, dec.eps),
         "qk_norm_rope_store": lambda i: kernels.qk_norm_rope_store(
             qkv, w.qk_norm, cos, sin, keys=state.keys[i], values=state.values[i],
-            start=state.lengths, seq_len=tokens, n_heads=dec.n_heads,
+            start=state.lengths, n_prefix=table.n_tokens, seq_len=tokens, n_heads=dec.n_heads,
             n_kv_heads=dec.n_kv_heads, eps=dec.eps),
         "attention parts + merge": attention,
         "attention, bf16 parts": lambda i: attention(i, part_dtype=torch.bfloat16),

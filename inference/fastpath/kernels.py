@@ -394,7 +394,7 @@ def add_rms_norm(
 
 
 # --- q/k norm, rope, KV write ----------------------------------------------------------------
-@triton.jit(do_not_specialize=["S", "n_tokens", "capacity"])
+@triton.jit(do_not_specialize=["S", "n_tokens", "capacity", "n_positions"])
 def _qk_norm_rope_store_kernel(
     qkv_ptr,
     norm_ptr,
@@ -404,6 +404,8 @@ def _qk_norm_rope_store_kernel(
     k_cache_ptr,
     v_cache_ptr,
     start_ptr,
+    n_prefix_ptr,
+    n_positions,
     eps,
     S,
     n_tokens,
@@ -443,11 +445,16 @@ def _qk_norm_rope_store_kernel(
         n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
         x1 = tl.where(is_qk[:, None], n1, x1)
         x2 = tl.where(is_qk[:, None], n2, x2)
-    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded.
-    c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded. The
+    # token's absolute position (after the prefix) picks its row of the tables; padding past
+    # the model's positions reads the last row (it is masked out of every attention).
+    b = t // S
+    pos = tl.load(start_ptr + b) + t % S  # in the row's suffix buffer
+    row = tl.minimum(pos + tl.load(n_prefix_ptr), n_positions - 1) * D
+    c1 = tl.load(cos_ptr + row + half).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + row + D // 2 + half).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + row + half).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + row + D // 2 + half).to(tl.float32)[None, :]
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
     r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
@@ -460,8 +467,6 @@ def _qk_norm_rope_store_kernel(
     tl.store(q_ptr + q_off + D // 2, r2, mask=is_q[:, None])
     # k and v of this token go to its row's suffix buffer at start[b] + s (never past capacity:
     # only padding can reach there, and padding is masked out of every attention).
-    b = t // S
-    pos = tl.load(start_ptr + b) + t % S
     kv_head = tl.where(is_qk, heads - HQ, heads - HQ - HKV)
     kv_off = b * cache_b + kv_head[:, None] * cache_h + pos * cache_n + half[None, :]
     store_k = (is_qk & (heads >= HQ) & (pos < capacity))[:, None]
@@ -481,6 +486,7 @@ def qk_norm_rope_store(
     keys: torch.Tensor,
     values: torch.Tensor,
     start: torch.Tensor,
+    n_prefix: torch.Tensor,
     seq_len: int,
     n_heads: int,
     n_kv_heads: int,
@@ -489,7 +495,8 @@ def qk_norm_rope_store(
 ) -> torch.Tensor:
     """qkv [parts, B*S, (Hq + 2 Hkv) * D] (partial products, summed first) -> q [B*S, Hq * D]
     (normed, rotated); k and v are written to keys/values [B, Hkv, C, D] at each row's
-    start + s. cos, sin: [B*S, D]."""
+    start + s. cos, sin: [positions, D], the tables of every position; token s of row b is at
+    n_prefix + start[b] + s (n_prefix: a one-element device tensor, the prefix's length)."""
     parts, rows = qkv.shape[:2]
     d = keys.shape[-1]
     q = torch.empty((rows, n_heads * d), dtype=keys.dtype, device=qkv.device)
@@ -503,6 +510,8 @@ def qk_norm_rope_store(
         keys,
         values,
         start,
+        n_prefix,
+        cos.shape[0],
         eps,
         seq_len,
         rows,
@@ -864,7 +873,10 @@ def attention(
     if n_splits and wait is not None:  # the prefix is still being copied in, layer by layer
         torch.cuda.current_stream().wait_event(wait)
         # The launch must wait for the copy: with PDL it would start once the previous kernel
-        # signals, and its griddepcontrol.wait covers that kernel, not the copy.
+        # signals, and its griddepcontrol.wait covers that kernel, not the copy. The kernel is
+        # still compiled with its griddepcontrol instructions (PDL=pdl; without the launch
+        # attribute they return at once), so hot and layer-waiting steps share one compiled
+        # variant: a worker's warm-up compiles each once.
         parts_pdl = False
     suffix_block_m = 64
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
@@ -899,7 +911,7 @@ def attention(
         SUFFIX_BLOCK_N=32,
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
-        PDL=parts_pdl,
+        PDL=pdl,
         RUNTIME_LOOP=q.is_cuda if runtime_loop is None else runtime_loop,
         num_warps=warps,
         num_stages=stages,

@@ -263,6 +263,12 @@ class FastDecoder:
             from inference.fastpath.kernels import pdl_available, sm_count, tma_available
 
             self.n_sms = sm_count(self.device)
+            # cos and sin of every position the model takes [positions, D], computed once as
+            # _rope_tables computes a step's (elementwise: the same values): the rope kernel
+            # reads its tokens' rows instead of a step running a chain of small table kernels
+            # before its first layer.
+            positions = torch.arange(int(cfg.max_position_embeddings), device=self.device)
+            self.rope_table = self._rope_tables(positions)
             if self.intermediate % kernels_mod.SILU_GROUP == 0:
                 self.silu_group = kernels_mod.SILU_GROUP
                 for w, layer in zip(self.layers, base.layers, strict=True):
@@ -443,8 +449,7 @@ class FastDecoder:
 
         b, s = input_ids.shape
         start = state.lengths
-        positions = start[:, None] + torch.arange(s, device=input_ids.device)[None, :]
-        cos, sin = self._rope_tables((positions + prefix.n_tokens).reshape(-1))  # on the device
+        cos, sin = self.rope_table
         x = F.embedding(input_ids.reshape(-1), self.embed)
         delta = None
         pdl = self._pdl(b * s)
@@ -458,6 +463,7 @@ class FastDecoder:
                 keys=state.keys[i],
                 values=state.values[i],
                 start=start,
+                n_prefix=prefix.n_tokens,
                 seq_len=s,
                 n_heads=self.n_heads,
                 n_kv_heads=self.n_kv_heads,

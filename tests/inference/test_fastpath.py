@@ -204,6 +204,17 @@ def test_rope_tables_are_the_models_own_when_its_buffers_were_cast(loaded):
     assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
 
 
+def test_kernels_read_rope_rows_equal_to_a_steps_own_tables(loaded):
+    """The kernels take each token's cos/sin row from tables of every position, built once;
+    a row must be what the step's own table would hold, bit for bit."""
+    decoder = FastDecoder(loaded.model, kernels=True)
+    cos, sin = decoder.rope_table
+    assert cos.shape == (loaded.model.config.max_position_embeddings, decoder.head_dim)
+    positions = torch.tensor([0, 1, 47, 1362, 3000, cos.shape[0] - 1])
+    step_cos, step_sin = decoder._rope_tables(positions)
+    assert torch.equal(cos[positions], step_cos) and torch.equal(sin[positions], step_sin)
+
+
 def test_warm_up_in_the_middle_of_a_request_leaves_it_intact(
     loaded, shared_store, doc_keys, fast
 ):
