@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kv_reuse_fast import build_model, hf_prefill  # noqa: E402
 from inference.fastpath.model import PrefixKV  # noqa: E402
-from inference.fastpath.runner import FastReuse  # noqa: E402
+from inference.fastpath.runner import FastReuse, recorded_events  # noqa: E402
 
 
 def _ms_per_call(fn, repeat: int = 20) -> float:
@@ -317,9 +317,7 @@ def main() -> None:
     # Where latency exceeds throughput: the host's time per request (not overlapped when one
     # request waits for its answer), and the replay alone.
     # The first-step graph a prefix still being copied in gets: each layer waits for an event.
-    landed = [torch.cuda.Event() for _ in fast.decoder.layers]
-    for event in landed:
-        event.record()
+    landed = recorded_events(len(fast.decoder.layers))
     with torch.inference_mode():
         report["kernels_graph_layer_waits_ms"] = _ms_per_call(
             lambda: fast._first_step(prefix, suffixes, layer_ready=landed)

@@ -936,6 +936,7 @@ def warm_up(
     if fast is None:
         return {"fast_path": False, "runs": 0, "seconds": 0.0}
     from .fastpath.model import PrefixKV
+    from .fastpath.runner import recorded_events
 
     t0 = time.perf_counter()
     dec = fast.decoder
@@ -944,11 +945,8 @@ def warm_up(
                          for c in (64, 128, 256, 512, 1024)})
     runs = 0
 
-    landed = None  # events of a prefix already copied in (the CPU runs no graphs)
-    if dec.device.type == "cuda":
-        landed = [torch.cuda.Event() for _ in dec.layers]
-        for event in landed:
-            event.record()
+    # Events of a prefix already copied in (the CPU runs no graphs).
+    landed = recorded_events(len(dec.layers)) if dec.device.type == "cuda" else None
 
     def run(prefix: PrefixKV, n_suffix: int, capacity: int) -> None:
         nonlocal runs

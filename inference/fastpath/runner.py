@@ -75,7 +75,7 @@ class _Slot:
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         # Per-layer events the first-step graph waits on (event wait nodes): a prefix still
         # being copied to the GPU re-records them as its layers land.
-        self.ready = _external_events(len(decoder.layers)) if device.type == "cuda" else None
+        self.ready = recorded_events(len(decoder.layers)) if device.type == "cuda" else None
 
     @property
     def prefix(self) -> PrefixKV | None:
@@ -104,9 +104,11 @@ def _packed(rows: list[list[int]], width: int, lengths: list[int] | None = None)
     return flat + ([len(row) for row in rows] if lengths is None else lengths)
 
 
-def _external_events(n: int) -> list[torch.cuda.Event]:
+def recorded_events(n: int) -> list[torch.cuda.Event]:
+    """n events, each recorded once on the current stream (so waiting on one is defined before
+    any copy): a slot's per-layer events, or the layer_ready of a prefix that has landed."""
     events = [torch.cuda.Event(external=True) for _ in range(n)]
-    for event in events:  # recorded once, so waiting on one is defined before any copy
+    for event in events:
         event.record()
     return events
 
