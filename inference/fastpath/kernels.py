@@ -643,12 +643,15 @@ def _prefix_part(
 @triton.jit
 def _suffix_part(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, b, n_kv,
-    part, R, S, cache_b, cache_h, cache_n, qk_scale,
+    part, R, S, capacity, cache_b, cache_h, cache_n, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, CAPACITY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    RUNTIME_LOOP: tl.constexpr,
 ):
     """Each batch row's queries against its own suffix buffer: key j is visible to the query
-    at position p when j <= p and j < start + n_valid (padding after a row stays invisible)."""
+    at position p when j <= p and j < start + n_valid (padding after a row stays invisible).
+    With RUNTIME_LOOP the key loop runs to the last visible key; the interpreter runs it to
+    CAPACITY (the buffer's capacity as a compile-time bound) with a runtime skip."""
     _wait_for_previous(PDL)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
     row_ok = local < S * G
@@ -661,26 +664,34 @@ def _suffix_part(
     end = start + tl.load(n_valid_ptr + b)
     q_pos = start + s_pos
     last = tl.minimum((pid_m + 1) * BLOCK_M, S * G) - 1  # the block's last row: keys up to it
-    hi = tl.minimum(tl.minimum(end, start + last // G + 1), CAPACITY)
+    hi = tl.minimum(tl.minimum(end, start + last // G + 1), capacity)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
-    # A static bound with a runtime skip: loops to loaded values don't run in the interpreter.
-    for start_n in range(0, CAPACITY, BLOCK_N):
-        if start_n < hi:
+    if RUNTIME_LOOP:
+        for start_n in range(0, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
             acc, m_i, l_i = _attend_block(
                 q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
                 acc, m_i, l_i, qk_scale, D, PRECISION,
             )
+    else:  # a static bound with a runtime skip: the interpreter cannot loop to loaded values
+        for start_n in range(0, CAPACITY, BLOCK_N):
+            if start_n < hi:
+                cols = start_n + tl.arange(0, BLOCK_N)
+                visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
+                acc, m_i, l_i = _attend_block(
+                    q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
+                    acc, m_i, l_i, qk_scale, D, PRECISION,
+                )
     rows = b * S * G + local
     idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
 
 
-@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer"])
+@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer", "capacity"])
 def _attention_parts_kernel(
     q_ptr,
     anchor_ptr,
@@ -696,6 +707,7 @@ def _attention_parts_kernel(
     R,
     S,
     layer,
+    capacity,
     cache_b,
     cache_h,
     cache_n,
@@ -733,8 +745,9 @@ def _attention_parts_kernel(
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
                 q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
-                z - n_splits, n_kv, n_splits, R, S, cache_b, cache_h, cache_n, qk_scale, HQ, G,
-                D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+                z - n_splits, n_kv, n_splits, R, S, capacity, cache_b, cache_h, cache_n,
+                qk_scale, HQ, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+                RUNTIME_LOOP,
             )
 
 
@@ -878,9 +891,16 @@ def attention(
         # attribute they return at once), so hot and layer-waiting steps share one compiled
         # variant: a worker's warm-up compiles each once.
         parts_pdl = False
-    suffix_block_m = 64
+    suffix_block_m, suffix_block_n = 64, 32
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
+    runtime_loop = q.is_cuda if runtime_loop is None else runtime_loop
+    # Compiled kernels loop to runtime bounds: the split and suffix capacity are arguments, not
+    # compile-time constants, so one compiled variant serves every length class and suffix
+    # capacity (a worker's warm-up compiled 150 variants of this kernel before, nearly all its
+    # 190 s on an H200 with an empty Triton cache). The interpreter's static loops need them.
+    split_len_bound = block_n if runtime_loop else max(split_len, block_n)
+    capacity_bound = suffix_block_n if runtime_loop else keys.shape[2]
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
         q,
         prefix.anchor if n_splits else q,
@@ -896,6 +916,7 @@ def attention(
         rows,
         seq_len,
         layer,
+        keys.shape[2],
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
@@ -903,16 +924,16 @@ def attention(
         HQ=n_heads,
         G=group,
         D=d,
-        SPLIT_LEN=max(split_len, block_n),  # without a prefix: never run, but compiled
+        SPLIT_LEN=split_len_bound,  # without a prefix: never run, but compiled
         PREFIX_BLOCK_M=block_m,
         PREFIX_BLOCK_N=block_n,
-        CAPACITY=keys.shape[2],
+        CAPACITY=capacity_bound,
         SUFFIX_BLOCK_M=suffix_block_m,
-        SUFFIX_BLOCK_N=32,
+        SUFFIX_BLOCK_N=suffix_block_n,
         PRECISION=precision,
         SKIP_EMPTY=skip_empty,
         PDL=pdl,
-        RUNTIME_LOOP=q.is_cuda if runtime_loop is None else runtime_loop,
+        RUNTIME_LOOP=runtime_loop,
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),

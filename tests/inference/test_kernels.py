@@ -92,6 +92,49 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
                 assert torch.allclose(got, expected, atol=1e-5), (b, s, h)
 
 
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch's compile-time constants."""
+
+    def __init__(self) -> None:
+        self.constants: list[dict] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **constants):
+            self.constants.append(constants)
+
+        return launch
+
+
+def test_compiled_attention_is_one_variant_for_every_length_class_and_capacity(monkeypatch):
+    """A worker's warm-up compiles what the launches' constants tell apart: with runtime
+    loops (compiled kernels) neither the prefix's length class nor the suffix buffer's
+    capacity is one of them (they made 150 variants of the attention, nearly all of the
+    190 s warm-up on an H200). The interpreter's static loops still get the real bounds."""
+    parts, merge = _LaunchRecorder(), _LaunchRecorder()
+    monkeypatch.setattr(kernels, "_attention_parts_kernel", parts)
+    monkeypatch.setattr(kernels, "_merge_kernel", merge)
+    n_heads, n_kv, d, seq = 4, 2, 16, 8
+    q = torch.zeros(seq, n_heads * d)
+    start, n_valid = torch.tensor([0]), torch.tensor([seq])
+
+    def launch(n_prefix: int, capacity: int, runtime_loop: bool) -> dict:
+        kv = torch.zeros(n_kv, n_prefix, d)
+        table = PrefixTable.of(PrefixKV([(kv, kv)]), 1, torch.device("cpu"), torch.float32)
+        cache = torch.zeros(1, n_kv, capacity, d)
+        kernels.attention(
+            q, table, cache, cache, layer=0, start=start, n_valid=n_valid, seq_len=seq,
+            n_heads=n_heads, scale=1.0, n_sms=8, runtime_loop=runtime_loop,
+        )
+        return parts.constants[-1]
+
+    shapes = [(300, 16), (3000, 16), (300, 64), (20000, 128)]
+    compiled = [launch(n, c, runtime_loop=True) for n, c in shapes]
+    assert all(constants == compiled[0] for constants in compiled)
+    interpreted = [launch(n, c, runtime_loop=False) for n, c in shapes]
+    assert len({(c["SPLIT_LEN"], c["CAPACITY"]) for c in interpreted}) == len(shapes)
+    assert [c["CAPACITY"] for c in interpreted] == [c for _, c in shapes]
+
+
 def test_prefix_splits_fill_the_chip_with_few_compiled_variants():
     # One request of 48 tokens (192 query rows per KV head) on 132 SMs: 1-4 blocks per SM.
     n_splits, split_len = kernels.prefix_splits(4096, 192, 8, 132)

@@ -1,0 +1,500 @@
+"""Probe: a Gluon stream-K product for few rows against the Triton split-K product.
+
+Every SM streams one equal, contiguous share of the weight matrix's (tile, k-step) units through
+one TMA ring that never drains between tiles, so there are no waves, no per-tile ramp and no
+tail of idle SMs. A tile split between programs leaves one fp32 partial per piece (summed by the
+next kernel, as split-K partials are).
+
+python bench/stream_k_probe.py            # GPU (Hopper): JSON lines, us per layer of 36 layers
+"""
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@gluon.jit
+def _issue(
+    x_desc,
+    w_desc,
+    x_bufs,
+    w_bufs,
+    bars,
+    u,
+    u_end,
+    slot,
+    K_STEPS,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    TILED: gl.constexpr,
+    LOAD_X: gl.constexpr = True,
+):
+    """TMA loads of unit u (its tile's weight rows and the activations at its k-step)."""
+    pred = u < u_end
+    tile = u // K_STEPS
+    k = (u - tile * K_STEPS) * BLOCK_K
+    bar = bars.index(slot)
+    if LOAD_X:
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(x_desc, [0, k], bar, x_bufs.index(slot), pred)
+    else:  # timing probe only: the weights alone stream (products of stale activations)
+        mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
+    if TILED:  # the weight stored tile by tile: each [BLOCK_N, BLOCK_K] block contiguous
+        tma.async_copy_global_to_shared(w_desc, [u * BLOCK_N, 0], bar, w_bufs.index(slot), pred)
+    else:
+        tma.async_copy_global_to_shared(w_desc, [tile * BLOCK_N, k], bar, w_bufs.index(slot), pred)
+
+
+@gluon.jit
+def _stream_k_kernel(
+    x_desc,
+    w_desc,
+    out_ptr,
+    M,
+    N,
+    K_STEPS,
+    UNITS,
+    STAGES: gl.constexpr,
+    TILED: gl.constexpr,
+    num_warps: gl.constexpr,
+    LOAD_X: gl.constexpr = True,
+    MMA: gl.constexpr = True,
+):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    u_start = pid * UNITS // n_programs
+    u_end = (pid + 1) * UNITS // n_programs
+
+    x_bufs = gl.allocate_shared_memory(
+        x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout
+    )
+    w_bufs = gl.allocate_shared_memory(
+        w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout
+    )
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(STAGES - 1):
+        _issue(
+            x_desc,
+            w_desc,
+            x_bufs,
+            w_bufs,
+            bars,
+            u_start + s,
+            u_end,
+            s,
+            K_STEPS,
+            BLOCK_N,
+            BLOCK_K,
+            TILED,
+            LOAD_X,
+        )
+
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    use_acc = gl.to_tensor(False)
+    for u in range(u_start, u_end):
+        i = u - u_start
+        slot = i % STAGES
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        if MMA:
+            acc = warpgroup_mma(
+                x_bufs.index(slot),
+                w_bufs.index(slot).permute((1, 0)),
+                acc,
+                use_acc=use_acc,
+                is_async=True,
+            )
+        # The previous unit's product is done, so its slot takes the unit STAGES - 1 ahead.
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        _issue(
+            x_desc,
+            w_desc,
+            x_bufs,
+            w_bufs,
+            bars,
+            u + STAGES - 1,
+            u_end,
+            (i + STAGES - 1) % STAGES,
+            K_STEPS,
+            BLOCK_N,
+            BLOCK_K,
+            TILED,
+            LOAD_X,
+        )
+        use_acc = gl.to_tensor(True)
+        tile = u // K_STEPS
+        k_step = u - tile * K_STEPS
+        if (k_step == K_STEPS - 1) | (u == u_end - 1):
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # Piece index within the tile: which program's share it is, counted from the
+            # program holding the tile's first unit.
+            # (the owner of unit t is the last program starting at or before it)
+            piece = pid - ((tile * K_STEPS + 1) * n_programs - 1) // UNITS
+            c = tile * BLOCK_N + cols
+            offs = (piece * M + rows[:, None]).to(gl.int64) * N + c[None, :]
+            gl.store(out_ptr + offs, acc, mask=(rows < M)[:, None] & (c < N)[None, :])
+            use_acc = gl.to_tensor(False)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+
+@gluon.jit
+def _ws_loads(
+    x_desc,
+    w_desc,
+    x_bufs,
+    w_bufs,
+    ready,
+    empty,
+    u_start,
+    u_end,
+    K_STEPS,
+    STAGES: gl.constexpr,
+    TILED: gl.constexpr,
+):
+    """Producer warp: TMA loads run ahead as soon as the consumer frees a slot."""
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    for u in range(u_start, u_end):
+        i = u - u_start
+        slot = i % STAGES
+        # A fresh barrier passes a wait on parity 1: the first pass over the ring needs no free.
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        tile = u // K_STEPS
+        k = (u - tile * K_STEPS) * BLOCK_K
+        bar = ready.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(x_desc, [0, k], bar, x_bufs.index(slot))
+        if TILED:
+            tma.async_copy_global_to_shared(w_desc, [u * BLOCK_N, 0], bar, w_bufs.index(slot))
+        else:
+            tma.async_copy_global_to_shared(w_desc, [tile * BLOCK_N, k], bar, w_bufs.index(slot))
+
+
+@gluon.jit
+def _ws_products(
+    x_bufs,
+    w_bufs,
+    ready,
+    empty,
+    out_ptr,
+    M,
+    N,
+    K_STEPS,
+    UNITS,
+    u_start,
+    u_end,
+    STAGES: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Consumer warpgroup: products in unit order; a finished piece of a tile is stored."""
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    use_acc = gl.to_tensor(False)
+    for u in range(u_start, u_end):
+        i = u - u_start
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        acc = warpgroup_mma(
+            x_bufs.index(slot),
+            w_bufs.index(slot).permute((1, 0)),
+            acc,
+            use_acc=use_acc,
+            is_async=True,
+        )
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        use_acc = gl.to_tensor(True)
+        tile = u // K_STEPS
+        if (u - tile * K_STEPS == K_STEPS - 1) | (u == u_end - 1):
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            piece = pid - ((tile * K_STEPS + 1) * n_programs - 1) // UNITS
+            c = tile * BLOCK_N + cols
+            offs = (piece * M + rows[:, None]).to(gl.int64) * N + c[None, :]
+            gl.store(out_ptr + offs, acc, mask=(rows < M)[:, None] & (c < N)[None, :])
+            use_acc = gl.to_tensor(False)
+
+
+@gluon.jit
+def _stream_k_ws_kernel(
+    x_desc,
+    w_desc,
+    out_ptr,
+    M,
+    N,
+    K_STEPS,
+    UNITS,
+    STAGES: gl.constexpr,
+    TILED: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    u_start = pid * UNITS // n_programs
+    u_end = (pid + 1) * UNITS // n_programs
+    x_bufs = gl.allocate_shared_memory(
+        x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout
+    )
+    w_bufs = gl.allocate_shared_memory(
+        w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout
+    )
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize(
+        [
+            (
+                _ws_products,
+                (
+                    x_bufs,
+                    w_bufs,
+                    ready,
+                    empty,
+                    out_ptr,
+                    M,
+                    N,
+                    K_STEPS,
+                    UNITS,
+                    u_start,
+                    u_end,
+                    STAGES,
+                    BLOCK_M,
+                    BLOCK_N,
+                    num_warps,
+                ),
+            ),
+            (
+                _ws_loads,
+                (
+                    x_desc,
+                    w_desc,
+                    x_bufs,
+                    w_bufs,
+                    ready,
+                    empty,
+                    u_start,
+                    u_end,
+                    K_STEPS,
+                    STAGES,
+                    TILED,
+                ),
+            ),
+        ],
+        [1],
+        [48],
+    )
+
+
+def max_pieces(units: int, k_steps: int, programs: int) -> int:
+    """The most programs any tile is shared by."""
+    owners: dict[int, set[int]] = {}
+    for p in range(programs):
+        for u in range(p * units // programs, (p + 1) * units // programs):
+            owners.setdefault(u // k_steps, set()).add(p)
+    return max(len(o) for o in owners.values())
+
+
+def stream_k(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    programs: int,
+    *,
+    block_n: int = 64,
+    block_k: int = 128,
+    stages: int = 6,
+    ws: bool = False,
+    shape: tuple[int, int] | None = None,
+    **probe,
+) -> None:
+    """shape: (N, K) of a weight given tiled (tile_weight), else w is [N, K]."""
+    rows, k = x.shape
+    n = w.shape[0] if shape is None else shape[0]
+    block_m = 64
+    x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout)
+    w_desc = TensorDescriptor.from_tensor(w, [block_n, block_k], w_layout)
+    k_steps = triton.cdiv(k, block_k)
+    units = triton.cdiv(n, block_n) * k_steps
+    kernel = _stream_k_ws_kernel if ws else _stream_k_kernel
+    kernel[(programs,)](
+        x_desc,
+        w_desc,
+        out,
+        rows,
+        n,
+        k_steps,
+        units,
+        STAGES=stages,
+        TILED=shape is not None,
+        num_warps=4,
+        **probe,
+    )
+
+
+def tile_weight(w: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """[N, K] -> [N * K / block_k, block_k], tile (n, k) at rows (n * K/block_k + k) * block_n."""
+    n, k = w.shape
+    tiles = w.view(n // block_n, block_n, k // block_k, block_k).permute(0, 2, 1, 3)
+    return tiles.contiguous().view(-1, block_k)
+
+
+def _us_per_call(fn, repeat: int = 20) -> float:
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat * 1e6
+
+
+# (block_n, stages, programs per SM, warp-specialized, tiled weight, probe switches)
+VARIANTS = (
+    (64, 6, 1, False, False, {}),
+    (64, 6, 1, True, False, {}),
+    (128, 4, 1, False, False, {}),
+    (128, 4, 1, True, False, {}),
+    (64, 3, 2, False, False, {}),
+    (64, 3, 2, True, False, {}),
+    (64, 6, 1, False, True, {}),
+    (128, 4, 1, False, True, {}),
+    (32, 6, 1, False, True, {}),
+    # Timing probes (wrong products): without activation loads, without the MMAs as well.
+    (64, 6, 1, False, False, {"LOAD_X": False}),
+    (64, 6, 1, False, False, {"MMA": False}),
+    (64, 6, 1, False, False, {"LOAD_X": False, "MMA": False}),
+)
+
+
+def _stream_k_row(x, weights, n, k, sms, variant) -> dict:
+    block_n, stages, per_sm, ws, tiled, probe = variant
+    name = (
+        f"gluon stream-k n{block_n} s{stages} x{per_sm}"
+        + (" ws" if ws else "")
+        + (" tiled" if tiled else "")
+        + "".join(f" {key}={v}" for key, v in probe.items())
+    )
+    if tiled:
+        weights, shape = [tile_weight(w, block_n, 128) for w in weights], (n, k)
+    else:
+        shape = None
+    programs = sms * per_sm
+    units = triton.cdiv(n, block_n) * triton.cdiv(k, 128)
+    pieces = max_pieces(units, triton.cdiv(k, 128), programs)
+    out = torch.zeros(pieces, x.shape[0], n, device="cuda", dtype=torch.float32)
+    options = dict(block_n=block_n, stages=stages, ws=ws, shape=shape, **probe)
+    try:
+        stream_k(x, weights[0], out, programs, **options)
+        torch.cuda.synchronize()
+        summed = out.sum(0)
+        us = _us_per_call(lambda: [stream_k(x, w, out, programs, **options) for w in weights])
+    except Exception as exc:  # noqa: BLE001 - a probe: report and go on
+        return {"variant": name, "error": str(exc)[:300]}
+    return {"variant": name, "us": us, "pieces": pieces, "summed": summed}
+
+
+def _sum_into(src: torch.Tensor, total: torch.Tensor) -> None:
+    total.copy_(src.sum(dtype=torch.float32))
+
+
+def _split_k_all(x: torch.Tensor, weights: list[torch.Tensor], sms: int) -> None:
+    from inference.fastpath import kernels
+
+    for w in weights:
+        kernels.matmul(x, w, sms, tma=True)
+
+
+def main() -> None:
+    from inference.fastpath import kernels
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=36)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = {
+        "qkv": (6144, 2560),
+        "o_proj": (2560, 4096),
+        "gate_up": (19456, 2560),
+        "down": (2560, 9728),
+    }
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    total = torch.empty((), device="cuda", dtype=torch.float32)
+    read_us = _us_per_call(functools.partial(_sum_into, src, total), repeat=10)
+    read = round(2 * src.numel() / read_us / 1e3, 1)
+    print(json.dumps({"kind": "read (torch.sum of 2 GiB)", "gb_per_s": read}))
+    del src, total
+    for kind, (n, k) in shapes.items():
+        weights = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            for _ in range(args.layers)
+        ]
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ weights[0].float().T
+        us = _us_per_call(functools.partial(_split_k_all, x, weights, sms))
+        rows = [
+            {
+                "variant": "triton split-k (tma, default)",
+                "us": us,
+                "summed": kernels.matmul(x, weights[0], sms, tma=True).sum(0),
+            }
+        ]
+        rows += [_stream_k_row(x, weights, n, k, sms, v) for v in VARIANTS]
+        for row in rows:
+            if "us" in row:
+                per = row.pop("us") / args.layers
+                row["us_per_layer"] = round(per, 2)
+                row["gb_per_s"] = round(n * k * 2 / per / 1e3, 1)
+                row["max_diff_to_fp32"] = float((row.pop("summed") - ref).abs().max())
+            print(json.dumps({"kind": kind, **row}), flush=True)
+        del weights
+
+
+if __name__ == "__main__":
+    main()
