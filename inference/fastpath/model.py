@@ -455,23 +455,13 @@ class FastDecoder:
         pdl = self._pdl(b * s)
         for i, w in enumerate(self.layers):
             h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
-            q = kernels.qk_norm_rope_store(
-                self._product(h, w.qkv, w.qkv_bias),
-                w.qk_norm,
-                cos,
-                sin,
-                keys=state.keys[i],
-                values=state.values[i],
-                start=start,
-                n_prefix=prefix.n_tokens,
-                seq_len=s,
-                n_heads=self.n_heads,
-                n_kv_heads=self.n_kv_heads,
-                eps=self.eps,
-                pdl=pdl,
+            # The attention normalises and rotates q and k, and stores this step's K/V, itself.
+            qkv = kernels.StepQKV(
+                self._product(h, w.qkv, w.qkv_bias), w.qk_norm, cos, sin, prefix.n_tokens,
+                self.eps,
             )
             out = kernels.attention(
-                q,
+                qkv,
                 prefix if prefix.capacity else None,
                 state.keys[i],
                 state.values[i],
