@@ -914,8 +914,8 @@ def _attention_parts_kernel(
     HAS_NORM: tl.constexpr,
     PARTS: tl.constexpr,
 ):
-    """Both segments' partial attention in one launch: programs along axis 2 below n_splits
-    take a split of the prefix, the others one batch row's suffix (its part comes last). One
+    """Both segments' partial attention in one launch: programs along axis 2 below the batch
+    size take a batch row's suffix (its part comes last), the others a split of the prefix. One
     launch, so the suffix no longer waits for the prefix (or the prefix for the suffix).
     FROM_QKV: queries, keys and values come from the step's q/k/v products (qkv_ptr, PARTS
     partial sums): the q/k norm, rope and KV store happen here, not in a kernel of their own."""
@@ -923,14 +923,17 @@ def _attention_parts_kernel(
     kv_head = tl.program_id(1)
     z = tl.program_id(2)
     n_kv = tl.num_programs(1)
+    batch = tl.num_programs(2) - n_splits
     dtype = k_ptr.dtype.element_ty
     _start_dependents(PDL)
-    if z < n_splits:
+    # The suffix programs come first along axis 2, so they start in the first wave: the ones
+    # that normalise, rotate and store the step's keys (FROM_QKV) do not end up in the tail.
+    if z >= batch:
         if pid_m * PREFIX_BLOCK_M < R:
             _prefix_part(
                 q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, start_ptr, anchor_ptr, table_ptr,
-                n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z, n_kv, n_splits, R, S, layer,
-                n_positions, part_stride, eps, qk_scale, HQ, HKV, G, D, SPLIT_LEN,
+                n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z - batch, n_kv, n_splits, R, S,
+                layer, n_positions, part_stride, eps, qk_scale, HQ, HKV, G, D, SPLIT_LEN,
                 PREFIX_BLOCK_M, PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP,
                 FROM_QKV, HAS_NORM, PARTS, dtype,
             )
@@ -938,10 +941,10 @@ def _attention_parts_kernel(
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
                 q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, k_ptr, v_ptr, out_ptr,
-                lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, z - n_splits, n_kv, n_splits,
-                R, S, capacity, n_positions, part_stride, eps, cache_b, cache_h, cache_n,
-                qk_scale, HQ, HKV, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION,
-                PDL, RUNTIME_LOOP, FROM_QKV, HAS_NORM, PARTS, dtype,
+                lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, z, n_kv, n_splits, R, S,
+                capacity, n_positions, part_stride, eps, cache_b, cache_h, cache_n, qk_scale,
+                HQ, HKV, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+                RUNTIME_LOOP, FROM_QKV, HAS_NORM, PARTS, dtype,
             )
 
 
