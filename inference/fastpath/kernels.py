@@ -20,7 +20,6 @@ in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -395,38 +394,6 @@ def add_rms_norm(
 
 
 # --- q/k norm, rope, KV write ----------------------------------------------------------------
-@triton.jit
-def _rope_row(pos, n_prefix_ptr, n_positions, D: tl.constexpr):
-    """Offset of the rope tables' row for suffix-buffer position pos (after the prefix); padding
-    past the model's positions reads the last row (it is masked out of every attention)."""
-    return tl.minimum(pos + tl.load(n_prefix_ptr), n_positions - 1) * D
-
-
-@triton.jit
-def _norm_rope(x1, x2, w1, w2, cos_at, sin_at, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
-    """Qwen3's per-head RMSNorm (HAS_NORM, weight halves w1, w2 in float32) then the rotary
-    embedding of heads given as halves x1 = x[..., :D/2], x2 = x[..., D/2:] (rows, model dtype);
-    cos_at / sin_at: pointers to each row's table row (a column offset is added). Rounds where
-    transformers rounds: the norm before its weight multiply, each rope product
-    (x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1])."""
-    dtype = x1.dtype
-    half = tl.arange(0, D // 2)
-    if HAS_NORM:
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
-        inv = tl.rsqrt(var + eps)
-        x1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-    c1 = tl.load(cos_at + half).to(tl.float32)
-    c2 = tl.load(cos_at + D // 2 + half).to(tl.float32)
-    s1 = tl.load(sin_at + half).to(tl.float32)
-    s2 = tl.load(sin_at + D // 2 + half).to(tl.float32)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
-    r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
-    return r1, r2
-
-
 @triton.jit(do_not_specialize=["S", "n_tokens", "capacity", "n_positions"])
 def _qk_norm_rope_store_kernel(
     qkv_ptr,
@@ -467,20 +434,31 @@ def _qk_norm_rope_store_kernel(
     part_stride = n_tokens * n_all * D
     x1 = _sum_parts(qkv_ptr, offsets, in_range[:, None], part_stride, PARTS, dtype)
     x2 = _sum_parts(qkv_ptr, offsets + D // 2, in_range[:, None], part_stride, PARTS, dtype)
-    w1 = 0.0
-    w2 = 0.0
-    if HAS_NORM:
+    if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
+        inv = tl.rsqrt(var + eps)
         w_rows = tl.where(is_qk, heads, 0)[:, None] * D + half[None, :]
         w1 = tl.load(norm_ptr + w_rows, mask=is_qk[:, None], other=1.0).to(tl.float32)
         w2 = tl.load(norm_ptr + w_rows + D // 2, mask=is_qk[:, None], other=1.0).to(tl.float32)
-    # The token's absolute position (after the prefix) picks its row of the rope tables.
+        n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        x1 = tl.where(is_qk[:, None], n1, x1)
+        x2 = tl.where(is_qk[:, None], n2, x2)
+    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded. The
+    # token's absolute position (after the prefix) picks its row of the tables; padding past
+    # the model's positions reads the last row (it is masked out of every attention).
     b = t // S
     pos = tl.load(start_ptr + b) + t % S  # in the row's suffix buffer
-    row = _rope_row(pos, n_prefix_ptr, n_positions, D)
-    r1, r2 = _norm_rope(
-        x1, x2, w1, w2, cos_ptr + row, sin_ptr + row, eps, HAS_NORM, D
-    )
-    r1 = tl.where(is_qk[:, None], r1, x1)  # v heads: neither norm nor rope
+    row = tl.minimum(pos + tl.load(n_prefix_ptr), n_positions - 1) * D
+    c1 = tl.load(cos_ptr + row + half).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + row + D // 2 + half).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + row + half).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + row + D // 2 + half).to(tl.float32)[None, :]
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    r1 = tl.where(is_qk[:, None], r1, x1)
     r2 = tl.where(is_qk[:, None], r2, x2)
 
     is_q = heads < HQ
@@ -567,74 +545,26 @@ def _attend_block(
     """One key block of online-softmax attention (flash attention's inner step) for both
     segments: keys and values at base + cols * stride, loaded where load_ok; scores kept where
     visible. Returns the updated (acc, running max in base 2, running sum)."""
-    k = _load_keys(k_base, cols, k_stride, load_ok, D)
+    dd = tl.arange(0, D)
+    k = tl.load(
+        k_base + cols[None, :].to(tl.int64) * k_stride + dd[:, None],
+        mask=load_ok[None, :],
+        other=0.0,
+    )
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-    p, alpha, m_new, l_i = _softmax_step(s, visible, m_i, l_i)
-    v = _load_values(v_base, cols, v_stride, load_ok, D)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _load_keys(k_base, cols, k_stride, load_ok, D: tl.constexpr):
-    """Keys at k_base + cols * k_stride, transposed for q @ k: [D, cols]."""
-    dd = tl.arange(0, D)
-    ptrs = k_base + cols[None, :].to(tl.int64) * k_stride + dd[:, None]
-    return tl.load(ptrs, mask=load_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _load_values(v_base, cols, v_stride, load_ok, D: tl.constexpr):
-    """Values at v_base + cols * v_stride: [cols, D]."""
-    dd = tl.arange(0, D)
-    ptrs = v_base + cols[:, None].to(tl.int64) * v_stride + dd[None, :]
-    return tl.load(ptrs, mask=load_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _softmax_step(s, visible, m_i, l_i):
-    """The online softmax over one key block's scores s (base 2, scaled): the block's weights
-    p, the rescale alpha of what came before, the running max and sum."""
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    return p, alpha, m_new, l_i
-
-
-@triton.jit
-def _join_halves(x1, x2):
-    """[R, D/2] halves -> [R, D] rows."""
-    rows: tl.constexpr = x1.shape[0]
-    half: tl.constexpr = x1.shape[1]
-    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (rows, 2 * half))
-
-
-@triton.jit
-def _qkv_head_rows(
-    qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, token, head, row_ok, pos, n_positions,
-    part_stride, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr,
-    N_HEADS: tl.constexpr, D: tl.constexpr, dtype: tl.constexpr,
-):
-    """Rows of one head each (token [R], head [R] of the step's q/k/v products, summed from
-    their partials) as qk_norm_rope_store leaves them: with ROPE (q and k heads) normalised
-    and rotated for suffix-buffer position pos [R]. Returns the halves [R, D/2] twice."""
-    half = tl.arange(0, D // 2)
-    offsets = token.to(tl.int64)[:, None] * (N_HEADS * D) + head[:, None] * D + half[None, :]
-    x1 = _sum_parts(qkv_ptr, offsets, row_ok[:, None], part_stride, PARTS, dtype)
-    x2 = _sum_parts(qkv_ptr, offsets + D // 2, row_ok[:, None], part_stride, PARTS, dtype)
-    if ROPE:
-        w1 = 0.0
-        w2 = 0.0
-        if HAS_NORM:
-            w_rows = head[:, None] * D + half[None, :]
-            w1 = tl.load(norm_ptr + w_rows).to(tl.float32)
-            w2 = tl.load(norm_ptr + w_rows + D // 2).to(tl.float32)
-        row = _rope_row(pos, n_prefix_ptr, n_positions, D)[:, None]
-        x1, x2 = _norm_rope(x1, x2, w1, w2, cos_ptr + row, sin_ptr + row, eps, HAS_NORM, D)
-    return x1, x2
+    v = tl.load(
+        v_base + cols[:, None].to(tl.int64) * v_stride + dd[None, :],
+        mask=load_ok[:, None],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -647,78 +577,12 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
 
 
 @triton.jit
-def _query_rows(
-    q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, start_ptr, t, head, row_ok, S,
-    n_positions, part_stride, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr, dtype: tl.constexpr,
-):
-    """Query rows [R, D] (token t, head head): read from q, or (FROM_QKV) normalised and
-    rotated here from the step's q/k/v products, as qk_norm_rope_store would have written q."""
-    if FROM_QKV:
-        b = tl.where(row_ok, t // S, 0)
-        pos = tl.load(start_ptr + b) + t % S
-        q1, q2 = _qkv_head_rows(
-            qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, t, head, row_ok, pos,
-            n_positions, part_stride, eps, True, HAS_NORM, PARTS, HQ + 2 * HKV, D, dtype,
-        )
-        q = _join_halves(q1, q2)
-    else:
-        dd = tl.arange(0, D)
-        q_off = t * (HQ * D) + head * D
-        q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
-    return q
-
-
-@triton.jit
-def _store_step_kv(
-    qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, k_base, v_base, b, kv_head, start, S,
-    capacity, n_positions, part_stride, eps, cache_n, HQ: tl.constexpr, HKV: tl.constexpr,
-    D: tl.constexpr, CAPACITY: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr,
-    RUNTIME_LOOP: tl.constexpr, dtype: tl.constexpr, BLOCK: tl.constexpr = 32,
-):
-    """Batch row b's keys (normalised, rotated) and values of this step, for kv_head, into its
-    suffix buffer at start + s (never past capacity: only padding can reach there, and padding
-    is masked out of every attention): what qk_norm_rope_store writes, for the later steps."""
-    half = tl.arange(0, D // 2)
-    if RUNTIME_LOOP:
-        bound = S
-    else:
-        bound = CAPACITY  # the interpreter cannot loop to a runtime value
-    for s0 in range(0, bound, BLOCK):
-        if s0 < S:
-            s_idx = s0 + tl.arange(0, BLOCK)
-            in_row = s_idx < S
-            pos = start + s_idx
-            token = b * S + tl.where(in_row, s_idx, 0)
-            head = tl.zeros([BLOCK], tl.int32) + kv_head
-            k1, k2 = _qkv_head_rows(
-                qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, token, HQ + head, in_row,
-                pos, n_positions, part_stride, eps, True, HAS_NORM, PARTS, HQ + 2 * HKV, D,
-                dtype,
-            )
-            v1, v2 = _qkv_head_rows(
-                qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, token, HQ + HKV + head,
-                in_row, pos, n_positions, part_stride, eps, False, HAS_NORM, PARTS,
-                HQ + 2 * HKV, D, dtype,
-            )
-            ok = (in_row & (pos < capacity))[:, None]
-            offsets = pos.to(tl.int64)[:, None] * cache_n + half[None, :]
-            tl.store(k_base + offsets, k1, mask=ok)
-            tl.store(k_base + offsets + D // 2, k2, mask=ok)
-            tl.store(v_base + offsets, v1, mask=ok)
-            tl.store(v_base + offsets + D // 2, v2, mask=ok)
-
-
-@triton.jit
 def _prefix_part(
-    q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, start_ptr, anchor_ptr, table_ptr, n_prefix_ptr,
-    out_ptr, lse_ptr, pid_m, kv_head, split, n_kv, n_splits, R, S, layer, n_positions,
-    part_stride, eps, qk_scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr,
-    RUNTIME_LOOP: tl.constexpr, FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr,
-    PARTS: tl.constexpr, dtype: tl.constexpr,
+    q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, split, n_kv,
+    n_splits, R, layer, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr, RUNTIME_LOOP: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
@@ -732,6 +596,7 @@ def _prefix_part(
     a loaded value, so there the loop runs to SPLIT_LEN under a mask."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
+    dd = tl.arange(0, D)
     t = (rows // G).to(tl.int64)
 
     # The prefix's K/V are reached from the anchor (a pointer argument, so known to be 16-byte
@@ -750,11 +615,8 @@ def _prefix_part(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_prefix)
     _wait_for_previous(PDL)
-    q = _query_rows(
-        q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, start_ptr, t,
-        kv_head * G + rows % G, row_ok, S, n_positions, part_stride, eps, HQ, HKV, D, FROM_QKV,
-        HAS_NORM, PARTS, dtype,
-    )
+    q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -780,32 +642,24 @@ def _prefix_part(
 
 @triton.jit
 def _suffix_part(
-    q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    start_ptr, n_valid_ptr, pid_m, kv_head, b, n_kv, part, R, S, capacity, n_positions,
-    part_stride, eps, cache_b, cache_h, cache_n, qk_scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    CAPACITY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr, RUNTIME_LOOP: tl.constexpr,
-    FROM_QKV: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr, dtype: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, b, n_kv,
+    part, R, S, capacity, cache_b, cache_h, cache_n, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, CAPACITY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    RUNTIME_LOOP: tl.constexpr,
 ):
     """Each batch row's queries against its own suffix buffer: key j is visible to the query
     at position p when j <= p and j < start + n_valid (padding after a row stays invisible).
     With RUNTIME_LOOP the key loop runs to the last visible key; the interpreter runs it to
-    CAPACITY (the buffer's capacity as a compile-time bound) with a runtime skip.
-
-    FROM_QKV: this step's keys and values (positions start.. in the buffer) are not in the
-    buffer yet: each program computes the ones it reads from the step's q/k/v products, and
-    the row's first program of each kv head stores them for the later steps."""
+    CAPACITY (the buffer's capacity as a compile-time bound) with a runtime skip."""
     _wait_for_previous(PDL)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
     row_ok = local < S * G
     s_pos = local // G
     t = (b * S + s_pos).to(tl.int64)
-    q = _query_rows(
-        q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, start_ptr, t,
-        kv_head * G + local % G, row_ok, S, n_positions, part_stride, eps, HQ, HKV, D, FROM_QKV,
-        HAS_NORM, PARTS, dtype,
-    )
+    dd = tl.arange(0, D)
+    q_off = t * (HQ * D) + (kv_head * G + local % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     start = tl.load(start_ptr + b)
     end = start + tl.load(n_valid_ptr + b)
     q_pos = start + s_pos
@@ -815,66 +669,31 @@ def _suffix_part(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
-    k_base = k_ptr + base
-    v_base = v_ptr + base
     if RUNTIME_LOOP:
-        bound = hi
-    else:
-        bound = CAPACITY  # a static bound with a runtime skip: the interpreter cannot loop to
-        # loaded values
-    for start_n in range(0, bound, BLOCK_N):
-        if start_n < hi:
+        for start_n in range(0, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
             visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
-            if FROM_QKV:
-                k = _load_keys(k_base, cols, cache_n, col_ok & (cols < start), D)
-                v = _load_values(v_base, cols, cache_n, col_ok & (cols < start), D)
-                if start_n + BLOCK_N > start:  # the block holds keys of this step
-                    fresh = col_ok & (cols >= start)
-                    token = b * S + tl.where(fresh, cols - start, 0)
-                    head = tl.zeros([BLOCK_N], tl.int32) + kv_head
-                    k1, k2 = _qkv_head_rows(
-                        qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, token, HQ + head,
-                        fresh, cols, n_positions, part_stride, eps, True, HAS_NORM, PARTS,
-                        HQ + 2 * HKV, D, dtype,
-                    )
-                    v1, v2 = _qkv_head_rows(
-                        qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, token,
-                        HQ + HKV + head, fresh, cols, n_positions, part_stride, eps, False,
-                        HAS_NORM, PARTS, HQ + 2 * HKV, D, dtype,
-                    )
-                    k = tl.where(fresh[None, :], tl.trans(_join_halves(k1, k2)), k)
-                    v = tl.where(fresh[:, None], _join_halves(v1, v2), v)
-                scores = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-                p, alpha, m_i, l_i = _softmax_step(scores, visible, m_i, l_i)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
+            acc, m_i, l_i = _attend_block(
+                q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
+                acc, m_i, l_i, qk_scale, D, PRECISION,
+            )
+    else:  # a static bound with a runtime skip: the interpreter cannot loop to loaded values
+        for start_n in range(0, CAPACITY, BLOCK_N):
+            if start_n < hi:
+                cols = start_n + tl.arange(0, BLOCK_N)
+                visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
                 acc, m_i, l_i = _attend_block(
-                    q, k_base, v_base, cols, cache_n, cache_n, col_ok, visible, acc, m_i, l_i,
-                    qk_scale, D, PRECISION,
+                    q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
+                    acc, m_i, l_i, qk_scale, D, PRECISION,
                 )
     rows = b * S * G + local
     idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
-    if FROM_QKV:
-        if pid_m == 0:
-            _store_step_kv(
-                qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, k_base, v_base, b, kv_head,
-                start, S, capacity, n_positions, part_stride, eps, cache_n, HQ, HKV, D,
-                CAPACITY, HAS_NORM, PARTS, RUNTIME_LOOP, dtype,
-            )
 
 
-@triton.jit(
-    do_not_specialize=["n_splits", "R", "S", "layer", "capacity", "n_positions", "part_stride"]
-)
+@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer", "capacity"])
 def _attention_parts_kernel(
     q_ptr,
-    qkv_ptr,
-    norm_ptr,
-    cos_ptr,
-    sin_ptr,
     anchor_ptr,
     table_ptr,
     n_prefix_ptr,
@@ -889,15 +708,11 @@ def _attention_parts_kernel(
     S,
     layer,
     capacity,
-    n_positions,
-    part_stride,
-    eps,
     cache_b,
     cache_h,
     cache_n,
     qk_scale,
     HQ: tl.constexpr,
-    HKV: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     SPLIT_LEN: tl.constexpr,
@@ -910,41 +725,29 @@ def _attention_parts_kernel(
     SKIP_EMPTY: tl.constexpr,
     PDL: tl.constexpr,
     RUNTIME_LOOP: tl.constexpr,
-    FROM_QKV: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-    PARTS: tl.constexpr,
 ):
-    """Both segments' partial attention in one launch: programs along axis 2 below the batch
-    size take a batch row's suffix (its part comes last), the others a split of the prefix. One
-    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix).
-    FROM_QKV: queries, keys and values come from the step's q/k/v products (qkv_ptr, PARTS
-    partial sums): the q/k norm, rope and KV store happen here, not in a kernel of their own."""
+    """Both segments' partial attention in one launch: programs along axis 2 below n_splits
+    take a split of the prefix, the others one batch row's suffix (its part comes last). One
+    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix)."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     z = tl.program_id(2)
     n_kv = tl.num_programs(1)
-    batch = tl.num_programs(2) - n_splits
-    dtype = k_ptr.dtype.element_ty
     _start_dependents(PDL)
-    # The suffix programs come first along axis 2, so they start in the first wave: the ones
-    # that normalise, rotate and store the step's keys (FROM_QKV) do not end up in the tail.
-    if z >= batch:
+    if z < n_splits:
         if pid_m * PREFIX_BLOCK_M < R:
             _prefix_part(
-                q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, start_ptr, anchor_ptr, table_ptr,
-                n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z - batch, n_kv, n_splits, R, S,
-                layer, n_positions, part_stride, eps, qk_scale, HQ, HKV, G, D, SPLIT_LEN,
-                PREFIX_BLOCK_M, PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP,
-                FROM_QKV, HAS_NORM, PARTS, dtype,
+                q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
+                n_kv, n_splits, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M,
+                PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP,
             )
     else:
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
-                q_ptr, qkv_ptr, norm_ptr, cos_ptr, sin_ptr, n_prefix_ptr, k_ptr, v_ptr, out_ptr,
-                lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, z, n_kv, n_splits, R, S,
-                capacity, n_positions, part_stride, eps, cache_b, cache_h, cache_n, qk_scale,
-                HQ, HKV, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
-                RUNTIME_LOOP, FROM_QKV, HAS_NORM, PARTS, dtype,
+                q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
+                z - n_splits, n_kv, n_splits, R, S, capacity, cache_b, cache_h, cache_n,
+                qk_scale, HQ, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+                RUNTIME_LOOP,
             )
 
 
@@ -1032,24 +835,8 @@ def _block_m(rows: int, n_kv_heads: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rows)))
 
 
-@dataclass(frozen=True)
-class StepQKV:
-    """A step's q/k/v products for the attention to normalise, rotate and store itself (one
-    kernel fewer per layer than qk_norm_rope_store then attention): the partial products
-    [parts, B*S, (Hq + 2 Hkv) * D], the stacked q/k norm weights [Hq + Hkv, D] (None: no norm),
-    the rope tables of every position [positions, D], the prefix length (one-element device
-    tensor: token s of row b is at n_prefix + start[b] + s) and the norm's eps."""
-
-    partials: torch.Tensor
-    norm: torch.Tensor | None
-    cos: torch.Tensor
-    sin: torch.Tensor
-    n_prefix: torch.Tensor
-    eps: float
-
-
 def attention(
-    q: torch.Tensor | StepQKV,
+    q: torch.Tensor,
     prefix: PrefixTable | None,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -1079,13 +866,8 @@ def attention(
     the actual length among them. block_m ... skip_empty: the prefix part's configuration
     (bench/profile_fastpath.py sweeps it). pdl: programmatic dependent launch. runtime_loop:
     loop to each split's end (default on CUDA; see _prefix_part). Both segments' parts come
-    from one launch, then one kernel merges them. part_dtype: of the parts' outputs.
-
-    q may be a StepQKV instead: the kernel then computes the queries, and this step's keys and
-    values, from the q/k/v products and stores the keys and values into keys/values at each
-    row's start + s, as qk_norm_rope_store does."""
-    step = q if isinstance(q, StepQKV) else None
-    tokens = step.partials.shape[1] if step else q.shape[0]
+    from one launch, then one kernel merges them. part_dtype: of the parts' outputs."""
+    tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
     group = n_heads // n_kv
@@ -1095,10 +877,10 @@ def attention(
     n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms, waves=waves, block_m=block_m)
     # Parts in float32 by default: bf16 parts (as vLLM's split-KV decode keeps them) halve the
     # merge's reads, yet measured slower on an H200 (parts + merge 17.7 us a layer against 16.5).
-    parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=part_dtype, device=keys.device)
-    lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=keys.device)
+    parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=part_dtype, device=q.device)
+    lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=q.device)
     qk_scale = scale * LOG2E
-    precision = _precision(keys.dtype)
+    precision = _precision(q.dtype)
     warps = warps or (8 if block_m == 128 else 4)
     parts_pdl = pdl
     if n_splits and wait is not None:  # the prefix is still being copied in, layer by layer
@@ -1112,30 +894,18 @@ def attention(
     suffix_block_m, suffix_block_n = 64, 32
     m_blocks = max(triton.cdiv(rows, block_m) if n_splits else 0,
                    triton.cdiv(seq_len * group, suffix_block_m))
-    runtime_loop = keys.is_cuda if runtime_loop is None else runtime_loop
+    runtime_loop = q.is_cuda if runtime_loop is None else runtime_loop
     # Compiled kernels loop to runtime bounds: the split and suffix capacity are arguments, not
     # compile-time constants, so one compiled variant serves every length class and suffix
     # capacity (a worker's warm-up compiled 150 variants of this kernel before, nearly all its
     # 190 s on an H200 with an empty Triton cache). The interpreter's static loops need them.
     split_len_bound = block_n if runtime_loop else max(split_len, block_n)
     capacity_bound = suffix_block_n if runtime_loop else keys.shape[2]
-    if step:
-        q_rows = qkv = step.partials  # no q: unused
-        norm = step.norm if step.norm is not None else qkv
-        rope = (step.cos, step.sin)
-        n_prefix_arg = step.n_prefix
-    else:
-        q_rows = qkv = norm = q  # the step's products: unused
-        rope = (q, q)
-        n_prefix_arg = prefix.n_tokens if n_splits else start
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
-        q_rows,
-        qkv,
-        norm,
-        *rope,
-        prefix.anchor if n_splits else keys,
+        q,
+        prefix.anchor if n_splits else q,
         prefix.entries if n_splits else start,
-        n_prefix_arg,
+        prefix.n_tokens if n_splits else start,
         keys,
         values,
         parts,
@@ -1147,15 +917,11 @@ def attention(
         seq_len,
         layer,
         keys.shape[2],
-        step.cos.shape[0] if step else 0,
-        qkv.shape[1] * qkv.shape[2] if step else 0,
-        step.eps if step else 0.0,
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
         qk_scale,
         HQ=n_heads,
-        HKV=n_kv,
         G=group,
         D=d,
         SPLIT_LEN=split_len_bound,  # without a prefix: never run, but compiled
@@ -1168,14 +934,11 @@ def attention(
         SKIP_EMPTY=skip_empty,
         PDL=pdl,
         RUNTIME_LOOP=runtime_loop,
-        FROM_QKV=step is not None,
-        HAS_NORM=step is not None and step.norm is not None,
-        PARTS=qkv.shape[0] if step else 1,
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),
     )
-    out = torch.empty((tokens, n_heads * d), dtype=keys.dtype, device=keys.device)
+    out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
         parts,
         lse,

@@ -453,20 +453,23 @@ class FastDecoder:
         x = F.embedding(input_ids.reshape(-1), self.embed)
         delta = None
         pdl = self._pdl(b * s)
-        # Decode-sized steps keep the separate q/k norm and rope kernel: the fused attention's
-        # registers (237 a thread against 166) would cost their 16-row blocks occupancy.
-        fused_qkv = b * s > kernels.DECODE_ROWS
         for i, w in enumerate(self.layers):
             h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
-            qkv = self._product(h, w.qkv, w.qkv_bias)
-            if fused_qkv:  # the attention normalises, rotates and stores q/k/v: a kernel less
-                q = kernels.StepQKV(qkv, w.qk_norm, cos, sin, prefix.n_tokens, self.eps)
-            else:
-                q = kernels.qk_norm_rope_store(
-                    qkv, w.qk_norm, cos, sin, keys=state.keys[i], values=state.values[i],
-                    start=start, n_prefix=prefix.n_tokens, seq_len=s, n_heads=self.n_heads,
-                    n_kv_heads=self.n_kv_heads, eps=self.eps,
-                )
+            q = kernels.qk_norm_rope_store(
+                self._product(h, w.qkv, w.qkv_bias),
+                w.qk_norm,
+                cos,
+                sin,
+                keys=state.keys[i],
+                values=state.values[i],
+                start=start,
+                n_prefix=prefix.n_tokens,
+                seq_len=s,
+                n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads,
+                eps=self.eps,
+                pdl=pdl,
+            )
             out = kernels.attention(
                 q,
                 prefix if prefix.capacity else None,

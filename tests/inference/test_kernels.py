@@ -92,46 +92,6 @@ def test_split_prefix_attention_equals_softmax_over_all_keys():
                 assert torch.allclose(got, expected, atol=1e-5), (b, s, h)
 
 
-@pytest.mark.parametrize("with_norm", [True, False])
-def test_attention_from_the_qkv_products_equals_norm_rope_store_then_attention(with_norm):
-    """The attention that normalises, rotates and stores the step's q/k/v itself gives the
-    bits of qk_norm_rope_store followed by attention on its q: the output, and the keys and
-    values left in the suffix buffers (later steps read them), for rows that already hold
-    suffix tokens and rows with padding, from two partial products."""
-    torch.manual_seed(0)
-    n_heads, n_kv, d, n_prefix, seq, batch, capacity = 4, 2, 16, 150, 5, 2, 16
-    n_all = n_heads + 2 * n_kv
-    qkv = torch.randn(2, batch * seq, n_all * d)
-    norm = torch.rand(n_heads + n_kv, d) + 0.5 if with_norm else None
-    positions = torch.arange(n_prefix + capacity + 4, dtype=torch.float32)[:, None]
-    angles = positions * torch.rand(1, d)
-    cos, sin = angles.cos(), angles.sin()
-    n_tokens = torch.tensor([n_prefix])
-    kv_pre = [torch.randn(n_kv, n_prefix, d) for _ in range(2)]
-    table = PrefixTable.of(PrefixKV([tuple(kv_pre)]), 1, torch.device("cpu"), torch.float32)
-    start = torch.tensor([0, 3])  # row 1 already holds 3 suffix tokens
-    n_valid = torch.tensor([5, 2])  # row 1's last 3 query tokens are padding
-    earlier = [torch.randn(batch, n_kv, capacity, d) for _ in range(2)]
-    common = dict(
-        layer=0, start=start, n_valid=n_valid, seq_len=seq, n_heads=n_heads, scale=d**-0.5,
-        n_sms=8,
-    )
-
-    keys, values = (t.clone() for t in earlier)
-    q = kernels.qk_norm_rope_store(
-        qkv, norm, cos, sin, keys=keys, values=values, start=start, n_prefix=n_tokens,
-        seq_len=seq, n_heads=n_heads, n_kv_heads=n_kv, eps=1e-6,
-    )
-    expected = kernels.attention(q, table, keys, values, **common)
-
-    fused_keys, fused_values = (t.clone() for t in earlier)
-    step = kernels.StepQKV(qkv, norm, cos, sin, n_tokens, 1e-6)
-    got = kernels.attention(step, table, fused_keys, fused_values, **common)
-    assert torch.equal(got, expected)
-    assert torch.equal(fused_keys, keys) and torch.equal(fused_values, values)
-    assert not torch.equal(keys, earlier[0])  # the step's keys were stored
-
-
 class _LaunchRecorder:
     """Stands in for a Triton kernel: records each launch's compile-time constants."""
 
