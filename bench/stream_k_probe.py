@@ -5,7 +5,13 @@ one TMA ring that never drains between tiles, so there are no waves, no per-tile
 tail of idle SMs. A tile split between programs leaves one fp32 partial per piece (summed by the
 next kernel, as split-K partials are).
 
-python bench/stream_k_probe.py            # GPU (Hopper): JSON lines, us per layer of 36 layers
+The last rows (`_chained_kernel`) run gate_up then down in one persistent launch with a grid
+barrier between them, against two launches: what a kernel boundary between products costs.
+Not yet run on a GPU (written when this session's device time was spent); its grid barrier needs
+every program resident (one per SM), so run it under `timeout`.
+
+python bench/stream_k_probe.py                 # GPU (Hopper): JSON lines, us per layer of 36
+timeout 120 python bench/stream_k_probe.py --chained-only
 """
 
 import argparse
@@ -323,6 +329,289 @@ def _stream_k_ws_kernel(
     )
 
 
+# --- two products in one persistent launch -------------------------------------------------
+# Hypothesis for the next step (a persistent kernel per layer): a kernel boundary between two
+# products costs a ramp (the first loads' latency) and a drain. In one launch, the second
+# product's weights can stream into the ring before the grid barrier that its activations
+# wait for (activations come from the first product in a real layer; here they are the
+# probe's own input, loaded only after the barrier as if they did).
+
+
+@gluon.jit
+def _grid_barrier(sync_ptr, n_programs):
+    """All programs meet here (all are resident: one per SM). sync_ptr[0] counts arrivals and
+    is reset by the last one, which then bumps the generation sync_ptr[1] the others wait on,
+    so the same two words serve every launch and graph replay."""
+    generation = gl.atomic_add(sync_ptr + 1, 0)
+    arrived = gl.atomic_add(sync_ptr, 1)
+    if arrived == n_programs - 1:
+        gl.atomic_xchg(sync_ptr, 0)
+        gl.atomic_add(sync_ptr + 1, 1)
+    else:
+        while gl.atomic_add(sync_ptr + 1, 0) == generation:
+            pass
+
+
+@gluon.jit
+def _unit_of(i, n_a, a_start, b_start, k_steps_a, k_steps_b):
+    """The program's i-th unit: (is it the second product's, tile, k-step)."""
+    second = i >= n_a
+    u = gl.where(second, b_start + i - n_a, a_start + i)
+    k_steps = gl.where(second, k_steps_b, k_steps_a)
+    tile = u // k_steps
+    return second, tile, u - tile * k_steps
+
+
+@gluon.jit
+def _issue_w(
+    wa_desc,
+    wb_desc,
+    w_bufs,
+    wbar,
+    second,
+    tile,
+    k_step,
+    slot,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+):
+    bar = wbar.index(slot)
+    mbarrier.expect(bar, wa_desc.block_type.nbytes)
+    if second:
+        tma.async_copy_global_to_shared(
+            wb_desc, [tile * BLOCK_N, k_step * BLOCK_K], bar, w_bufs.index(slot)
+        )
+    else:
+        tma.async_copy_global_to_shared(
+            wa_desc, [tile * BLOCK_N, k_step * BLOCK_K], bar, w_bufs.index(slot)
+        )
+
+
+@gluon.jit
+def _issue_x(xa_desc, xb_desc, x_bufs, xbar, second, k_step, slot, BLOCK_K: gl.constexpr):
+    bar = xbar.index(slot)
+    mbarrier.expect(bar, xa_desc.block_type.nbytes)
+    if second:
+        tma.async_copy_global_to_shared(xb_desc, [0, k_step * BLOCK_K], bar, x_bufs.index(slot))
+    else:
+        tma.async_copy_global_to_shared(xa_desc, [0, k_step * BLOCK_K], bar, x_bufs.index(slot))
+
+
+@gluon.jit
+def _issue_unit(
+    xa_desc,
+    wa_desc,
+    xb_desc,
+    wb_desc,
+    x_bufs,
+    w_bufs,
+    xbar,
+    wbar,
+    j,
+    n_a,
+    n_all,
+    a_start,
+    b_start,
+    k_steps_a,
+    k_steps_b,
+    STAGES: gl.constexpr,
+    PREFETCH: gl.constexpr,
+    after_barrier,
+):
+    """Loads of the program's unit j (if any): the second product's activations only after
+    the barrier, its weights before it too when PREFETCH."""
+    if j < n_all:
+        BLOCK_N: gl.constexpr = wa_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = xa_desc.block_type.shape[1]
+        second, tile, k_step = _unit_of(j, n_a, a_start, b_start, k_steps_a, k_steps_b)
+        slot = j % STAGES
+        if (not second) | after_barrier | PREFETCH:
+            _issue_w(wa_desc, wb_desc, w_bufs, wbar, second, tile, k_step, slot, BLOCK_N, BLOCK_K)
+        if (not second) | after_barrier:
+            _issue_x(xa_desc, xb_desc, x_bufs, xbar, second, k_step, slot, BLOCK_K)
+
+
+@gluon.jit
+def _chained_kernel(
+    xa_desc,
+    wa_desc,
+    out_a,
+    xb_desc,
+    wb_desc,
+    out_b,
+    sync_ptr,
+    M,
+    N_A,
+    K_STEPS_A,
+    UNITS_A,
+    N_B,
+    K_STEPS_B,
+    UNITS_B,
+    STAGES: gl.constexpr,
+    PREFETCH: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Stream-K over product A's units, a grid barrier, then product B's, through one ring."""
+    BLOCK_M: gl.constexpr = xa_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = wa_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    a_start = pid * UNITS_A // n_programs
+    n_a = (pid + 1) * UNITS_A // n_programs - a_start
+    b_start = pid * UNITS_B // n_programs
+    n_all = n_a + (pid + 1) * UNITS_B // n_programs - b_start
+    x_bufs = gl.allocate_shared_memory(
+        xa_desc.dtype, [STAGES] + xa_desc.block_type.shape, xa_desc.layout
+    )
+    w_bufs = gl.allocate_shared_memory(
+        wa_desc.dtype, [STAGES] + wa_desc.block_type.shape, wa_desc.layout
+    )
+    xbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    wbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(xbar.index(s), count=1)
+        mbarrier.init(wbar.index(s), count=1)
+    for s in gl.static_range(STAGES - 1):
+        _issue_unit(
+            xa_desc,
+            wa_desc,
+            xb_desc,
+            wb_desc,
+            x_bufs,
+            w_bufs,
+            xbar,
+            wbar,
+            s,
+            n_a,
+            n_all,
+            a_start,
+            b_start,
+            K_STEPS_A,
+            K_STEPS_B,
+            STAGES,
+            PREFETCH,
+            False,  # the second product's activations wait for the barrier
+        )
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    use_acc = gl.to_tensor(False)
+    for i in range(0, n_all):
+        if i == n_a:  # the first product is done here: wait for every program's
+            _grid_barrier(sync_ptr, n_programs)
+            for s in gl.static_range(STAGES - 1):  # loads held back for the barrier
+                j = i + s
+                if j < n_all:
+                    second, tile, k_step = _unit_of(j, n_a, a_start, b_start, K_STEPS_A, K_STEPS_B)
+                    if not PREFETCH:
+                        _issue_w(
+                            wa_desc,
+                            wb_desc,
+                            w_bufs,
+                            wbar,
+                            second,
+                            tile,
+                            k_step,
+                            j % STAGES,
+                            BLOCK_N,
+                            xa_desc.block_type.shape[1],
+                        )
+                    _issue_x(
+                        xa_desc,
+                        xb_desc,
+                        x_bufs,
+                        xbar,
+                        second,
+                        k_step,
+                        j % STAGES,
+                        xa_desc.block_type.shape[1],
+                    )
+        slot = i % STAGES
+        phase = (i // STAGES) & 1
+        mbarrier.wait(wbar.index(slot), phase)
+        mbarrier.wait(xbar.index(slot), phase)
+        acc = warpgroup_mma(
+            x_bufs.index(slot),
+            w_bufs.index(slot).permute((1, 0)),
+            acc,
+            use_acc=use_acc,
+            is_async=True,
+        )
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        _issue_unit(
+            xa_desc,
+            wa_desc,
+            xb_desc,
+            wb_desc,
+            x_bufs,
+            w_bufs,
+            xbar,
+            wbar,
+            i + STAGES - 1,
+            n_a,
+            n_all,
+            a_start,
+            b_start,
+            K_STEPS_A,
+            K_STEPS_B,
+            STAGES,
+            PREFETCH,
+            i >= n_a,
+        )
+        use_acc = gl.to_tensor(True)
+        second, tile, k_step = _unit_of(i, n_a, a_start, b_start, K_STEPS_A, K_STEPS_B)
+        k_steps = gl.where(second, K_STEPS_B, K_STEPS_A)
+        if (k_step == k_steps - 1) | (i == n_a - 1) | (i == n_all - 1):
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            units = gl.where(second, UNITS_B, UNITS_A)
+            n = gl.where(second, N_B, N_A)
+            piece = pid - ((tile * k_steps + 1) * n_programs - 1) // units
+            c = tile * BLOCK_N + cols
+            offs = (piece * M + rows[:, None]).to(gl.int64) * n + c[None, :]
+            mask = (rows < M)[:, None] & (c < n)[None, :]
+            if second:
+                gl.store(out_b + offs, acc, mask=mask)
+            else:
+                gl.store(out_a + offs, acc, mask=mask)
+            use_acc = gl.to_tensor(False)
+    if n_all == n_a:  # no unit of the second product: still meet the others
+        _grid_barrier(sync_ptr, n_programs)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(xbar.index(s))
+        mbarrier.invalidate(wbar.index(s))
+
+
+def chained(
+    xa, wa, out_a, xb, wb, out_b, sync, programs: int, *, stages: int = 6, prefetch: bool = True
+) -> None:
+    """out_a pieces = xa @ wa.T, then out_b pieces = xb @ wb.T, in one launch (n64/k128)."""
+    layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    descs = [TensorDescriptor.from_tensor(t, [64, 128], layout) for t in (xa, wa, xb, wb)]
+    (n_a, k_a), (n_b, k_b) = wa.shape, wb.shape
+    _chained_kernel[(programs,)](
+        descs[0],
+        descs[1],
+        out_a,
+        descs[2],
+        descs[3],
+        out_b,
+        sync,
+        xa.shape[0],
+        n_a,
+        triton.cdiv(k_a, 128),
+        triton.cdiv(n_a, 64) * triton.cdiv(k_a, 128),
+        n_b,
+        triton.cdiv(k_b, 128),
+        triton.cdiv(n_b, 64) * triton.cdiv(k_b, 128),
+        STAGES=stages,
+        PREFETCH=prefetch,
+        num_warps=4,
+    )
+
+
 def max_pieces(units: int, k_steps: int, programs: int) -> int:
     """The most programs any tile is shared by."""
     owners: dict[int, set[int]] = {}
@@ -455,6 +744,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--chained-only", action="store_true", help="only the chained rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -470,7 +760,7 @@ def main() -> None:
     read = round(2 * src.numel() / read_us / 1e3, 1)
     print(json.dumps({"kind": "read (torch.sum of 2 GiB)", "gb_per_s": read}))
     del src, total
-    for kind, (n, k) in shapes.items():
+    for kind, (n, k) in ({} if args.chained_only else shapes).items():
         weights = [
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             for _ in range(args.layers)
@@ -494,6 +784,58 @@ def main() -> None:
                 row["max_diff_to_fp32"] = float((row.pop("summed") - ref).abs().max())
             print(json.dumps({"kind": kind, **row}), flush=True)
         del weights
+    for row in _chained_rows(args.rows, args.layers, sms):
+        print(json.dumps({"kind": "gate_up then down", **row}), flush=True)
+
+
+def _chained_rows(rows: int, layers: int, sms: int) -> list[dict]:
+    """gate_up then down for every layer: two launches each, or one launch with a barrier."""
+    (n_a, k_a), (n_b, k_b) = (19456, 2560), (2560, 9728)
+    w_a = [torch.randn(n_a, k_a, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+    w_b = [torch.randn(n_b, k_b, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+    x_a = torch.randn(rows, k_a, device="cuda", dtype=torch.bfloat16)
+    x_b = torch.randn(rows, k_b, device="cuda", dtype=torch.bfloat16)
+    ref_a, ref_b = x_a.float() @ w_a[0].float().T, x_b.float() @ w_b[0].float().T
+    units_a, units_b = (
+        triton.cdiv(n, 64) * triton.cdiv(k, 128) for n, k in ((n_a, k_a), (n_b, k_b))
+    )
+    out_a = torch.zeros(max_pieces(units_a, triton.cdiv(k_a, 128), sms), rows, n_a, device="cuda")
+    out_b = torch.zeros(max_pieces(units_b, triton.cdiv(k_b, 128), sms), rows, n_b, device="cuda")
+    sync = torch.zeros(2, dtype=torch.int32, device="cuda")
+
+    def run(prefetch: bool | None, layer_weights) -> None:
+        """prefetch None: two stream-K launches per layer; else one chained launch."""
+        for wa, wb in layer_weights:
+            if prefetch is None:
+                stream_k(x_a, wa, out_a, sms)
+                stream_k(x_b, wb, out_b, sms)
+            else:
+                chained(x_a, wa, out_a, x_b, wb, out_b, sync, sms, prefetch=prefetch)
+
+    variants = {
+        "two stream-k launches": None,
+        "one launch, barrier, then the second product's loads": False,
+        "one launch, second product's weights prefetched across the barrier": True,
+    }
+    layer_weights = list(zip(w_a, w_b, strict=True))
+    results = []
+    for name, prefetch in variants.items():
+        try:
+            us = _us_per_call(functools.partial(run, prefetch, layer_weights), repeat=10)
+            out_a.zero_()  # layer 0's pieces (the last replay left the last layer's)
+            out_b.zero_()
+            run(prefetch, layer_weights[:1])
+            torch.cuda.synchronize()
+            diff = max(
+                float((out_a.sum(0) - ref_a).abs().max()),
+                float((out_b.sum(0) - ref_b).abs().max()),
+            )
+            results.append(
+                {"variant": name, "us_per_layer": round(us / layers, 2), "max_diff_to_fp32": diff}
+            )
+        except Exception as exc:  # noqa: BLE001 - a probe: report and go on
+            results.append({"variant": name, "error": str(exc)[:300]})
+    return results
 
 
 if __name__ == "__main__":
