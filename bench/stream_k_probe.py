@@ -37,6 +37,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @gluon.jit
+def _ring(x_desc, w_desc, STAGES: gl.constexpr):
+    """STAGES slots of an activation tile and a weight tile each (shared memory)."""
+    x_bufs = gl.allocate_shared_memory(
+        x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout
+    )
+    w_bufs = gl.allocate_shared_memory(
+        w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout
+    )
+    return x_bufs, w_bufs
+
+
+@gluon.jit
+def _barriers(STAGES: gl.constexpr):
+    """One mbarrier per ring slot, each completed by one arrival (or a TMA's bytes)."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    return bars
+
+
+@gluon.jit
+def _accumulator(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+    """A zero wgmma accumulator [BLOCK_M, BLOCK_N] and its row and column indices."""
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    return acc, rows, cols
+
+
+@gluon.jit
+def _share(units):
+    """This program's equal, contiguous share [start, end) of a product's units."""
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    return pid * units // n_programs, (pid + 1) * units // n_programs
+
+
+@gluon.jit
+def _store_piece(out_ptr, acc, rows, cols, tile, k_steps, units, M, N, BLOCK_N: gl.constexpr):
+    """This program's piece of a tile: stored in the tile's slot for it, counted from the
+    program holding the tile's first unit (the owner of unit t is the last program starting at
+    or before it)."""
+    pid = gl.program_id(0)
+    n_programs = gl.num_programs(0)
+    piece = pid - ((tile * k_steps + 1) * n_programs - 1) // units
+    c = tile * BLOCK_N + cols
+    offs = (piece * M + rows[:, None]).to(gl.int64) * N + c[None, :]
+    gl.store(out_ptr + offs, acc, mask=(rows < M)[:, None] & (c < N)[None, :])
+
+
+@gluon.jit
 def _issue(
     x_desc,
     w_desc,
@@ -86,20 +140,10 @@ def _stream_k_kernel(
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    n_programs = gl.num_programs(0)
-    u_start = pid * UNITS // n_programs
-    u_end = (pid + 1) * UNITS // n_programs
+    u_start, u_end = _share(UNITS)
 
-    x_bufs = gl.allocate_shared_memory(
-        x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout
-    )
-    w_bufs = gl.allocate_shared_memory(
-        w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout
-    )
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
+    x_bufs, w_bufs = _ring(x_desc, w_desc, STAGES)
+    bars = _barriers(STAGES)
     for s in gl.static_range(STAGES - 1):
         _issue(
             x_desc,
@@ -117,12 +161,7 @@ def _stream_k_kernel(
             LOAD_X,
         )
 
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    acc, rows, cols = _accumulator(BLOCK_M, BLOCK_N, num_warps)
     use_acc = gl.to_tensor(False)
     for u in range(u_start, u_end):
         i = u - u_start
@@ -158,13 +197,7 @@ def _stream_k_kernel(
         k_step = u - tile * K_STEPS
         if (k_step == K_STEPS - 1) | (u == u_end - 1):
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            # Piece index within the tile: which program's share it is, counted from the
-            # program holding the tile's first unit.
-            # (the owner of unit t is the last program starting at or before it)
-            piece = pid - ((tile * K_STEPS + 1) * n_programs - 1) // UNITS
-            c = tile * BLOCK_N + cols
-            offs = (piece * M + rows[:, None]).to(gl.int64) * N + c[None, :]
-            gl.store(out_ptr + offs, acc, mask=(rows < M)[:, None] & (c < N)[None, :])
+            _store_piece(out_ptr, acc, rows, cols, tile, K_STEPS, UNITS, M, N, BLOCK_N)
             use_acc = gl.to_tensor(False)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
@@ -222,14 +255,7 @@ def _ws_products(
     num_warps: gl.constexpr,
 ):
     """Consumer warpgroup: products in unit order; a finished piece of a tile is stored."""
-    pid = gl.program_id(0)
-    n_programs = gl.num_programs(0)
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    acc, rows, cols = _accumulator(BLOCK_M, BLOCK_N, num_warps)
     use_acc = gl.to_tensor(False)
     for u in range(u_start, u_end):
         i = u - u_start
@@ -248,10 +274,7 @@ def _ws_products(
         tile = u // K_STEPS
         if (u - tile * K_STEPS == K_STEPS - 1) | (u == u_end - 1):
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            piece = pid - ((tile * K_STEPS + 1) * n_programs - 1) // UNITS
-            c = tile * BLOCK_N + cols
-            offs = (piece * M + rows[:, None]).to(gl.int64) * N + c[None, :]
-            gl.store(out_ptr + offs, acc, mask=(rows < M)[:, None] & (c < N)[None, :])
+            _store_piece(out_ptr, acc, rows, cols, tile, K_STEPS, UNITS, M, N, BLOCK_N)
             use_acc = gl.to_tensor(False)
 
 
@@ -270,21 +293,10 @@ def _stream_k_ws_kernel(
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    n_programs = gl.num_programs(0)
-    u_start = pid * UNITS // n_programs
-    u_end = (pid + 1) * UNITS // n_programs
-    x_bufs = gl.allocate_shared_memory(
-        x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout
-    )
-    w_bufs = gl.allocate_shared_memory(
-        w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout
-    )
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    u_start, u_end = _share(UNITS)
+    x_bufs, w_bufs = _ring(x_desc, w_desc, STAGES)
+    ready = _barriers(STAGES)
+    empty = _barriers(STAGES)
     gl.warp_specialize(
         [
             (
@@ -338,10 +350,11 @@ def _stream_k_ws_kernel(
 
 
 @gluon.jit
-def _grid_barrier(sync_ptr, n_programs):
+def _grid_barrier(sync_ptr):
     """All programs meet here (all are resident: one per SM). sync_ptr[0] counts arrivals and
     is reset by the last one, which then bumps the generation sync_ptr[1] the others wait on,
     so the same two words serve every launch and graph replay."""
+    n_programs = gl.num_programs(0)
     generation = gl.atomic_add(sync_ptr + 1, 0)
     arrived = gl.atomic_add(sync_ptr, 1)
     if arrived == n_programs - 1:
@@ -454,23 +467,13 @@ def _chained_kernel(
     """Stream-K over product A's units, a grid barrier, then product B's, through one ring."""
     BLOCK_M: gl.constexpr = xa_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = wa_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    n_programs = gl.num_programs(0)
-    a_start = pid * UNITS_A // n_programs
-    n_a = (pid + 1) * UNITS_A // n_programs - a_start
-    b_start = pid * UNITS_B // n_programs
-    n_all = n_a + (pid + 1) * UNITS_B // n_programs - b_start
-    x_bufs = gl.allocate_shared_memory(
-        xa_desc.dtype, [STAGES] + xa_desc.block_type.shape, xa_desc.layout
-    )
-    w_bufs = gl.allocate_shared_memory(
-        wa_desc.dtype, [STAGES] + wa_desc.block_type.shape, wa_desc.layout
-    )
-    xbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    wbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(xbar.index(s), count=1)
-        mbarrier.init(wbar.index(s), count=1)
+    a_start, a_end = _share(UNITS_A)
+    b_start, b_end = _share(UNITS_B)
+    n_a = a_end - a_start
+    n_all = n_a + b_end - b_start
+    x_bufs, w_bufs = _ring(xa_desc, wa_desc, STAGES)
+    xbar = _barriers(STAGES)
+    wbar = _barriers(STAGES)
     for s in gl.static_range(STAGES - 1):
         _issue_unit(
             xa_desc,
@@ -492,16 +495,11 @@ def _chained_kernel(
             PREFETCH,
             False,  # the second product's activations wait for the barrier
         )
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    acc, rows, cols = _accumulator(BLOCK_M, BLOCK_N, num_warps)
     use_acc = gl.to_tensor(False)
     for i in range(0, n_all):
         if i == n_a:  # the first product is done here: wait for every program's
-            _grid_barrier(sync_ptr, n_programs)
+            _grid_barrier(sync_ptr)
             for s in gl.static_range(STAGES - 1):  # loads held back for the barrier
                 j = i + s
                 if j < n_all:
@@ -563,22 +561,17 @@ def _chained_kernel(
         )
         use_acc = gl.to_tensor(True)
         second, tile, k_step = _unit_of(i, n_a, a_start, b_start, K_STEPS_A, K_STEPS_B)
-        k_steps = gl.where(second, K_STEPS_B, K_STEPS_A)
-        if (k_step == k_steps - 1) | (i == n_a - 1) | (i == n_all - 1):
+        if second:
+            if (k_step == K_STEPS_B - 1) | (i == n_all - 1):
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                _store_piece(out_b, acc, rows, cols, tile, K_STEPS_B, UNITS_B, M, N_B, BLOCK_N)
+                use_acc = gl.to_tensor(False)
+        elif (k_step == K_STEPS_A - 1) | (i == n_a - 1):
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            units = gl.where(second, UNITS_B, UNITS_A)
-            n = gl.where(second, N_B, N_A)
-            piece = pid - ((tile * k_steps + 1) * n_programs - 1) // units
-            c = tile * BLOCK_N + cols
-            offs = (piece * M + rows[:, None]).to(gl.int64) * n + c[None, :]
-            mask = (rows < M)[:, None] & (c < n)[None, :]
-            if second:
-                gl.store(out_b + offs, acc, mask=mask)
-            else:
-                gl.store(out_a + offs, acc, mask=mask)
+            _store_piece(out_a, acc, rows, cols, tile, K_STEPS_A, UNITS_A, M, N_A, BLOCK_N)
             use_acc = gl.to_tensor(False)
     if n_all == n_a:  # no unit of the second product: still meet the others
-        _grid_barrier(sync_ptr, n_programs)
+        _grid_barrier(sync_ptr)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(xbar.index(s))
         mbarrier.invalidate(wbar.index(s))
