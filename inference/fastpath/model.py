@@ -222,6 +222,16 @@ class FastDecoder:
         self.embed = base.embed_tokens.weight
         self.final_norm = base.norm.weight
         self.lm_head = hf_model.lm_head.weight
+        self.kernels = _kernels_available(self.device) if kernels is None else kernels
+        self.intermediate = base.layers[0].mlp.down_proj.weight.shape[1]
+        # Gate and up rows alternate in groups of this many (one group: all gate rows, then all
+        # up rows); with the kernels, small groups, so the MLP product computes its activation.
+        self.silu_group = self.intermediate
+        if self.kernels:
+            from inference.fastpath.kernels import SILU_GROUP
+
+            if self.intermediate % SILU_GROUP == 0:
+                self.silu_group = SILU_GROUP
         self.layers: list[LayerWeights] = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -236,15 +246,10 @@ class FastDecoder:
                     qk_norm=_stacked_qk_norm(attn, self.n_heads, self.n_kv_heads),
                     o_proj=attn.o_proj.weight,
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                    gate_up=self._stacked_gate_up(mlp),
                     down=mlp.down_proj.weight,
                 )
             )
-        self.intermediate = self.layers[0].down.shape[1]
-        self.kernels = _kernels_available(self.device) if kernels is None else kernels
-        # Gate and up rows alternate in groups of this many (one group: all gate rows, then all
-        # up rows); with the kernels, small groups, so the MLP product computes its activation.
-        self.silu_group = self.intermediate
         self.n_sms = 0
         # Products with at most this many rows use the split-K Triton kernel.
         self.skinny_rows = 64 if self.kernels else 0
@@ -259,7 +264,6 @@ class FastDecoder:
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
         if self.kernels:
-            from inference.fastpath import kernels as kernels_mod
             from inference.fastpath.kernels import pdl_available, sm_count, tma_available
 
             self.n_sms = sm_count(self.device)
@@ -269,16 +273,19 @@ class FastDecoder:
             # before its first layer.
             positions = torch.arange(int(cfg.max_position_embeddings), device=self.device)
             self.rope_table = self._rope_tables(positions)
-            if self.intermediate % kernels_mod.SILU_GROUP == 0:
-                self.silu_group = kernels_mod.SILU_GROUP
-                for w, layer in zip(self.layers, base.layers, strict=True):
-                    mlp = layer.mlp
-                    w.gate_up = kernels_mod.interleave_gate_up(
-                        mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
-                        self.silu_group,
-                    )
             self.pdl = pdl_available(self.device) and os.environ.get("KVMARKET_PDL", "1") != "0"
             self.tma = tma_available(self.device)
+
+    def _stacked_gate_up(self, mlp: torch.nn.Module) -> torch.Tensor:
+        """The MLP's gate and up weights as one [2 * intermediate, hidden] matrix, rows in
+        groups of silu_group (built once: a first build only to be interleaved after would
+        copy every layer's largest matrix twice at start-up)."""
+        gate, up = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+        if self.silu_group == self.intermediate:
+            return torch.cat([gate, up])
+        from inference.fastpath.kernels import interleave_gate_up
+
+        return interleave_gate_up(gate, up, self.silu_group)
 
     # --- pieces ----------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
