@@ -2,11 +2,17 @@
 first step, sampling, against the fast path's own first step, and the host time of each piece
 of that first step (host_*). Prints JSON (medians, ms).
 
+The phases above are each timed to a synchronisation; timeline_* is the same request untouched
+(host timestamps only, and two CUDA events around the GPU's work): what the request waits for
+before its graph is launched, the GPU's time from then to the first logits, and after.
+
 python bench/engine_phases.py --model-config qwen3-4b --n-tokens 3774
 """
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -28,6 +34,8 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=3774)
     parser.add_argument("--suffix", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also print the top N functions by own host time over the requests")
     args = parser.parse_args()
     loaded = build_random_model(args.model_config, dtype="bfloat16", device="cuda")
     store = KVStore(tempfile.mkdtemp(), gpu_bytes=16 << 30, host_bytes=8 << 30, pinned_bytes=0)
@@ -47,6 +55,7 @@ def main() -> None:
             return out
         return wrapper
 
+    reuse_session, sample = engine._reuse_session, engine._sample
     store.load_with_tier = timed("load_with_tier", store.load_with_tier)
     engine._reuse_session = timed("reuse_session", engine._reuse_session)
     engine._sample = timed("sample", engine._sample)
@@ -69,8 +78,18 @@ def main() -> None:
         samples.append((time.perf_counter() - start) * 1e3)
     report["first_logits_argmax_ms"] = round(statistics.median(samples), 4)
     del fast._first_step  # the runner's own again, untimed
+    del store.load_with_tier
+    engine._reuse_session, engine._sample = reuse_session, sample
     report.update(first_step_host_ms(fast, prefix, suffix, args.repeats))
+    report.update(timeline(loaded, store, key, suffix, fast, args.repeats))
     print(json.dumps(report))
+    if args.cprofile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.repeats):
+            engine.generate(loaded, store, key, prompt_ids=suffix, max_tokens=1)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
 
 
 def first_step_host_ms(fast, prefix, suffix: list[int], repeats: int) -> dict[str, float]:
@@ -98,6 +117,51 @@ def first_step_host_ms(fast, prefix, suffix: list[int], repeats: int) -> dict[st
             timed("first_step", lambda: fast._first_step(prefix, [suffix]))
             torch.cuda.synchronize()
     return {name: round(statistics.median(v), 4) for name, v in times.items()}
+
+
+def timeline(loaded, store, key, suffix: list[int], fast, repeats: int) -> dict[str, float]:
+    """A hot request with no added synchronisation: host timestamps where its phases start and
+    end, and CUDA events from just before its first step to the start of sampling (the GPU's
+    whole first step, the graph's input copies included). Medians, ms."""
+    marks: dict[str, float] = {}
+    first_step, sample = fast._first_step, engine._sample
+    started, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed_first_step(*a, **k):
+        marks["first_step_enter"] = time.perf_counter()
+        started.record()
+        out = first_step(*a, **k)
+        marks["first_step_exit"] = time.perf_counter()
+        return out
+
+    def timed_sample(*a, **k):
+        marks["sample_enter"] = time.perf_counter()
+        finished.record()
+        out = sample(*a, **k)
+        marks["sample_exit"] = time.perf_counter()
+        return out
+
+    fast._first_step, engine._sample = timed_first_step, timed_sample
+    spans: dict[str, list[float]] = {}
+    try:
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            call = time.perf_counter()
+            gen = engine.generate(loaded, store, key, prompt_ids=suffix, max_tokens=1)
+            ms = {
+                "timeline_before_first_step": marks["first_step_enter"] - call,
+                "timeline_first_step_host": marks["first_step_exit"] - marks["first_step_enter"],
+                "timeline_to_sample": marks["sample_enter"] - marks["first_step_exit"],
+                "timeline_sample_host": marks["sample_exit"] - marks["sample_enter"],
+                "timeline_call_to_ttft": gen.timings.ttft_s,
+            }
+            for name, seconds in ms.items():
+                spans.setdefault(name, []).append(seconds * 1e3)
+            spans.setdefault("timeline_gpu_first_step", []).append(started.elapsed_time(finished))
+    finally:
+        del fast._first_step
+        engine._sample = sample
+    return {name: round(statistics.median(v), 4) for name, v in spans.items()}
 
 
 if __name__ == "__main__":

@@ -145,6 +145,11 @@ def attention_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict
             for waves in (1.0, 2.0):
                 configs.append(dict(block_m=block_m, block_n=64, stages=stages, waves=waves,
                                     warps=4 if block_m == 64 else 8))
+    # One 256-row block per KV head and split over 16 warps (a warpgroup per 64 rows, 128
+    # registers a thread, no spills): each K/V tile crosses L2 once, not once per 64 rows.
+    for block_n in (32, 64):
+        for waves in (0.5, 1.0, 2.0):
+            configs.append(dict(block_m=256, block_n=block_n, stages=3, waves=waves, warps=16))
     table, default_out = [], None
     for config in configs:
         def run(config=config):
@@ -197,6 +202,134 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
         setattr(dec, key, value)
     fast._slots.clear()
     return table
+
+
+def ablation_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
+    """The whole first step's graph with one kind of work left out (its output buffer handed
+    on unwritten, so shapes and the rest of the chain stay): what that work adds to the
+    step's critical path, PDL overlaps included. Timings only; the logits are garbage."""
+    from inference.fastpath import kernels
+    from inference.fastpath.model import FastDecoder
+
+    dec = fast.decoder
+    kinds = {tuple(w.shape): name for name, w in (
+        ("qkv", dec.layers[0].qkv), ("o_proj", dec.layers[0].o_proj),
+        ("gate_up", dec.layers[0].gate_up), ("down", dec.layers[0].down))}
+    product = FastDecoder._product
+    outputs: dict[tuple, torch.Tensor] = {}
+
+    def skipping_product(kind):
+        def run(self, x, weight, bias=None, *, silu=False):
+            if kinds.get(tuple(weight.shape)) != kind:
+                return product(self, x, weight, bias, silu=silu)
+            key = (kind, tuple(x.shape))
+            if key not in outputs:  # the real product once, outside any capture: its shape
+                outputs[key] = torch.zeros_like(product(self, x, weight, bias, silu=silu))
+            return outputs[key]
+        return run
+
+    real = {name: getattr(kernels, name) for name in ("add_rms_norm", "qk_norm_rope_store",
+                                                       "attention")}
+    buffers: dict[str, torch.Tensor] = {}
+
+    def skipping(name):
+        def run(*args, **options):
+            if name not in buffers:
+                buffers[name] = torch.zeros_like(real[name](*args, **options))
+            return buffers[name]
+        return run
+
+    variants = [("whole step", None, None)]
+    variants += [(f"without {k}", None, k) for k in ("qkv", "o_proj", "gate_up", "down")]
+    variants += [(f"without {n}", n, None) for n in real]
+    variants.append(("whole step", None, None))  # again: drift within the process
+    table = []
+    for label, kernel, kind in variants:
+        if kernel:
+            setattr(kernels, kernel, skipping(kernel))
+        if kind:
+            FastDecoder._product = skipping_product(kind)
+        fast._slots.clear()
+        try:
+            fast.first_logits(prefix, suffixes)
+            ms = _ms_per_call(lambda: fast.first_logits(prefix, suffixes), repeat=30)
+            table.append({"variant": label, "graph_ms": round(ms, 4)})
+        finally:
+            for name, fn in real.items():
+                setattr(kernels, name, fn)
+            FastDecoder._product = product
+            buffers.clear()
+            outputs.clear()
+    fast._slots.clear()
+    return table
+
+
+def product_config_table(
+    fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]
+) -> list[dict]:
+    """The whole first step with one weight kind's products in another split-K config (tile,
+    k-step, stages, waves): whether a config that streams faster alone also shortens the step
+    (PDL, L2 prefetch and the kernels around it included)."""
+    from inference.fastpath import kernels
+
+    dec = fast.decoder
+    kinds = {tuple(w.shape): name for name, w in (
+        ("qkv", dec.layers[0].qkv), ("o_proj", dec.layers[0].o_proj),
+        ("gate_up", dec.layers[0].gate_up), ("down", dec.layers[0].down))}
+    matmul = kernels.matmul
+    variants = [("default", None, {})]
+    # Fewer stages or k-steps of 64 put 2-3 blocks on an SM: gate_up's 304 tiles then all
+    # start at once (one block an SM is 2.3 waves), qkv's 96 tiles get split-K partners.
+    # Other tile widths: 32 doubles the blocks (and the activation reads from L2 per weight
+    # byte), 128 halves them; gate_up off 64 loses its fused activation (silu_mul runs).
+    for kind in ("gate_up", "qkv", "down", "o_proj"):
+        for options in ({"block_k": 64, "stages": 4}, {"block_k": 128, "stages": 3},
+                        {"block_k": 64, "stages": 6}, {"waves": 2.0},
+                        {"waves": 2.0, "block_k": 128, "stages": 3},
+                        {"waves": 3.0, "block_k": 64, "stages": 4},
+                        {"block_n": 32}, {"block_n": 32, "stages": 4},
+                        {"block_n": 128, "stages": 3}, {"block_n": 128, "stages": 4}):
+            variants.append((kind, kind, options))
+    variants.append(("default", None, {}))
+    table, reference = [], None
+    for label, kind, options in variants:
+        def configured(x, weight, n_sms, kind=kind, options=options, **kw):
+            if kinds.get(tuple(weight.shape)) == kind:
+                kw.update(options)
+            return matmul(x, weight, n_sms, **kw)
+
+        kernels.matmul = configured
+        fast._slots.clear()
+        try:
+            logits = fast.first_logits(prefix, suffixes).float()
+            ms = _ms_per_call(lambda: fast.first_logits(prefix, suffixes), repeat=30)
+        except Exception as exc:  # a config that does not fit
+            table.append({"kind": label, **options, "error": str(exc)[:100]})
+            continue
+        finally:
+            kernels.matmul = matmul
+        reference = logits if reference is None else reference
+        table.append({"kind": label, **options, "graph_ms": round(ms, 4),
+                      "max_logit_diff": (logits - reference).abs().max().item()})
+    fast._slots.clear()
+    return table
+
+
+def trace_ends(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
+    """One replay of the first step under the profiler: its first and last GPU activities with
+    start and end (us from the first one's start), to see what the step spends before its first
+    weight product and after its last layer."""
+    fast.first_logits(prefix, suffixes)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fast.first_logits(prefix, suffixes)
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start
+    return [{"at": i, "name": e.name[:60], "start_us": round(e.time_range.start - t0, 2),
+             "end_us": round(e.time_range.end - t0, 2)}
+            for i, e in enumerate(events) if i < 10 or i >= len(events) - 10]
 
 
 def kernel_table(fast: FastReuse, prefix: PrefixKV, tokens: int) -> list[dict]:
@@ -280,6 +413,12 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
+    parser.add_argument("--product-configs", action="store_true",
+                        help="time the step with each weight kind's products in other configs")
+    parser.add_argument("--trace", action="store_true",
+                        help="the first and last GPU activities of one first step")
+    parser.add_argument("--ablate", action="store_true",
+                        help="time the step without each kind of work in turn")
     parser.add_argument("--eager-steps", type=int, default=0,
                         help="only run this many first steps eagerly (no graph), for ncu")
     args = parser.parse_args()
@@ -301,6 +440,15 @@ def main() -> None:
     report["pdl"] = fast.decoder.pdl
     if args.kernels:
         for line in kernel_table(fast, prefix, args.batch * args.suffix):
+            print(json.dumps(line), flush=True)
+    if args.product_configs:
+        for line in product_config_table(fast, prefix, suffixes):
+            print(json.dumps(line), flush=True)
+    if args.trace:
+        for line in trace_ends(fast, prefix, suffixes):
+            print(json.dumps(line), flush=True)
+    if args.ablate:
+        for line in ablation_table(fast, prefix, suffixes):
             print(json.dumps(line), flush=True)
     if args.launch:
         for line in launch_table(fast, prefix, suffixes):

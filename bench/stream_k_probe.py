@@ -7,8 +7,10 @@ next kernel, as split-K partials are).
 
 The last rows (`_chained_kernel`) run gate_up then down in one persistent launch with a grid
 barrier between them, against two launches: what a kernel boundary between products costs.
-Not yet run on a GPU (written when this session's device time was spent); its grid barrier needs
-every program resident (one per SM), so run it under `timeout`.
+On an H200 the single launch was slower: 48.2 us a layer (47.7 with the second product's weights
+prefetched across the barrier) against 45.4 for two launches
+(bench/results/stream_k_probe-chained-qwen3-4b-h200.txt). Its grid barrier needs every program
+resident (one per SM), so run it under `timeout`.
 
 python bench/stream_k_probe.py                 # GPU (Hopper): JSON lines, us per layer of 36
 timeout 120 python bench/stream_k_probe.py --chained-only

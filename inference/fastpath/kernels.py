@@ -539,30 +539,37 @@ def qk_norm_rope_store(
 
 @triton.jit
 def _attend_block(
-    q, k_base, v_base, cols, k_stride, v_stride, load_ok, visible, acc, m_i, l_i, qk_scale,
-    D: tl.constexpr, PRECISION: tl.constexpr,
+    q, k_ptrs, v_ptrs, load_ok, visible, acc, m_i, l_i, qk_scale,
+    D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One key block of online-softmax attention (flash attention's inner step) for both
-    segments: keys and values at base + cols * stride, loaded where load_ok; scores kept where
-    visible. Returns the updated (acc, running max in base 2, running sum)."""
-    dd = tl.arange(0, D)
-    k = tl.load(
-        k_base + cols[None, :].to(tl.int64) * k_stride + dd[:, None],
-        mask=load_ok[None, :],
-        other=0.0,
-    )
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    segments: keys K^T [D, BLOCK_N] at k_ptrs and values [BLOCK_N, D] at v_ptrs, loaded where
+    load_ok; scores kept where visible. Without MASKED (a whole key block every query sees)
+    neither mask is applied: on a GPU the prefix loop is bound by issued instructions (ncu on an
+    H100: an instruction every 4 cycles a warp, under 2 warps a scheduler), and the masks' compares
+    and selects were a share of them. Either way a visible score gives the same bits: scores are
+    scaled inside one fused multiply-add with the running maximum. Returns the updated (acc,
+    running max in base 2, running sum)."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=load_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k, input_precision=PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # The maximum of the scaled scores (scaling by a positive number commutes with max).
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(tl.fma(s, qk_scale, -m_new_safe[:, None]))
+    alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(
-        v_base + cols[:, None].to(tl.int64) * v_stride + dd[None, :],
-        mask=load_ok[:, None],
-        other=0.0,
-    )
+    if MASKED:
+        v = tl.load(v_ptrs, mask=load_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -620,22 +627,40 @@ def _prefix_part(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # Key block pointers advance by a constant (recomputing them from each block's columns
+    # was 64-bit arithmetic for every vector load); whole blocks go unmasked, a partial last
+    # block masked.
+    cols = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + cols[None, :].to(tl.int64) * k_n + dd[:, None]
+    v_ptrs = v_base + cols[:, None].to(tl.int64) * v_n + dd[None, :]
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     if RUNTIME_LOOP:
-        for first in range(lo, hi, BLOCK_N):
-            cols = first + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
+        for _ in range(lo, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i,
-                qk_scale, D, PRECISION,
+                q, k_ptrs, v_ptrs, cols, cols, acc, m_i, l_i, qk_scale, D, PRECISION, False
+            )
+            k_ptrs += BLOCK_N * k_n
+            v_ptrs += BLOCK_N * v_n
+        if full_end < hi:
+            col_ok = full_end + tl.arange(0, BLOCK_N) < hi
+            acc, m_i, l_i = _attend_block(
+                q, k_ptrs, v_ptrs, col_ok, col_ok[None, :], acc, m_i, l_i, qk_scale, D,
+                PRECISION, True,
             )
     elif (lo < hi) | (not SKIP_EMPTY):  # splits past the prefix's end skip their loop
         for offset in range(0, SPLIT_LEN, BLOCK_N):
-            cols = lo + offset + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            acc, m_i, l_i = _attend_block(
-                q, k_base, v_base, cols, k_n, v_n, col_ok, col_ok[None, :], acc, m_i, l_i,
-                qk_scale, D, PRECISION,
-            )
+            if lo + offset < full_end:
+                acc, m_i, l_i = _attend_block(
+                    q, k_ptrs, v_ptrs, cols, cols, acc, m_i, l_i, qk_scale, D, PRECISION, False
+                )
+            else:
+                col_ok = lo + offset + tl.arange(0, BLOCK_N) < hi
+                acc, m_i, l_i = _attend_block(
+                    q, k_ptrs, v_ptrs, col_ok, col_ok[None, :], acc, m_i, l_i, qk_scale, D,
+                    PRECISION, True,
+                )
+            k_ptrs += BLOCK_N * k_n
+            v_ptrs += BLOCK_N * v_n
     part = (split * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, part, acc, m_i, l_i, row_ok, D)
 
@@ -669,23 +694,30 @@ def _suffix_part(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
+    first_cols = tl.arange(0, BLOCK_N)
+    k_ptrs = k_ptr + base + first_cols[None, :] * cache_n + dd[:, None]
+    v_ptrs = v_ptr + base + first_cols[:, None] * cache_n + dd[None, :]
     if RUNTIME_LOOP:
         for start_n in range(0, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
             acc, m_i, l_i = _attend_block(
-                q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
-                acc, m_i, l_i, qk_scale, D, PRECISION,
+                q, k_ptrs, v_ptrs, cols < hi, visible, acc, m_i, l_i, qk_scale, D, PRECISION,
+                True,
             )
+            k_ptrs += BLOCK_N * cache_n
+            v_ptrs += BLOCK_N * cache_n
     else:  # a static bound with a runtime skip: the interpreter cannot loop to loaded values
         for start_n in range(0, CAPACITY, BLOCK_N):
             if start_n < hi:
                 cols = start_n + tl.arange(0, BLOCK_N)
                 visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < end)
                 acc, m_i, l_i = _attend_block(
-                    q, k_ptr + base, v_ptr + base, cols, cache_n, cache_n, cols < hi, visible,
-                    acc, m_i, l_i, qk_scale, D, PRECISION,
+                    q, k_ptrs, v_ptrs, cols < hi, visible, acc, m_i, l_i, qk_scale, D,
+                    PRECISION, True,
                 )
+            k_ptrs += BLOCK_N * cache_n
+            v_ptrs += BLOCK_N * cache_n
     rows = b * S * G + local
     idx = (part * n_kv + kv_head).to(tl.int64) * R + rows
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
