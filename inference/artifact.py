@@ -129,10 +129,20 @@ class KVArtifact:
             nbytes=self.nbytes,
         )
 
+    def landing(self) -> list[torch.cuda.Event] | None:
+        """The per-layer events of a copy to the GPU still in flight, else None. Once the copy
+        has landed its events are dropped: later requests make no CUDA call for them (before,
+        every hot request queried the last event and queued two stream waits on it)."""
+        events = self.extras.get("layer_ready")
+        if events and events[-1].query():  # the last layer is in: every layer is
+            self.extras.pop("layer_ready", None)
+            return None
+        return events or None
+
     def wait_ready(self) -> None:
         """Order the current CUDA stream after a copy to the GPU still in flight (a wait on
-        the GPU, not on the host). Free when there is none or it has finished."""
-        events = self.extras.get("layer_ready")
+        the GPU, not on the host). Free when there is none or it has landed."""
+        events = self.landing()
         if events:
             torch.cuda.current_stream(self.device).wait_event(events[-1])
 

@@ -80,6 +80,8 @@ def warm_up_cuda_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery
             log.exception("Warm-up of model %s failed.", slug)
             continue
         log.info("Model %s warmed up: %s", slug, report)
+    if slugs:  # start-up is over: its garbage collected, its survivors frozen
+        inference.freeze_startup_heap()
 
 
 def _active_queues() -> dict[str, list[str]] | None:

@@ -326,6 +326,31 @@ def test_warm_up_runs_the_fast_path_and_leaves_nothing_behind(loaded, monkeypatc
     assert list(_fast_reuse(loaded)._slots) == slots_before  # synthetic prefixes are freed
 
 
+def test_freeze_startup_heap_collects_start_up_garbage_and_freezes_the_survivors():
+    import gc
+    import weakref
+
+    from inference import freeze_startup_heap
+
+    class Node:
+        pass
+
+    survivor, cycle = Node(), Node()
+    cycle.itself = cycle  # garbage only the collector finds
+    gone = weakref.ref(cycle)
+    del cycle
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_startup_heap()
+        assert gone() is None
+        # The survivor is out of every generation a later collection walks.
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is survivor for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
+    assert any(obj is survivor for obj in gc.get_objects())
+
+
 def test_a_slot_does_not_keep_a_finished_requests_prefix_alive(loaded, shared_store, doc_keys):
     """Once the store and the request let a document go, its KV must be freeable: slots (and
     the graphs they serve) hold the bound prefix only weakly."""

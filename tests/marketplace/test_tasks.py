@@ -303,6 +303,8 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
     store = SimpleNamespace(pin_host_memory=lambda: pinned.append(True))
     monkeypatch.setattr(engine, "get_store", lambda: store)
+    frozen = []  # the real one would freeze the test process's heap
+    monkeypatch.setattr(inference, "freeze_startup_heap", lambda: frozen.append(True))
 
     def consumer_of(names):
         return SimpleNamespace(
@@ -313,11 +315,14 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     workers.warm_up_cuda_models(consumer)
     assert warmed == ["loaded:big"]
     assert pinned == [True]  # the store's host memory for disk reads, pinned at start
+    assert frozen == [True]  # then start-up's garbage collected and the rest frozen
     workers.warm_up_cuda_models(consumer_of(["default", "gpu.tiny"]))
     assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
+    assert frozen == [True]  # nor freezes anything
 
     def broken(loaded):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(inference, "warm_up", broken)
     workers.warm_up_cuda_models(consumer)  # logged, never raised: the worker still starts
+    assert frozen == [True, True]
