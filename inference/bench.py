@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _cold_ttft(loaded, warm + suffix, chunk)
     # As a GPU worker does at start: compile and capture the fast path before any request.
     warm_up_report = None if args.no_warm_up else warm_up(loaded)
-    freeze_startup_heap()  # as a GPU worker does once warmed up
+    if device.startswith("cuda"):  # as a GPU worker does once warmed up
+        freeze_startup_heap()
     for n in args.lengths:
         row: dict[str, Any] = {"n_tokens": n, "suffix_tokens": len(suffix)}
         if n + len(suffix) + 1 >= loaded.max_context:
