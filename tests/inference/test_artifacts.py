@@ -27,7 +27,7 @@ from inference import (
     read_artifact,
     wrap_model,
 )
-from inference.artifact import read_manifest
+from inference.artifact import KVArtifact, read_manifest
 from inference.models import check_architecture
 from tests.inference.helpers import DOCS, files_under
 
@@ -241,3 +241,29 @@ def test_artifact_json_manifest_is_plain(artifact_path):
     _, path = artifact_path
     manifest = read_manifest(path)
     assert json.loads(json.dumps(manifest)) == manifest
+
+
+class _CopyEvent:
+    """Stands in for a CUDA event of a copy to the GPU (query: has the copy landed)."""
+
+    def __init__(self) -> None:
+        self.landed = False
+        self.queries = 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.landed
+
+
+def test_landing_gives_a_copys_events_until_it_has_landed_then_forgets_them():
+    events = [_CopyEvent(), _CopyEvent()]
+    art = KVArtifact(key="k", manifest={}, token_ids=[1], keys=[], values=[],
+                     extras={"layer_ready": events})
+    assert art.landing() is events  # still copying: readers wait per layer
+    events[-1].landed = True
+    assert art.landing() is None
+    assert "layer_ready" not in art.extras
+    queries = events[-1].queries
+    assert art.landing() is None and events[-1].queries == queries  # no CUDA call any more
+    art.wait_ready()  # nothing to wait for, and no stream touched
+    assert KVArtifact(key="k", manifest={}, token_ids=[1], keys=[], values=[]).landing() is None
