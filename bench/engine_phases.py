@@ -47,6 +47,7 @@ def main() -> None:
     key = engine.precompute_ids(loaded, doc, store=store).key
     # Only the length class and suffix this bench runs: a fresh machine compiles every variant.
     engine.warm_up(loaded, prefix_tokens=(args.n_tokens,), suffix_tokens=(args.suffix,), batches=())
+    engine.freeze_startup_heap()  # as a GPU worker does once warmed up (bench/host_drift.py)
     phases: dict[str, list[float]] = {}
 
     def timed(name, fn):
