@@ -988,10 +988,10 @@ def freeze_startup_heap() -> None:
 
     Why: a full collection over that heap took about 0.2 s (the test model on CPU), a pause
     that some request would pay; frozen, one takes tens of microseconds. And on an H200, after
-    the warm-up, a hot request's host time stayed at 0.14 ms before its graph launch and
-    0.10 ms within it (time to first token 3.67 ms) over 900 requests, until the collector's
-    first pass over its older generation: 0.05 and 0.04 ms (3.50 ms) from then on, and after
-    collect + freeze (bench/host_drift.py)."""
+    the warm-up, a hot request's host time stayed at 0.14 ms before its first step and 0.10 ms
+    in it, up to the graph's launch (time to first token 3.67 ms), over 900 requests, until
+    the collector's first pass over its older generation: 0.05 and 0.04 ms (3.50 ms) from
+    then on, and after collect + freeze (bench/host_drift.py)."""
     gc.collect()
     gc.freeze()
 
