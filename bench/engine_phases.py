@@ -28,6 +28,27 @@ from inference.fastpath.runner import _packed  # noqa: E402
 from inference.store import KVStore  # noqa: E402
 
 
+def hot_document(
+    model_config: str, n_tokens: int, n_suffix: int, *, pinned_gib: int = 8, freeze: bool = True
+):
+    """A GPU worker's state with one hot document: (loaded, store, key, suffix). A random-weight
+    model, a store with host memory pinned once at the start (as bench/kv_reuse.py and a worker
+    have it), a random document precomputed into GPU memory, a random suffix, the fast path
+    warmed up for that length class and suffix only (a fresh machine compiles every variant),
+    then, with freeze, the heap collected and frozen as a worker does (bench/host_drift.py)."""
+    loaded = build_random_model(model_config, dtype="bfloat16", device="cuda")
+    store = KVStore(tempfile.mkdtemp(), gpu_bytes=16 << 30, host_bytes=8 << 30,
+                    pinned_bytes=pinned_gib << 30)
+    store.pin_host_memory()
+    doc = torch.randint(2, 150000, (n_tokens,)).tolist()
+    suffix = torch.randint(2, 150000, (n_suffix,)).tolist()
+    key = engine.precompute_ids(loaded, doc, store=store).key
+    engine.warm_up(loaded, prefix_tokens=(n_tokens,), suffix_tokens=(n_suffix,), batches=())
+    if freeze:
+        engine.freeze_startup_heap()
+    return loaded, store, key, suffix
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
@@ -37,17 +58,7 @@ def main() -> None:
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the top N functions by own host time over the requests")
     args = parser.parse_args()
-    loaded = build_random_model(args.model_config, dtype="bfloat16", device="cuda")
-    # As bench/kv_reuse.py and a GPU worker run it: host memory pinned once, at the start.
-    store = KVStore(tempfile.mkdtemp(), gpu_bytes=16 << 30, host_bytes=8 << 30,
-                    pinned_bytes=8 << 30)
-    store.pin_host_memory()
-    doc = torch.randint(2, 150000, (args.n_tokens,)).tolist()
-    suffix = torch.randint(2, 150000, (args.suffix,)).tolist()
-    key = engine.precompute_ids(loaded, doc, store=store).key
-    # Only the length class and suffix this bench runs: a fresh machine compiles every variant.
-    engine.warm_up(loaded, prefix_tokens=(args.n_tokens,), suffix_tokens=(args.suffix,), batches=())
-    engine.freeze_startup_heap()  # as a GPU worker does once warmed up (bench/host_drift.py)
+    loaded, store, key, suffix = hot_document(args.model_config, args.n_tokens, args.suffix)
     phases: dict[str, list[float]] = {}
 
     def timed(name, fn):

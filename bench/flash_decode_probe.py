@@ -21,7 +21,6 @@ python bench/flash_decode_probe.py          # H100/H200: JSON lines, us per laye
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stream_k_probe import _us_per_call  # noqa: E402
 
 CONSUMERS = gl.constexpr(3)  # warpgroups of 64 query rows: a KV head's 4 query heads x 48 tokens
 
@@ -205,21 +205,6 @@ def reference_parts(q, keys, values, n_splits: int, *, scale: float, block_n: in
         outs.append(torch.softmax(s, dim=-1) @ v)
         lses.append(lse * 1.4426950408889634)
     return torch.stack(outs), torch.stack(lses)
-
-
-def _us_per_call(fn, repeat: int = 20) -> float:
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeat * 1e6
 
 
 def main() -> None:
