@@ -152,10 +152,13 @@ def first_step_host_ms(fast, prefix, suffix: list[int], repeats: int) -> dict[st
     return {name: round(statistics.median(v), 4) for name, v in times.items()}
 
 
-def timeline(loaded, store, key, suffix: list[int], fast, repeats: int) -> dict[str, float]:
+def timeline(
+    loaded, store, key, suffix: list[int], fast, repeats: int, *, samples: bool = False
+) -> dict:
     """A hot request with no added synchronisation: host timestamps where its phases start and
     end, and CUDA events from just before its first step to the start of sampling (the GPU's
-    whole first step, the graph's input copies included). Medians, ms."""
+    whole first step, the graph's input copies included). Medians, ms (with samples, every
+    request's, in order)."""
     marks: dict[str, float] = {}
     first_step, sample = fast._first_step, engine._sample
     started, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -194,6 +197,8 @@ def timeline(loaded, store, key, suffix: list[int], fast, repeats: int) -> dict[
     finally:
         del fast._first_step
         engine._sample = sample
+    if samples:
+        return {name: [round(ms, 4) for ms in v] for name, v in spans.items()}
     return {name: round(statistics.median(v), 4) for name, v in spans.items()}
 
 
