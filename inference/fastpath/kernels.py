@@ -330,37 +330,101 @@ def _sum_parts(ptr, offsets, mask, part_stride, PARTS: tl.constexpr, dtype: tl.c
 
 
 # --- RMSNorm with the residual add -----------------------------------------------------------
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "seq_len"])
 def _add_rms_norm_kernel(
     x_ptr,
     delta_ptr,
     w_ptr,
     out_ptr,
+    ids_ptr,
+    embed_ptr,
+    n_valid_ptr,
+    lengths_ptr,
     n_rows,
     n_cols,
+    seq_len,
     eps,
     HAS_DELTA: tl.constexpr,
     PARTS: tl.constexpr,
+    EMBED: tl.constexpr,
+    LAST_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One row per program: x (+= delta) then rms_norm(x) * w. EMBED: x is first gathered
+    from the embedding (row ids_ptr[row]) and stored. LAST_ROWS: program b takes the last
+    valid row of batch row b (b * seq_len + n_valid[b] - 1) into out[b], leaves x as it was
+    (the step's last norm: nothing reads the residual after it), and ends the step by adding
+    n_valid[b] to lengths[b]."""
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     _start_dependents(PDL)
     _wait_for_previous(PDL)
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if LAST_ROWS:
+        n_valid = tl.load(n_valid_ptr + pid)
+        row = pid.to(tl.int64) * seq_len + n_valid - 1
+        tl.store(lengths_ptr + pid, tl.load(lengths_ptr + pid) + n_valid)
+    if EMBED:
+        token = tl.load(ids_ptr + row).to(tl.int64)
+        x = tl.load(embed_ptr + token * n_cols + cols, mask=mask, other=0.0)
+        tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
+    else:
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # x += delta, rounded to the model dtype as transformers' residual add is
         d = _sum_parts(
             delta_ptr, row * n_cols + cols, mask, n_rows * n_cols, PARTS, x_ptr.dtype.element_ty
         )
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
+        if not LAST_ROWS:
+            tl.store(x_ptr + row * n_cols + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     h = (xf * inv).to(x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * n_cols + cols, (w.to(tl.float32) * h.to(tl.float32)), mask=mask)
+    tl.store(out_ptr + pid.to(tl.int64) * n_cols + cols, (w.to(tl.float32) * h.to(tl.float32)),
+             mask=mask)
+
+
+def _rms_norm_launch(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+    pdl: bool,
+    *,
+    ids: torch.Tensor | None = None,
+    embed: torch.Tensor | None = None,
+    n_valid: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    seq_len: int = 1,
+) -> None:
+    rows, n_cols = x.shape
+    last_rows = n_valid is not None
+    _add_rms_norm_kernel[(out.shape[0],)](
+        x,
+        x if delta is None else delta,
+        weight,
+        out,
+        x if ids is None else ids,
+        x if embed is None else embed,
+        x if n_valid is None else n_valid,
+        x if lengths is None else lengths,
+        rows,
+        n_cols,
+        seq_len,
+        eps,
+        HAS_DELTA=delta is not None,
+        PARTS=1 if delta is None else delta.shape[0],
+        EMBED=ids is not None,
+        LAST_ROWS=last_rows,
+        BLOCK=triton.next_power_of_2(n_cols),
+        PDL=pdl,
+        num_warps=8 if n_cols >= 2048 else 4,
+        **_launch(pdl),
+    )
 
 
 def add_rms_norm(
@@ -373,22 +437,38 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """x += delta (in place, when given; delta is [parts, rows, hidden], summed first);
     returns rms_norm(x) * weight. x is [rows, hidden]."""
-    rows, n_cols = x.shape
     out = torch.empty_like(x)
-    _add_rms_norm_kernel[(rows,)](
-        x,
-        x if delta is None else delta,
-        weight,
-        out,
-        rows,
-        n_cols,
-        eps,
-        HAS_DELTA=delta is not None,
-        PARTS=1 if delta is None else delta.shape[0],
-        BLOCK=triton.next_power_of_2(n_cols),
-        PDL=pdl,
-        num_warps=8 if n_cols >= 2048 else 4,
-        **_launch(pdl),
+    _rms_norm_launch(x, delta, weight, out, eps, pdl)
+    return out
+
+
+def embed_rms_norm(
+    ids: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's start in one kernel: x = embed[ids] (ids [rows]) and rms_norm(x) * weight."""
+    x = torch.empty((ids.shape[0], embed.shape[1]), dtype=embed.dtype, device=embed.device)
+    out = torch.empty_like(x)
+    _rms_norm_launch(x, None, weight, out, eps, pdl, ids=ids, embed=embed)
+    return x, out
+
+
+def last_rows_rms_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    n_valid: torch.Tensor,
+    seq_len: int,
+    lengths: torch.Tensor,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """A step's end in one kernel: for each batch row b of x [B * seq_len, hidden], its last
+    valid token's rms_norm(x + delta) * weight as out [B, hidden] (all the LM head reads),
+    and lengths[b] += n_valid[b]. x is left as it was."""
+    out = torch.empty((n_valid.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    _rms_norm_launch(
+        x, delta, weight, out, eps, pdl, n_valid=n_valid, lengths=lengths, seq_len=seq_len
     )
     return out
 

@@ -457,11 +457,15 @@ class FastDecoder:
         b, s = input_ids.shape
         start = state.lengths
         cos, sin = self.rope_table
-        x = F.embedding(input_ids.reshape(-1), self.embed)
-        delta = None
         pdl = self._pdl(b * s)
+        delta = None  # the last layer's MLP output, added to the residual by the next norm
         for i, w in enumerate(self.layers):
-            h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
+            if i == 0:
+                x, h = kernels.embed_rms_norm(
+                    input_ids.reshape(-1), self.embed, w.input_norm, self.eps, pdl=pdl
+                )
+            else:
+                h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
             q = kernels.qk_norm_rope_store(
                 self._product(h, w.qkv, w.qkv_bias),
                 w.qk_norm,
@@ -496,10 +500,14 @@ class FastDecoder:
                 x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
             )
             delta = self._product(self._product(h, w.gate_up, silu=True), w.down)
-        h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
-        state.lengths.add_(n_valid)
-        if not all_logits:
-            h = h[torch.arange(b, device=h.device), n_valid - 1]
+        if all_logits:
+            h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
+            state.lengths.add_(n_valid)
+        else:  # the last valid token's row only, and the lengths advanced, in one kernel
+            h = kernels.last_rows_rms_norm(
+                x, delta, self.final_norm, self.eps, n_valid=n_valid, seq_len=s,
+                lengths=state.lengths, pdl=pdl,
+            )
         return F.linear(h, self.lm_head)
 
     def _pdl(self, rows: int) -> bool:

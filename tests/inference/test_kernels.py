@@ -183,6 +183,30 @@ def test_fused_norm_rope_and_activation_round_like_the_reference(loaded):
     assert torch.allclose(kernels.silu_mul(parts, torch.float32), expected, atol=1e-5)
 
 
+def test_step_start_and_end_norms_gather_their_rows(loaded):
+    from inference.fastpath.model import FastDecoder
+
+    decoder = FastDecoder(loaded.model, kernels=False)
+    w = decoder.layers[0]
+    ids = torch.tensor([5, 0, 17, 5, 3, 9])
+    x, h = kernels.embed_rms_norm(ids, decoder.embed, w.input_norm, decoder.eps)
+    assert torch.equal(x, decoder.embed[ids])
+    assert torch.equal(h, kernels.add_rms_norm(decoder.embed[ids], None, w.input_norm,
+                                               decoder.eps))
+    # Two batch rows of three tokens: row 0 holds 2 valid tokens, row 1 all 3.
+    torch.manual_seed(3)
+    parts = torch.randn(2, 6, decoder.hidden)
+    n_valid = torch.tensor([2, 3])
+    lengths = torch.tensor([10, 20])
+    before = x.clone()
+    last = kernels.last_rows_rms_norm(x, parts, decoder.final_norm, decoder.eps,
+                                      n_valid=n_valid, seq_len=3, lengths=lengths)
+    every_row = kernels.add_rms_norm(before.clone(), parts, decoder.final_norm, decoder.eps)
+    assert torch.equal(last, every_row[[1, 5]])  # bitwise the rows the LM head needs
+    assert torch.equal(x, before)  # the residual is not written at the step's end
+    assert lengths.tolist() == [12, 23]
+
+
 def test_silu_mul_reads_gate_and_up_interleaved_in_groups():
     torch.manual_seed(2)
     gate, up = torch.randn(4, 96), torch.randn(4, 96)
