@@ -987,11 +987,11 @@ def freeze_startup_heap() -> None:
     garbage collector's sight.
 
     Why: a full collection over that heap took about 0.2 s (the test model on CPU), a pause
-    that some request would pay; frozen, one takes tens of microseconds. And on an H200, after
-    the warm-up, a hot request's host time stayed at 0.14 ms before its first step and 0.10 ms
-    in it, up to the graph's launch (time to first token 3.67 ms), over 900 requests, until
-    the collector's first pass over its older generation: 0.05 and 0.04 ms (3.50 ms) from
-    then on, and after collect + freeze (bench/host_drift.py)."""
+    that some request would pay; frozen, one takes tens of microseconds. (bench/host_drift.py
+    once saw a hot request's host time drop from 0.24 to 0.09 ms at the collector's first full
+    pass; bench/hot_after_tiers.py later found that host time moving between 0.05 and 0.14 ms
+    a piece on a frozen heap with no collection in between, and doubling after the process
+    idled: the machine's state, not the heap, as far as measured.)"""
     gc.collect()
     gc.freeze()
 
