@@ -207,6 +207,25 @@ def test_step_start_and_end_norms_gather_their_rows(loaded):
     assert lengths.tolist() == [12, 23]
 
 
+def test_kernel_step_with_all_logits_gives_every_position(loaded, shared_store, doc_keys, pair):
+    from inference.fastpath.model import SuffixState
+
+    decoder = pair[1].decoder
+    prefix = _prefix(shared_store, doc_keys, loaded, DOCS[0])
+    ids = torch.tensor([_ids(loaded, q)[:5] for q in QUESTIONS[:2]])
+    n_valid = torch.tensor([3, 5])  # row 0: two padding tokens after its last real one
+    runs = {}
+    for every in (False, True):
+        state = SuffixState(decoder, batch=2, capacity=16, device=ids.device)
+        logits = decoder.forward(ids, prefix=prefix, state=state, n_valid=n_valid,
+                                 all_logits=every, fresh=True)
+        runs[every] = logits, state.lengths.tolist()
+    (last, last_lengths), (every, every_lengths) = runs[False], runs[True]
+    assert every.shape == (2, 5, last.shape[-1])
+    assert torch.allclose(every[[0, 1], [2, 4]], last, atol=1e-5, rtol=0)
+    assert last_lengths == every_lengths == [3, 5]
+
+
 def test_silu_mul_reads_gate_and_up_interleaved_in_groups():
     torch.manual_seed(2)
     gate, up = torch.randn(4, 96), torch.randn(4, 96)
