@@ -402,7 +402,6 @@ def _rms_norm_launch(
     seq_len: int = 1,
 ) -> None:
     rows, n_cols = x.shape
-    last_rows = n_valid is not None
     _add_rms_norm_kernel[(out.shape[0],)](
         x,
         x if delta is None else delta,
@@ -419,7 +418,7 @@ def _rms_norm_launch(
         HAS_DELTA=delta is not None,
         PARTS=1 if delta is None else delta.shape[0],
         EMBED=ids is not None,
-        LAST_ROWS=last_rows,
+        LAST_ROWS=n_valid is not None,
         BLOCK=triton.next_power_of_2(n_cols),
         PDL=pdl,
         num_warps=8 if n_cols >= 2048 else 4,
