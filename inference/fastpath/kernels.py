@@ -361,6 +361,7 @@ def _add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     _start_dependents(PDL)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: read while the previous runs
     _wait_for_previous(PDL)
     if LAST_ROWS:
         n_valid = tl.load(n_valid_ptr + pid)
@@ -382,7 +383,6 @@ def _add_rms_norm_kernel(
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     h = (xf * inv).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + pid.to(tl.int64) * n_cols + cols, (w.to(tl.float32) * h.to(tl.float32)),
              mask=mask)
 
@@ -501,32 +501,22 @@ def _qk_norm_rope_store_kernel(
     PDL: tl.constexpr,
 ):
     _start_dependents(PDL)
-    _wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)  # token row: batch row b = t // S, position s = t % S
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     half = tl.arange(0, D // 2)
     n_all: tl.constexpr = HQ + 2 * HKV
     in_range = heads < n_all
     is_qk = heads < HQ + HKV
-    offsets = t * (n_all * D) + heads[:, None] * D + half[None, :]
     dtype = q_ptr.dtype.element_ty
-    part_stride = n_tokens * n_all * D
-    x1 = _sum_parts(qkv_ptr, offsets, in_range[:, None], part_stride, PARTS, dtype)
-    x2 = _sum_parts(qkv_ptr, offsets + D // 2, in_range[:, None], part_stride, PARTS, dtype)
-    if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
-        inv = tl.rsqrt(var + eps)
+    # Read while the previous kernel runs: the norm weights, and the rope rows of the token's
+    # absolute position (after the prefix), which pick its row of the tables (padding past the
+    # model's positions reads the last row; it is masked out of every attention). The lengths
+    # and the prefix's length are safe to read before the wait: no kernel of a step writes
+    # them before its last one, which advances the lengths.
+    if HAS_NORM:
         w_rows = tl.where(is_qk, heads, 0)[:, None] * D + half[None, :]
         w1 = tl.load(norm_ptr + w_rows, mask=is_qk[:, None], other=1.0).to(tl.float32)
         w2 = tl.load(norm_ptr + w_rows + D // 2, mask=is_qk[:, None], other=1.0).to(tl.float32)
-        n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-        n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-        x1 = tl.where(is_qk[:, None], n1, x1)
-        x2 = tl.where(is_qk[:, None], n2, x2)
-    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded. The
-    # token's absolute position (after the prefix) picks its row of the tables; padding past
-    # the model's positions reads the last row (it is masked out of every attention).
     b = t // S
     pos = tl.load(start_ptr + b) + t % S  # in the row's suffix buffer
     row = tl.minimum(pos + tl.load(n_prefix_ptr), n_positions - 1) * D
@@ -534,6 +524,20 @@ def _qk_norm_rope_store_kernel(
     c2 = tl.load(cos_ptr + row + D // 2 + half).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + row + half).to(tl.float32)[None, :]
     s2 = tl.load(sin_ptr + row + D // 2 + half).to(tl.float32)[None, :]
+    _wait_for_previous(PDL)
+    offsets = t * (n_all * D) + heads[:, None] * D + half[None, :]
+    part_stride = n_tokens * n_all * D
+    x1 = _sum_parts(qkv_ptr, offsets, in_range[:, None], part_stride, PARTS, dtype)
+    x2 = _sum_parts(qkv_ptr, offsets + D // 2, in_range[:, None], part_stride, PARTS, dtype)
+    if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
+        inv = tl.rsqrt(var + eps)
+        n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        x1 = tl.where(is_qk[:, None], n1, x1)
+        x2 = tl.where(is_qk[:, None], n2, x2)
+    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded.
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
     r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
