@@ -46,10 +46,11 @@ LOG2E = 1.4426950408889634
 # A reuse step is ~300 kernels in a row, most of them a few microseconds long, between weight
 # products that need the whole memory bandwidth. Launched with PDL, a kernel starts while the one
 # before it still runs: it first signals that its own successor may start (so the chain of
-# launches runs ahead of the work), prefetches what does not depend on earlier kernels (its
-# weights) into L2, then waits for its predecessor to finish and flush
-# (griddepcontrol.wait) before it touches anything an earlier kernel writes or reads. Memory is
-# therefore idle less often: the next layer's weights stream in while norms and attention run.
+# launches runs ahead of the work), prefetches or loads what no earlier kernel of the step
+# writes (weights, rope tables, the prefix table, the lengths: only a step's last kernel
+# advances them) while the previous kernel runs, then waits for its predecessor to finish and
+# flush (griddepcontrol.wait) before it touches anything else. Memory is therefore idle less
+# often: the next layer's weights stream in while norms and attention run.
 # The wait is transitive (each kernel waits for the one before, which waited for its own), and a
 # kernel writes nothing before its wait, so results are bitwise those of plain launches.
 
