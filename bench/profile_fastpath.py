@@ -438,21 +438,17 @@ def main() -> None:
               "batch": args.batch, "suffix": args.suffix}
     fast = FastReuse(model, capacity=128)
     report["pdl"] = fast.decoder.pdl
-    if args.kernels:
-        for line in kernel_table(fast, prefix, args.batch * args.suffix):
-            print(json.dumps(line), flush=True)
-    if args.product_configs:
-        for line in product_config_table(fast, prefix, suffixes):
-            print(json.dumps(line), flush=True)
-    if args.trace:
-        for line in trace_ends(fast, prefix, suffixes):
-            print(json.dumps(line), flush=True)
-    if args.ablate:
-        for line in ablation_table(fast, prefix, suffixes):
-            print(json.dumps(line), flush=True)
-    if args.launch:
-        for line in launch_table(fast, prefix, suffixes):
-            print(json.dumps(line), flush=True)
+    tables = [  # (asked for, its rows), printed as they come
+        (args.kernels, lambda: kernel_table(fast, prefix, args.batch * args.suffix)),
+        (args.product_configs, lambda: product_config_table(fast, prefix, suffixes)),
+        (args.trace, lambda: trace_ends(fast, prefix, suffixes)),
+        (args.ablate, lambda: ablation_table(fast, prefix, suffixes)),
+        (args.launch, lambda: launch_table(fast, prefix, suffixes)),
+    ]
+    for wanted, rows in tables:
+        if wanted:
+            for line in rows():
+                print(json.dumps(line), flush=True)
     reference = FastReuse(model, capacity=128, kernels=False)
     first = fast.first_logits(prefix, suffixes)
     report["kernels_vs_torch_ops_max_logit_diff"] = (
