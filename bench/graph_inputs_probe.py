@@ -9,11 +9,16 @@ python bench/graph_inputs_probe.py
 
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.profile_fastpath import _captured  # noqa: E402
 
 
 @triton.jit
@@ -30,6 +35,7 @@ def _copy_in(host_ptr, dev_ptr, lengths_ptr, N: tl.constexpr, B: tl.constexpr):
 
 
 def _latency_us(graph: torch.cuda.CUDAGraph, n: int = 2000) -> float:
+    """Median time of a replay and the synchronisation after it, the GPU idle before each."""
     samples = []
     for _ in range(n):
         torch.cuda.synchronize()
@@ -37,7 +43,7 @@ def _latency_us(graph: torch.cuda.CUDAGraph, n: int = 2000) -> float:
         graph.replay()
         torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) * 1e6)
-    return round(statistics.median(samples), 2)
+    return statistics.median(samples)
 
 
 def main() -> None:
@@ -75,20 +81,12 @@ def main() -> None:
     for name, fn in [("two_copies_event_zero", two_copies), ("one_copy_event_zero", one_copy),
                      ("kernel_reads_pinned_host", kernel_reads_host),
                      ("no_inputs", nothing_in)]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = _captured(fn)
         host.copy_(torch.arange(width))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out[:n_ids].cpu(), torch.arange(n_ids) + 1), name
-        report[f"{name}_us"] = _latency_us(graph)
+        report[f"{name}_us"] = round(_latency_us(graph), 2)
     print(json.dumps(report))
 
 

@@ -9,9 +9,7 @@ python bench/launch_chain_probe.py
 """
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +17,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.graph_inputs_probe import _latency_us  # noqa: E402
+from bench.profile_fastpath import _captured  # noqa: E402
 from inference.fastpath.kernels import (  # noqa: E402
     _launch,
     _start_dependents,
@@ -41,23 +41,12 @@ def _chain_us(n_kernels: int, programs: int, pdl: bool) -> float:
         for i in range(n_kernels):
             _link[(programs,)](cells[i:], cells[i + 1:], PDL=pdl, **_launch(pdl))
 
-    chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
+    graph = _captured(chain)
     cells.zero_()
     graph.replay()
     torch.cuda.synchronize()
     assert int(cells[-1]) == n_kernels  # every link saw its predecessor's write
-    samples = []
-    for _ in range(200):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples)
+    return _latency_us(graph, 200)
 
 
 def main() -> None:
