@@ -163,21 +163,18 @@ def timeline(
     first_step, sample = fast._first_step, engine._sample
     started, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def timed_first_step(*a, **k):
-        marks["first_step_enter"] = time.perf_counter()
-        started.record()
-        out = first_step(*a, **k)
-        marks["first_step_exit"] = time.perf_counter()
-        return out
+    def marked(fn, name: str, event: torch.cuda.Event):
+        """fn, recording the host time at its entry and exit and the event at its entry."""
+        def wrapper(*a, **k):
+            marks[f"{name}_enter"] = time.perf_counter()
+            event.record()
+            out = fn(*a, **k)
+            marks[f"{name}_exit"] = time.perf_counter()
+            return out
+        return wrapper
 
-    def timed_sample(*a, **k):
-        marks["sample_enter"] = time.perf_counter()
-        finished.record()
-        out = sample(*a, **k)
-        marks["sample_exit"] = time.perf_counter()
-        return out
-
-    fast._first_step, engine._sample = timed_first_step, timed_sample
+    fast._first_step = marked(first_step, "first_step", started)
+    engine._sample = marked(sample, "sample", finished)
     spans: dict[str, list[float]] = {}
     try:
         for _ in range(repeats):
