@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inference import engine  # noqa: E402
 from inference.bench import build_random_model  # noqa: E402
-from inference.fastpath.runner import _packed  # noqa: E402
+from inference.fastpath.runner import _pack_into  # noqa: E402
 from inference.store import KVStore  # noqa: E402
 
 
@@ -142,8 +142,7 @@ def first_step_host_ms(fast, prefix, suffix: list[int], repeats: int) -> dict[st
             slot = timed("slot", lambda: fast._slot(prefix, 1, fast.slot_capacity(len(suffix))))
             g = timed("graph_lookup", lambda s=slot: fast._graph(s, width, fresh=True))
             timed("inputs_read_sync", g.inputs_read.synchronize)
-            timed("pack_inputs", lambda g=g: g.host_inputs.numpy().__setitem__(
-                slice(None), _packed([suffix], width)))
+            timed("pack_inputs", lambda g=g: _pack_into(g.host_array, [suffix], width))
             timed("replay", g.graph.replay)
             timed("clone_logits", g.logits.clone)
             torch.cuda.synchronize()
@@ -158,23 +157,33 @@ def timeline(
     """A hot request with no added synchronisation: host timestamps where its phases start and
     end, and CUDA events from just before its first step to the start of sampling (the GPU's
     whole first step, the graph's input copies included). Medians, ms (with samples, every
-    request's, in order)."""
+    request's, in order). timeline_at_* are host times from the call to each phase's entry and
+    exit: where the host spends the time before the GPU has work."""
     marks: dict[str, float] = {}
-    first_step, sample = fast._first_step, engine._sample
     started, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # (owner, attribute, mark name, event recorded at entry)
+    targets = [
+        (store, "load_with_tier", "load", None),
+        (engine, "_reuse_session", "session", None),
+        (fast, "_first_step", "first_step", started),
+        (torch.cuda.CUDAGraph, "replay", "replay", None),
+        (engine, "_sample", "sample", finished),
+    ]
+    originals = [getattr(owner, attr) for owner, attr, _, _ in targets]
 
-    def marked(fn, name: str, event: torch.cuda.Event):
-        """fn, recording the host time at its entry and exit and the event at its entry."""
+    def marked(fn, name: str, event: torch.cuda.Event | None):
+        """fn, recording the host time at its entry and exit (and the event at its entry)."""
         def wrapper(*a, **k):
             marks[f"{name}_enter"] = time.perf_counter()
-            event.record()
+            if event is not None:
+                event.record()
             out = fn(*a, **k)
             marks[f"{name}_exit"] = time.perf_counter()
             return out
         return wrapper
 
-    fast._first_step = marked(first_step, "first_step", started)
-    engine._sample = marked(sample, "sample", finished)
+    for (owner, attr, name, event), fn in zip(targets, originals, strict=True):
+        setattr(owner, attr, marked(fn, name, event))
     spans: dict[str, list[float]] = {}
     try:
         for _ in range(repeats):
@@ -188,12 +197,16 @@ def timeline(
                 "timeline_sample_host": marks["sample_exit"] - marks["sample_enter"],
                 "timeline_call_to_ttft": gen.timings.ttft_s,
             }
+            ms.update({f"timeline_at_{mark}": t - call for mark, t in marks.items()})
             for name, seconds in ms.items():
                 spans.setdefault(name, []).append(seconds * 1e3)
             spans.setdefault("timeline_gpu_first_step", []).append(started.elapsed_time(finished))
     finally:
-        del fast._first_step
-        engine._sample = sample
+        for (owner, attr, _, _), fn in zip(targets, originals, strict=True):
+            if owner in (store, fast):
+                delattr(owner, attr)  # the instance's own method again
+            else:
+                setattr(owner, attr, fn)
     if samples:
         return {name: [round(ms, 4) for ms in v] for name, v in spans.items()}
     return {name: round(statistics.median(v), 4) for name, v in spans.items()}

@@ -179,9 +179,15 @@ def launch_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -
     dec = fast.decoder
     # The default comes back between the others: a drift within the process (seen after large
     # prefetches) would otherwise pass for a variant's cost.
-    variants = [{"pdl": False}, {"pdl": True, "prefetch_k": 0}, {"pdl": True, "prefetch_k": 512},
-                {"pdl": True, "prefetch_k": 256}, {"pdl": True, "prefetch_k": 512}]
-    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch_k")}
+    def every_kind(columns: int) -> dict[str, tuple[int, bool]]:
+        return {kind: (columns, False) for kind in dec.prefetch}
+
+    variants = [{"pdl": False}, {"pdl": True, "prefetch": every_kind(0)},
+                {"pdl": True, "prefetch": every_kind(512)},
+                {"pdl": True, "prefetch": dec.prefetch},
+                {"pdl": True, "prefetch": every_kind(256)},
+                {"pdl": True, "prefetch": every_kind(512)}]
+    saved = {key: getattr(dec, key) for key in ("pdl", "prefetch")}
     table, plain = [], None
     for variant in variants:
         for key, value in variant.items():
@@ -211,20 +217,17 @@ def ablation_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]])
     from inference.fastpath import kernels
     from inference.fastpath.model import FastDecoder
 
-    dec = fast.decoder
-    kinds = {tuple(w.shape): name for name, w in (
-        ("qkv", dec.layers[0].qkv), ("o_proj", dec.layers[0].o_proj),
-        ("gate_up", dec.layers[0].gate_up), ("down", dec.layers[0].down))}
     product = FastDecoder._product
     outputs: dict[tuple, torch.Tensor] = {}
 
-    def skipping_product(kind):
-        def run(self, x, weight, bias=None, *, silu=False):
-            if kinds.get(tuple(weight.shape)) != kind:
-                return product(self, x, weight, bias, silu=silu)
+    def skipping_product(skipped):
+        def run(self, x, weight, bias=None, *, silu=False, kind):
+            real = functools.partial(product, self, x, weight, bias, silu=silu, kind=kind)
+            if kind != skipped:
+                return real()
             key = (kind, tuple(x.shape))
             if key not in outputs:  # the real product once, outside any capture: its shape
-                outputs[key] = torch.zeros_like(product(self, x, weight, bias, silu=silu))
+                outputs[key] = torch.zeros_like(real())
             return outputs[key]
         return run
 
@@ -264,41 +267,91 @@ def ablation_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]])
     return table
 
 
-def product_config_table(
-    fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]
+def step_variants(name: str, dec) -> list[tuple]:
+    """Whole-step variants: (label, kernel patched, the weight kinds it applies to or None for
+    every call, options).
+
+    "products": other split-K configs per weight kind. Fewer stages or k-steps of 64 put 2-3
+    blocks on an SM: gate_up's 304 tiles then all start at once (one block an SM is 2.3 waves),
+    qkv's 96 tiles get split-K partners. Other tile widths: 32 doubles the blocks (and the
+    activation reads from L2 per weight byte), 128 halves them; gate_up off 64 loses its fused
+    activation (silu_mul runs).
+    "prefetch": what a kernel asks for in L2 before its PDL wait: the prefix's K/V for the
+    attention, more or fewer first weight columns per product kind, or only from the blocks of
+    the first wave (those that start before the kernel ahead of them ends).
+    """
+    kinds = ("qkv", "o_proj", "gate_up", "down")
+    if name == "products":
+        return [
+            (kind, "matmul", (kind,), options)
+            for kind in ("gate_up", "qkv", "down", "o_proj")
+            for options in ({"block_k": 64, "stages": 4}, {"block_k": 128, "stages": 3},
+                            {"block_k": 64, "stages": 6}, {"waves": 2.0},
+                            {"waves": 2.0, "block_k": 128, "stages": 3},
+                            {"waves": 3.0, "block_k": 64, "stages": 4},
+                            {"block_n": 32}, {"block_n": 32, "stages": 4},
+                            {"block_n": 128, "stages": 3}, {"block_n": 128, "stages": 4})
+        ]
+    assert name == "prefetch", name
+    first_wave = {"prefetch_programs": dec.n_sms}
+
+    def per_kind(**changes: tuple[int, bool]) -> dict:
+        """The decoder's prefetch settings with some kinds changed."""
+        return {"prefetch": {**dec.prefetch, **changes}}
+
+    return [
+        ("512 columns, every kind", "decoder", None,
+         {"prefetch": dict.fromkeys(kinds, (512, False))}),
+        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 0}),
+        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 768, **first_wave}),
+        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 384, **first_wave}),
+        ("down", "matmul", ("down",), {"prefetch_k": 128}),
+        ("down", "matmul", ("down",), {"prefetch_k": 256, **first_wave}),
+        ("o_proj", "matmul", ("o_proj",), {"prefetch_k": 0}),
+        ("o_proj", "matmul", ("o_proj",), {"prefetch_k": 256}),
+        ("qkv", "matmul", ("qkv",), {"prefetch_k": 256}),
+        ("qkv", "matmul", ("qkv",), {"prefetch_k": 512, **first_wave}),
+        ("o_proj 0, qkv 256", "decoder", None, per_kind(o_proj=(0, False), qkv=(256, False))),
+        ("512 columns, every kind", "decoder", None,
+         {"prefetch": dict.fromkeys(kinds, (512, False))}),
+    ]
+
+
+def step_variant_table(
+    fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]], variants: list[tuple]
 ) -> list[dict]:
-    """The whole first step with one weight kind's products in another split-K config (tile,
-    k-step, stages, waves): whether a config that streams faster alone also shortens the step
-    (PDL, L2 prefetch and the kernels around it included)."""
+    """The whole first step with one kernel's calls (one weight kind's products, or every
+    attention) in another config: whether a config that is faster alone also shortens the
+    step (PDL, L2 prefetch and the kernels around it included). The default runs first, in the
+    middle and last: a drift within the process would otherwise pass for a variant's cost."""
     from inference.fastpath import kernels
 
     dec = fast.decoder
     kinds = {tuple(w.shape): name for name, w in (
         ("qkv", dec.layers[0].qkv), ("o_proj", dec.layers[0].o_proj),
         ("gate_up", dec.layers[0].gate_up), ("down", dec.layers[0].down))}
-    matmul = kernels.matmul
-    variants = [("default", None, {})]
-    # Fewer stages or k-steps of 64 put 2-3 blocks on an SM: gate_up's 304 tiles then all
-    # start at once (one block an SM is 2.3 waves), qkv's 96 tiles get split-K partners.
-    # Other tile widths: 32 doubles the blocks (and the activation reads from L2 per weight
-    # byte), 128 halves them; gate_up off 64 loses its fused activation (silu_mul runs).
-    for kind in ("gate_up", "qkv", "down", "o_proj"):
-        for options in ({"block_k": 64, "stages": 4}, {"block_k": 128, "stages": 3},
-                        {"block_k": 64, "stages": 6}, {"waves": 2.0},
-                        {"waves": 2.0, "block_k": 128, "stages": 3},
-                        {"waves": 3.0, "block_k": 64, "stages": 4},
-                        {"block_n": 32}, {"block_n": 32, "stages": 4},
-                        {"block_n": 128, "stages": 3}, {"block_n": 128, "stages": 4}):
-            variants.append((kind, kind, options))
-    variants.append(("default", None, {}))
+    default = ("default", None, None, {})
+    half = len(variants) // 2
     table, reference = [], None
-    for label, kind, options in variants:
-        def configured(x, weight, n_sms, kind=kind, options=options, **kw):
-            if kinds.get(tuple(weight.shape)) == kind:
-                kw.update(options)
-            return matmul(x, weight, n_sms, **kw)
+    for label, name, kind, options in [default, *variants[:half], default, *variants[half:],
+                                       default]:
+        if name == "decoder":  # options are the decoder's own settings
+            saved = {key: getattr(dec, key) for key in options}
+            for key, value in options.items():
+                setattr(dec, key, value)
+            name = None
+        else:
+            saved = {}
+        real = getattr(kernels, name) if name else None
 
-        kernels.matmul = configured
+        def configured(*args, real=real, kind=kind, options=options, **kw):
+            weight = args[1] if len(args) > 1 else None
+            if kind is None or (weight is not None and kinds.get(tuple(weight.shape)) in kind):
+                kw.update(options)
+            return real(*args, **kw)
+
+        if name:
+            setattr(kernels, name, configured)
         fast._slots.clear()
         try:
             logits = fast.first_logits(prefix, suffixes).float()
@@ -307,7 +360,10 @@ def product_config_table(
             table.append({"kind": label, **options, "error": str(exc)[:100]})
             continue
         finally:
-            kernels.matmul = matmul
+            if name:
+                setattr(kernels, name, real)
+            for key, value in saved.items():
+                setattr(dec, key, value)
         reference = logits if reference is None else reference
         table.append({"kind": label, **options, "graph_ms": round(ms, 4),
                       "max_logit_diff": (logits - reference).abs().max().item()})
@@ -413,8 +469,8 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
-    parser.add_argument("--product-configs", action="store_true",
-                        help="time the step with each weight kind's products in other configs")
+    parser.add_argument("--step-variants", choices=("prefetch", "products"),
+                        help="time the whole step with one kernel in other configs, in turn")
     parser.add_argument("--trace", action="store_true",
                         help="the first and last GPU activities of one first step")
     parser.add_argument("--ablate", action="store_true",
@@ -440,7 +496,8 @@ def main() -> None:
     report["pdl"] = fast.decoder.pdl
     tables = [  # (asked for, its rows), printed as they come
         (args.kernels, lambda: kernel_table(fast, prefix, args.batch * args.suffix)),
-        (args.product_configs, lambda: product_config_table(fast, prefix, suffixes)),
+        (args.step_variants, lambda: step_variant_table(
+            fast, prefix, suffixes, step_variants(args.step_variants, fast.decoder))),
         (args.trace, lambda: trace_ends(fast, prefix, suffixes)),
         (args.ablate, lambda: ablation_table(fast, prefix, suffixes)),
         (args.launch, lambda: launch_table(fast, prefix, suffixes)),

@@ -176,6 +176,7 @@ class _CacheSession:
     def seq_length(self) -> int:
         return self.cache.get_seq_length()
 
+    @torch.no_grad()
     def step(self, ids: list[int]) -> torch.Tensor:
         return forward(self.loaded, ids, self.cache)[-1]
 
@@ -210,6 +211,9 @@ def _fast_prefix(loaded: LoadedModel, art: KVArtifact) -> tuple[Any, bool]:
     A hot artifact keeps one PrefixKV (its CUDA graphs are keyed by that object); any other is
     copied to the model's device for this request.
     """
+    kept = art.extras.get("fast_prefix")
+    if kept is not None:
+        return kept, True
     from .fastpath.model import PrefixKV
 
     if art.device.type == "cuda":
@@ -485,6 +489,17 @@ class _Step:
     ids: list[int]
 
 
+def _output_budget(loaded: LoadedModel, context_used: int, n_feed: int, max_tokens: int) -> int:
+    """How many tokens a request may generate: max_tokens, or what the context leaves."""
+    context_left = loaded.max_context - context_used - n_feed
+    if context_left < 1:
+        raise InvalidRequest(
+            f"request needs {context_used + n_feed} tokens of context; "
+            f"the model has {loaded.max_context}"
+        )
+    return min(max_tokens, context_left)
+
+
 def _decode_loop(
     loaded: LoadedModel,
     context_used: int,
@@ -503,13 +518,7 @@ def _decode_loop(
     """The decode loop as a coroutine, so one request or a batch of them can drive it: yields
     _Step(ids) and is sent back (logits of the last position, its argmax if the driver already
     has it); yields text deltas (sent None), and last the Generation."""
-    context_left = loaded.max_context - context_used - len(feed)
-    if context_left < 1:
-        raise InvalidRequest(
-            f"request needs {context_used + len(feed)} tokens of context; "
-            f"the model has {loaded.max_context}"
-        )
-    budget = min(max_tokens, context_left)
+    budget = _output_budget(loaded, context_used, len(feed), max_tokens)
     generator = None
     if temperature > 0:
         generator = torch.Generator()
@@ -569,15 +578,22 @@ def _decode(
     loaded: LoadedModel, session: Any, feed: list[int], **options: Any
 ) -> Iterator[str | Generation]:
     """One request's decode loop on its own session: yields text deltas, then the Generation.
-    Closes the session. options: _decode_loop's keyword arguments."""
+    Closes the session. options: _decode_loop's keyword arguments.
+
+    The first step (the whole suffix) is started before the loop is set up: on a GPU it runs
+    while the host builds the loop, so the request's first token waits for less host work.
+    Sessions run their forward without autograd themselves (grad mode stays the caller's)."""
     try:
-        loop = _decode_loop(loaded, session.seq_length(), feed, **options)
+        context_used = session.seq_length()
+        _output_budget(loaded, context_used, len(feed), options["max_tokens"])  # before work
+        first = session.step(feed)
+        loop = _decode_loop(loaded, context_used, feed, **options)
         out = next(loop)
+        assert isinstance(out, _Step) and out.ids is feed
+        out = loop.send((first, None))
         while True:
             if isinstance(out, _Step):
-                with torch.no_grad():  # not around the yields: grad mode is the caller's there
-                    logits = session.step(out.ids)
-                out = loop.send((logits, None))
+                out = loop.send((session.step(out.ids), None))
                 continue
             yield out
             if isinstance(out, Generation):
@@ -614,16 +630,15 @@ def generate_stream(
     art, tier = store.load_with_tier(key, loaded, overlap=True)  # readers below wait
     load_s = time.perf_counter() - t0
     cached = art.n_tokens
-    with torch.no_grad():
-        if feed:
-            session = _reuse_session(loaded, art, feed, max_tokens)
-        else:
-            # The last cached token's logits are not stored: re-run that one token.
-            cache = cache_from_artifact(loaded, art)
-            cache.crop(-1)
-            feed = [art.token_ids[-1]]
-            cached -= 1
-            session = _CacheSession(loaded, cache)
+    if feed:
+        session = _reuse_session(loaded, art, feed, max_tokens)
+    else:
+        # The last cached token's logits are not stored: re-run that one token.
+        cache = cache_from_artifact(loaded, art)
+        cache.crop(-1)
+        feed = [art.token_ids[-1]]
+        cached -= 1
+        session = _CacheSession(loaded, cache)
     usage = Usage(cached_tokens=cached, suffix_tokens=len(feed), output_tokens=0,
                   prefill_tokens=len(feed))
     return _decode(loaded, session, feed, max_tokens=max_tokens, temperature=temperature,

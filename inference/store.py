@@ -54,6 +54,14 @@ class S3Config:
         return f"{self.prefix}{key}{SUFFIX}"
 
 
+def _ready_on_gpu(art: KVArtifact, loaded: LoadedModel) -> KVArtifact:
+    """A GPU-tier artifact, checked against the model, the stream ordered after its copy to
+    the GPU where another request's is still landing."""
+    check_manifest(art.manifest, loaded)
+    art.wait_ready()
+    return art
+
+
 class _MemoryTier:
     def __init__(self, name: str, budget: int) -> None:
         self.name = name
@@ -224,17 +232,21 @@ class KVStore:
         ["layer_ready"]) or calls wait_ready(); every other caller gets it ready."""
         self.check_key(key)
         on_gpu = loaded.device.startswith("cuda") and self.gpu.budget > 0
+        if on_gpu:  # a hot artifact: no read to serialise, so no per-key lock
+            with self._lock:
+                art = self.gpu.get(key)
+            if art is not None:
+                return _ready_on_gpu(art, loaded), "gpu"
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
-                if on_gpu:
-                    art = self.gpu.get(key)
-                    if art is not None:
-                        check_manifest(art.manifest, loaded)
-                        art.wait_ready()  # another request's copy may still be landing
-                        return art, "gpu"
-                host_art = self.host.get(key)
+                # Another request may have brought it in while this one waited for the key
+                # (its miss is counted once, above).
+                art = self.gpu.get(key) if on_gpu and key in self.gpu.items else None
+                host_art = None if art is not None else self.host.get(key)
+            if art is not None:
+                return _ready_on_gpu(art, loaded), "gpu"
             tier = "host"
             if host_art is not None:
                 check_manifest(host_art.manifest, loaded)

@@ -103,16 +103,29 @@ def _prefetch_l2(ptrs, nbytes):
 
 @triton.jit
 def _start_after_previous_streaming_weights(
-    w_ptr, rn, N, K, k0, K_PER_SPLIT: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr
+    w_ptr, rn, N, K, k0, K_PER_SPLIT: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+    PREFETCH_PROGRAMS: tl.constexpr,
 ):
     """A product block's start under PDL: signal the next kernel, send the first PREFETCH_K
-    columns of this block's weight rows (from k0) to L2, then wait for the previous kernel."""
+    columns of this block's weight rows (from k0) to L2, then wait for the previous kernel.
+    PREFETCH_PROGRAMS: only the first that many blocks prefetch (0: every block)."""
     _start_dependents(PDL)
     if PDL and PREFETCH_K > 0:
-        n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
-        nbytes = tl.where(rn < N, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
-        _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
+        if PREFETCH_PROGRAMS == 0:
+            _prefetch_first_columns(w_ptr, rn, N, K, k0, K_PER_SPLIT, PREFETCH_K)
+        elif tl.program_id(0) + tl.program_id(1) * tl.num_programs(0) < PREFETCH_PROGRAMS:
+            _prefetch_first_columns(w_ptr, rn, N, K, k0, K_PER_SPLIT, PREFETCH_K)
     _wait_for_previous(PDL)
+
+
+@triton.jit
+def _prefetch_first_columns(
+    w_ptr, rn, N, K, k0, K_PER_SPLIT: tl.constexpr, PREFETCH_K: tl.constexpr
+):
+    """Send the first PREFETCH_K columns (from k0) of the weight rows rn to L2."""
+    n_k = tl.minimum(tl.minimum(PREFETCH_K, K_PER_SPLIT), K - k0)
+    nbytes = tl.where(rn < N, n_k * w_ptr.dtype.element_ty.primitive_bitwidth // 8, 0)
+    _prefetch_l2(w_ptr + rn.to(tl.int64) * K + k0, nbytes.to(tl.int32))
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -171,6 +184,7 @@ def _matmul_partials_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
+    PREFETCH_PROGRAMS: tl.constexpr,
     SILU_GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -182,7 +196,9 @@ def _matmul_partials_kernel(
     col_ok = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k0 = split * K_PER_SPLIT
-    _start_after_previous_streaming_weights(w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K)
+    _start_after_previous_streaming_weights(
+        w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K, PREFETCH_PROGRAMS
+    )
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k = k0 + kk + rk
         k_ok = k < K
@@ -212,6 +228,7 @@ def _matmul_tma_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH_K: tl.constexpr,
+    PREFETCH_PROGRAMS: tl.constexpr,
     SILU_GROUP: tl.constexpr,
 ):
     """_matmul_partials_kernel with tiles brought in by the tensor memory accelerator (Hopper):
@@ -222,7 +239,9 @@ def _matmul_tma_kernel(
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = split * K_PER_SPLIT
-    _start_after_previous_streaming_weights(w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K)
+    _start_after_previous_streaming_weights(
+        w_ptr, rn, N, K, k0, K_PER_SPLIT, PDL, PREFETCH_K, PREFETCH_PROGRAMS
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         a = x_desc.load([0, k0 + kk])
@@ -263,13 +282,15 @@ def matmul(
     stages: int | None = None,
     pdl: bool = False,
     prefetch_k: int = 0,
+    prefetch_programs: int = 0,
     tma: bool = False,
     block_k: int = 128,
     silu_group: int = 0,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T for small M, as float32 partial sums [splits, M, N].
     pdl: launch with programmatic dependent launch, prefetching the first prefetch_k columns of
-    the block's weight rows into L2 while the previous kernel finishes.
+    the block's weight rows into L2 while the previous kernel finishes (prefetch_programs: only
+    the first that many blocks, e.g. those of the first wave; 0: every block).
     silu_group: weight is a gate/up matrix interleaved in groups of silu_group rows
     (interleave_gate_up); returns silu(gate) * up [M, N / 2] in x's dtype instead, computed by
     the product's own blocks when it runs in one split with tiles of both halves of a group
@@ -299,6 +320,7 @@ def matmul(
         PRECISION=_precision(x.dtype),
         PDL=pdl,
         PREFETCH_K=prefetch_k,
+        PREFETCH_PROGRAMS=prefetch_programs,
         SILU_GROUP=silu_group if fused_silu else 0,
         num_warps=4,
         num_stages=stages,

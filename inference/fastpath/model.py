@@ -255,11 +255,19 @@ class FastDecoder:
         self.skinny_rows = 64 if self.kernels else 0
         # Programmatic dependent launch (kernels.py says why); KVMARKET_PDL=0 turns it off.
         self.pdl = False
-        # With PDL: how many columns of its weight rows each product block prefetches into L2
-        # before it waits (profile_fastpath --launch on an H100: 256 to 512 columns measured
-        # best; prefetching the prefix's K/V, or the next product's weights from the kernels
-        # before it, measured no gain or a loss).
-        self.prefetch_k = 512
+        # With PDL, per product kind: how many columns of its weight rows a block prefetches
+        # into L2 before it waits, and whether only the blocks of the first wave do (those that
+        # start while the kernel ahead still runs; later ones would only fetch early what
+        # their own loads fetch a moment after). profile_fastpath --launch on an H100: 256
+        # to 512 columns for every kind measured best; --step-variants prefetch on an H200,
+        # the whole step against 512 for every kind: gate/up first wave only -0.037 ms, down
+        # 256 columns -0.024 ms. Prefetching the prefix's K/V (from the attention before its
+        # wait, or from the kernels before it), or the next product's weights, measured a
+        # loss (H200: the attention's, +0.10 ms).
+        self.prefetch: dict[str, tuple[int, bool]] = {
+            "qkv": (512, False), "o_proj": (512, False), "gate_up": (512, True),
+            "down": (256, False),
+        }
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -467,7 +475,7 @@ class FastDecoder:
             else:
                 h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
             q = kernels.qk_norm_rope_store(
-                self._product(h, w.qkv, w.qkv_bias),
+                self._product(h, w.qkv, w.qkv_bias, kind="qkv"),
                 w.qk_norm,
                 cos,
                 sin,
@@ -497,9 +505,10 @@ class FastDecoder:
                 pdl=pdl,
             )
             h = kernels.add_rms_norm(
-                x, self._product(out, w.o_proj), w.post_norm, self.eps, pdl=pdl
+                x, self._product(out, w.o_proj, kind="o_proj"), w.post_norm, self.eps, pdl=pdl
             )
-            delta = self._product(self._product(h, w.gate_up, silu=True), w.down)
+            act = self._product(h, w.gate_up, silu=True, kind="gate_up")
+            delta = self._product(act, w.down, kind="down")
         if all_logits:
             h = kernels.add_rms_norm(x, delta, self.final_norm, self.eps, pdl=pdl).view(b, s, -1)
             state.lengths.add_(n_valid)
@@ -524,11 +533,13 @@ class FastDecoder:
         bias: torch.Tensor | None = None,
         *,
         silu: bool = False,
+        kind: str,
     ) -> torch.Tensor:
         """x @ weight.T as [parts, rows, N]: split-K Triton partials for a few rows (weight
         streaming), one cuBLAS product for more rows or with a bias. With PDL every product
         of a few rows is a Triton one: a cuBLAS kernel would break the chain of early launches.
-        silu (the MLP's gate/up weight): returns the activation silu(gate) * up [rows, I]."""
+        silu (the MLP's gate/up weight): returns the activation silu(gate) * up [rows, I].
+        kind: which of the layer's products (its prefetch under PDL)."""
         from inference.fastpath import kernels
 
         rows = x.shape[0]
@@ -538,12 +549,14 @@ class FastDecoder:
             and rows <= self.skinny_rows
             and (pdl or kernels.use_split_k(rows, weight.shape[0], self.n_sms))
         ):
+            prefetch_k, first_wave = self.prefetch[kind] if pdl else (0, False)
             return kernels.matmul(
                 x,
                 weight,
                 self.n_sms,
                 pdl=pdl,
-                prefetch_k=self.prefetch_k if pdl else 0,
+                prefetch_k=prefetch_k,
+                prefetch_programs=self.n_sms if first_wave else 0,
                 tma=self.tma and rows > kernels.DECODE_ROWS,
                 silu_group=self.silu_group if silu else 0,
             )

@@ -16,6 +16,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inference.fastpath.model import (
@@ -38,6 +39,7 @@ class _Graph:
     # resets the suffix lengths itself: a request writes the buffer and replays, no other CUDA
     # call on the host's path to the GPU (measured: those calls took 0.19 ms a request).
     host_inputs: torch.Tensor | None = None
+    host_array: np.ndarray | None = None  # host_inputs as numpy, made once (not per request)
     # Recorded by the graph once it has copied host_inputs: the buffer may be written again.
     inputs_read: torch.cuda.Event | None = None
 
@@ -102,6 +104,18 @@ def _packed(rows: list[list[int]], width: int, lengths: list[int] | None = None)
     a step's inputs as one buffer, for one copy."""
     flat = [t for row in rows for t in row + [0] * (width - len(row))]
     return flat + ([len(row) for row in rows] if lengths is None else lengths)
+
+
+def _pack_into(out: np.ndarray, rows: list[list[int]], width: int) -> None:
+    """_packed(rows, width) written into out. A single row (every lone request) is written in
+    place, without building the padded list first: this is on the host's path to the GPU."""
+    if len(rows) == 1:
+        row = rows[0]
+        out[: len(row)] = row
+        out[len(row) : width] = 0
+        out[width] = len(row)
+    else:
+        out[:] = _packed(rows, width)
 
 
 def recorded_events(n: int) -> list[torch.cuda.Event]:
@@ -222,9 +236,10 @@ class FastReuse:
         with torch.cuda.stream(side):
             self._warm_up(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
         torch.cuda.current_stream().wait_stream(side)
-        host_inputs = inputs_read = None
+        host_inputs = inputs_read = host_array = None
         if fresh:
             host_inputs = torch.zeros(batch * q_len + batch, dtype=torch.long).pin_memory()
+            host_array = host_inputs.numpy()
             inputs_read = torch.cuda.Event(external=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool):
@@ -239,6 +254,7 @@ class FastReuse:
             n_valid=n_valid,
             logits=logits,
             host_inputs=host_inputs,
+            host_array=host_array,
             inputs_read=inputs_read,
         )
         slot.graphs[(q_len, fresh, waits)] = captured
@@ -311,7 +327,7 @@ class FastReuse:
         width = min(slot.state.capacity, -(-longest // 16) * 16)
         g = self._graph(slot, width, fresh=True, waits=bool(layer_ready))
         g.inputs_read.synchronize()  # the last replay has copied its inputs
-        g.host_inputs.numpy()[:] = _packed(suffixes, width)
+        _pack_into(g.host_array, suffixes, width)
         if layer_ready:  # the graph waits on the slot's events: move each one after its layer
             if self._chain_stream is None:
                 self._chain_stream = torch.cuda.Stream()

@@ -370,3 +370,18 @@ def test_a_slot_does_not_keep_a_finished_requests_prefix_alive(loaded, shared_st
     del prefix
     gc.collect()
     assert alive() is None and slot.prefix is None
+
+
+@pytest.mark.parametrize("rows", [[[5, 6, 7]], [[5, 6, 7], [8]], [[1] * 16]])
+def test_inputs_written_in_place_equal_the_packed_list(rows):
+    # A first step's graph copies its inputs from one pinned buffer: token rows padded to the
+    # width, then each row's length. A lone request writes it in place; stale values left by
+    # a longer earlier request must not survive in the padding.
+    import numpy as np
+
+    from inference.fastpath.runner import _pack_into, _packed
+
+    width = 16
+    out = np.full(len(rows) * width + len(rows), 99, dtype=np.int64)
+    _pack_into(out, rows, width)
+    assert out.tolist() == _packed(rows, width)
