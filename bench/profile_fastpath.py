@@ -276,9 +276,10 @@ def step_variants(name: str, dec) -> list[tuple]:
     qkv's 96 tiles get split-K partners. Other tile widths: 32 doubles the blocks (and the
     activation reads from L2 per weight byte), 128 halves them; gate_up off 64 loses its fused
     activation (silu_mul runs).
-    "prefetch": what a kernel asks for in L2 before its PDL wait: the prefix's K/V for the
-    attention, more or fewer first weight columns per product kind, or only from the blocks of
-    the first wave (those that start before the kernel ahead of them ends).
+    "prefetch": what a product asks for in L2 before its PDL wait: more or fewer first weight
+    columns per kind, or only from the blocks of the first wave (those that start before the
+    kernel ahead of them ends). (The prefix's K/V from the attention before its wait measured
+    +0.10 ms on an H200: bench/results/profile_fastpath-prefetch-3774-qwen3-4b-h200.txt.)
     """
     kinds = ("qkv", "o_proj", "gate_up", "down")
     if name == "products":
@@ -299,21 +300,19 @@ def step_variants(name: str, dec) -> list[tuple]:
         """The decoder's prefetch settings with some kinds changed."""
         return {"prefetch": {**dec.prefetch, **changes}}
 
+    every_kind_512 = ("512 columns, every kind", "decoder", None,
+                      {"prefetch": dict.fromkeys(kinds, (512, False))})
     return [
-        ("512 columns, every kind", "decoder", None,
-         {"prefetch": dict.fromkeys(kinds, (512, False))}),
+        every_kind_512,
         ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 0}),
-        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 768, **first_wave}),
-        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 384, **first_wave}),
-        ("down", "matmul", ("down",), {"prefetch_k": 128}),
-        ("down", "matmul", ("down",), {"prefetch_k": 256, **first_wave}),
+        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 256, **first_wave}),
+        ("gate_up", "matmul", ("gate_up",), {"prefetch_k": 512, **first_wave}),
+        ("down 128", "decoder", None, per_kind(down=(128, False))),
+        ("down 128, qkv 256", "decoder", None, per_kind(down=(128, False), qkv=(256, False))),
         ("o_proj", "matmul", ("o_proj",), {"prefetch_k": 0}),
-        ("o_proj", "matmul", ("o_proj",), {"prefetch_k": 256}),
-        ("qkv", "matmul", ("qkv",), {"prefetch_k": 256}),
-        ("qkv", "matmul", ("qkv",), {"prefetch_k": 512, **first_wave}),
-        ("o_proj 0, qkv 256", "decoder", None, per_kind(o_proj=(0, False), qkv=(256, False))),
-        ("512 columns, every kind", "decoder", None,
-         {"prefetch": dict.fromkeys(kinds, (512, False))}),
+        ("o_proj", "matmul", ("o_proj",), {"prefetch_k": 128}),
+        ("qkv", "matmul", ("qkv",), {"prefetch_k": 384}),
+        every_kind_512,
     ]
 
 

@@ -260,14 +260,16 @@ class FastDecoder:
         # start while the kernel ahead still runs; later ones would only fetch early what
         # their own loads fetch a moment after). profile_fastpath --launch on an H100: 256
         # to 512 columns for every kind measured best; --step-variants prefetch on an H200,
-        # the whole step against 512 for every kind: gate/up first wave only -0.037 ms, down
-        # 256 columns -0.024 ms. Prefetching the prefix's K/V (from the attention before its
-        # wait, or from the kernels before it), or the next product's weights, measured a
-        # loss (H200: the attention's, +0.10 ms).
+        # the whole step against 512 for every kind: gate/up 512 first wave only -0.037 ms,
+        # then 384 -0.016 more; down 256 columns -0.024 ms; o_proj 256 -0.019 ms.
+        # Prefetching the prefix's K/V (from the attention before its wait, or from the kernels
+        # before it), or the next product's weights, measured a loss (H200: the attention's,
+        # +0.10 ms). KVMARKET_PREFETCH overrides kinds ("gate_up=384:first,down=128").
         self.prefetch: dict[str, tuple[int, bool]] = {
-            "qkv": (512, False), "o_proj": (512, False), "gate_up": (512, True),
+            "qkv": (512, False), "o_proj": (256, False), "gate_up": (384, True),
             "down": (256, False),
         }
+        self.prefetch.update(_prefetch_overrides(os.environ.get("KVMARKET_PREFETCH", "")))
         # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
         # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
         self.tma = False
@@ -562,6 +564,20 @@ class FastDecoder:
             )
         out = F.linear(x, weight, bias)[None]
         return kernels.silu_mul(out, self.dtype, group=self.silu_group, pdl=pdl) if silu else out
+
+
+def _prefetch_overrides(spec: str) -> dict[str, tuple[int, bool]]:
+    """KVMARKET_PREFETCH: "kind=columns" or "kind=columns:first" (the first wave's blocks
+    only), comma-separated, for kinds qkv, o_proj, gate_up, down."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, setting = item.partition("=")
+        columns, _, scope = setting.partition(":")
+        known = kind in ("qkv", "o_proj", "gate_up", "down")
+        if not known or not columns.isdigit() or scope not in ("", "first"):
+            raise ValueError(f"KVMARKET_PREFETCH: cannot read {item!r}")
+        overrides[kind] = (int(columns), scope == "first")
+    return overrides
 
 
 def _kernels_available(device: torch.device) -> bool:

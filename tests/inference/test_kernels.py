@@ -338,3 +338,16 @@ def test_prefix_table_refuses_what_the_kernels_cannot_read():
     shifted = torch.zeros(2 * 100 * 8 + 1)[1:].view(2, 100, 8)  # 4 bytes past an aligned start
     with pytest.raises(ValueError, match="alignment"):
         table.bind(PrefixKV([(shifted, shifted)] * 2))
+
+
+def test_prefetch_settings_read_from_the_environment():
+    from inference.fastpath.model import _prefetch_overrides
+
+    assert _prefetch_overrides("") == {}
+    assert _prefetch_overrides("gate_up=384:first, down=128") == {
+        "gate_up": (384, True),
+        "down": (128, False),
+    }
+    for bad in ("gate=384", "down=lots", "down=128:all"):
+        with pytest.raises(ValueError, match="KVMARKET_PREFETCH"):
+            _prefetch_overrides(bad)
