@@ -276,6 +276,7 @@ def step_variants(name: str, dec) -> list[tuple]:
     qkv's 96 tiles get split-K partners. Other tile widths: 32 doubles the blocks (and the
     activation reads from L2 per weight byte), 128 halves them; gate_up off 64 loses its fused
     activation (silu_mul runs).
+    "gate_up": gate/up's k-step and stages with its prefetch.
     "prefetch": what a product asks for in L2 before its PDL wait: more or fewer first weight
     columns per kind, or only from the blocks of the first wave (those that start before the
     kernel ahead of them ends). (The prefix's K/V from the attention before its wait measured
@@ -293,12 +294,25 @@ def step_variants(name: str, dec) -> list[tuple]:
                             {"block_n": 32}, {"block_n": 32, "stages": 4},
                             {"block_n": 128, "stages": 3}, {"block_n": 128, "stages": 4})
         ]
-    assert name == "prefetch", name
     first_wave = {"prefetch_programs": dec.n_sms}
 
     def per_kind(**changes: tuple[int, bool]) -> dict:
         """The decoder's prefetch settings with some kinds changed."""
         return {"prefetch": {**dec.prefetch, **changes}}
+
+    if name == "gate_up":  # its tiles and prefetch together (they interact through occupancy)
+        tiles = {"128 x6": {"block_k": 128, "stages": 6}, "64 x4": {"block_k": 64, "stages": 4},
+                 "64 x6": {"block_k": 64, "stages": 6}, "64 x3": {"block_k": 64, "stages": 3}}
+        return [
+            (f"gate_up k-steps {tile}, prefetch {columns}{' first wave' if first else ''}",
+             "decoder", None, {"product_options": {"gate_up": options},
+                               **per_kind(gate_up=(columns, first))})
+            for tile, options in tiles.items()
+            for columns, first in ((384, True), (384, False), (256, False), (768, False),
+                                   (0, False))
+            if tile == "64 x4" or (columns, first) == (384, True)
+        ]
+    assert name == "prefetch", name
 
     every_kind_512 = ("512 columns, every kind", "decoder", None,
                       {"prefetch": dict.fromkeys(kinds, (512, False))})
@@ -468,7 +482,7 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
-    parser.add_argument("--step-variants", choices=("prefetch", "products"),
+    parser.add_argument("--step-variants", choices=("gate_up", "prefetch", "products"),
                         help="time the whole step with one kernel in other configs, in turn")
     parser.add_argument("--trace", action="store_true",
                         help="the first and last GPU activities of one first step")

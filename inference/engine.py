@@ -330,7 +330,7 @@ def suffix_ids(
     if given != 1:
         raise InvalidRequest("pass exactly one of messages or prompt")
     if prompt_ids is not None:
-        return [int(i) for i in prompt_ids]
+        return list(map(int, prompt_ids))
     _require_tokenizer(loaded)
     if prompt is not None:
         if not isinstance(prompt, str):

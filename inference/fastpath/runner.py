@@ -175,11 +175,13 @@ class FastReuse:
             raise ValueError(f"{need} suffix tokens exceed the capacity of {self.capacity}")
         return min(self.capacity, max(64, 1 << (need - 1).bit_length()))
 
-    def _slot(self, prefix: PrefixKV, batch: int, capacity: int) -> _Slot:
+    def _slot_key(self, prefix: PrefixKV, batch: int, capacity: int) -> tuple[int, int, int]:
         if self.decoder.kernels:
-            key = (prefix_capacity(prefix.n_tokens), batch, capacity)
-        else:  # graphs hold the addresses of this prefix's tensors
-            key = (id(prefix), batch, capacity)
+            return (prefix_capacity(prefix.n_tokens), batch, capacity)
+        return (id(prefix), batch, capacity)  # graphs hold the addresses of this prefix's tensors
+
+    def _slot(self, prefix: PrefixKV, batch: int, capacity: int) -> _Slot:
+        key = self._slot_key(prefix, batch, capacity)
         slot = self._slots.get(key)
         created = slot is None or (not self.decoder.kernels and slot.prefix is not prefix)
         if created:
@@ -318,14 +320,21 @@ class FastReuse:
         if not suffixes or any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token")
         longest = max(len(s) for s in suffixes)
-        slot = self._slot(prefix, len(suffixes), self.slot_capacity(max(need or 0, longest)))
-        if not self.use_graphs:
-            slot.state.reset()
-            ids, n_valid = self._ids_and_lengths(suffixes, longest)
-            return slot, self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
+        capacity = self.slot_capacity(max(need or 0, longest))
         # Pad to a multiple of 16 so a handful of graphs serves every suffix length.
-        width = min(slot.state.capacity, -(-longest // 16) * 16)
-        g = self._graph(slot, width, fresh=True, waits=bool(layer_ready))
+        width = min(capacity, -(-longest // 16) * 16)
+        ready = None if layer_ready else self._ready_graph(prefix, len(suffixes), capacity, width)
+        if ready is not None:  # a hot request: no tensor work before the replay
+            slot, g = ready
+        else:
+            with torch.inference_mode():  # a new slot, binding or capture, or no graphs
+                slot = self._slot(prefix, len(suffixes), capacity)
+                if not self.use_graphs:
+                    slot.state.reset()
+                    ids, n_valid = self._ids_and_lengths(suffixes, longest)
+                    logits = self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
+                    return slot, logits
+                g = self._graph(slot, width, fresh=True, waits=bool(layer_ready))
         g.inputs_read.synchronize()  # the last replay has copied its inputs
         _pack_into(g.host_array, suffixes, width)
         if layer_ready:  # the graph waits on the slot's events: move each one after its layer
@@ -337,6 +346,25 @@ class FastReuse:
                 event.record(chain)
         g.graph.replay()
         return slot, g.logits
+
+    def _ready_graph(
+        self, prefix: PrefixKV, batch: int, capacity: int, width: int
+    ) -> tuple[_Slot, _Graph] | None:
+        """The slot and first-step graph of a hot request, when they need no tensor work: the
+        slot exists and is bound to prefix, the graph is captured (kernels, no layer waits).
+        That path is a buffer write and a replay; it runs outside inference mode, whose entry
+        and exit were host time before the GPU had work."""
+        if not (self.use_graphs and self.decoder.kernels):
+            return None
+        key = self._slot_key(prefix, batch, capacity)
+        slot = self._slots.get(key)
+        if slot is None or slot.prefix is not prefix:
+            return None
+        g = slot.graphs.get((width, True, False))
+        if g is None:
+            return None
+        self._slots.move_to_end(key)  # the most recently used, as _slot keeps them
+        return slot, g
 
     def _step(self, slot: _Slot, input_ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
         """A later step of the slot's request: input_ids [B, S] (on the device) after what its
@@ -459,20 +487,20 @@ class FastSession:
     def seq_length(self) -> int:
         return self.prefix.n_tokens + self.length
 
-    @torch.inference_mode()
     def step(self, ids: list[int]) -> torch.Tensor:
         reuse = self.reuse
         if self.length + len(ids) > self.capacity:
             raise ValueError(f"the suffix capacity of {self.capacity} tokens is exhausted")
         saved, reuse.use_graphs = reuse.use_graphs, self._graphs
         try:
-            if self._slot is None:
+            if self._slot is None:  # enters inference mode itself where it does tensor work
                 self._slot, logits = reuse._first_step(
                     self.prefix, [ids], need=self.capacity, layer_ready=self._layer_ready
                 )
             else:
-                tokens, n_valid = reuse._ids_and_lengths([ids], len(ids))
-                logits = reuse._step(self._slot, tokens, n_valid)
+                with torch.inference_mode():
+                    tokens, n_valid = reuse._ids_and_lengths([ids], len(ids))
+                    logits = reuse._step(self._slot, tokens, n_valid)
         finally:
             reuse.use_graphs = saved
         self.length += len(ids)
