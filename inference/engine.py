@@ -326,8 +326,7 @@ def suffix_ids(
     prompt_ids: list[int] | None = None,
 ) -> list[int]:
     """Token ids that follow the cached document for a chat, raw prompt or raw ids request."""
-    given = sum(x is not None for x in (messages, prompt, prompt_ids))
-    if given != 1:
+    if (messages is not None) + (prompt is not None) + (prompt_ids is not None) != 1:
         raise InvalidRequest("pass exactly one of messages or prompt")
     if prompt_ids is not None:
         return list(map(int, prompt_ids))
