@@ -277,7 +277,6 @@ def step_variants(name: str, dec) -> list[tuple]:
     activation reads from L2 per weight byte), 128 halves them; gate_up off 64 loses its fused
     activation (silu_mul runs).
     "gate_up": gate/up's k-step and stages with its prefetch.
-    "rope": the separate q/k norm + rope kernel instead of the attention doing that work.
     "prefetch": what a product asks for in L2 before its PDL wait: more or fewer first weight
     columns per kind, or only from the blocks of the first wave (those that start before the
     kernel ahead of them ends). (The prefix's K/V from the attention before its wait measured
@@ -301,9 +300,6 @@ def step_variants(name: str, dec) -> list[tuple]:
         """The decoder's prefetch settings with some kinds changed."""
         return {"prefetch": {**dec.prefetch, **changes}}
 
-    if name == "rope":  # the attention that ropes itself, against the separate rope kernel
-        separate = ("separate qk_norm_rope_store", "decoder", None, {"attention_ropes": False})
-        return [separate, separate]
     if name == "gate_up":  # its tiles and prefetch together (they interact through occupancy)
         tiles = {"128 x6": {"block_k": 128, "stages": 6}, "64 x4": {"block_k": 64, "stages": 4},
                  "64 x6": {"block_k": 64, "stages": 6}, "64 x3": {"block_k": 64, "stages": 3}}
@@ -486,7 +482,7 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="time attention configs")
     parser.add_argument("--launch", action="store_true", help="time PDL and prefetch variants")
     parser.add_argument("--kernels", action="store_true", help="time each non-product kernel")
-    parser.add_argument("--step-variants", choices=("gate_up", "prefetch", "products", "rope"),
+    parser.add_argument("--step-variants", choices=("gate_up", "prefetch", "products"),
                         help="time the whole step with one kernel in other configs, in turn")
     parser.add_argument("--trace", action="store_true",
                         help="the first and last GPU activities of one first step")
