@@ -20,7 +20,6 @@ in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -497,71 +496,6 @@ def last_rows_rms_norm(
 
 
 # --- q/k norm, rope, KV write ----------------------------------------------------------------
-# A head's D values are handled as two halves [rows, D / 2] (rope pairs element i with i + D/2).
-
-
-@triton.jit
-def _rms_norm_halves(x1, x2, w1, w2, eps, D: tl.constexpr):
-    """Per-row RMSNorm of heads given as halves, with the weight halves (float32), rounded like
-    transformers' RMSNorm: normalise in float32, round, multiply by the weight, round."""
-    dtype = x1.dtype
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
-    inv = tl.rsqrt(var + eps)
-    n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-    n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
-    return n1, n2
-
-
-@triton.jit
-def _rope_halves(x1, x2, c1, c2, s1, s2):
-    """x*cos + rotate_half(x)*sin of heads given as halves, rotate_half(x) = [-x2, x1]; each
-    product rounded, as transformers' rope rounds."""
-    dtype = x1.dtype
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
-    r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
-    return r1, r2
-
-
-@triton.jit
-def _rope_rows(norm_ptr, cos_ptr, sin_ptr, head, position, row_ok, D: tl.constexpr,
-               HAS_NORM: tl.constexpr):
-    """For rows of heads at absolute positions: the halves of each row's head norm weight and
-    of its position's cos and sin rows (float32). Nothing a step writes: safe before a wait."""
-    half = tl.arange(0, D // 2)
-    row = position[:, None] * D + half[None, :]
-    c1 = tl.load(cos_ptr + row).to(tl.float32)
-    c2 = tl.load(cos_ptr + row + D // 2).to(tl.float32)
-    s1 = tl.load(sin_ptr + row).to(tl.float32)
-    s2 = tl.load(sin_ptr + row + D // 2).to(tl.float32)
-    if HAS_NORM:
-        w_rows = head[:, None] * D + half[None, :]
-        w1 = tl.load(norm_ptr + w_rows, mask=row_ok[:, None], other=1.0).to(tl.float32)
-        w2 = tl.load(norm_ptr + w_rows + D // 2, mask=row_ok[:, None], other=1.0).to(tl.float32)
-    else:
-        w1 = c1
-        w2 = c2
-    return w1, w2, c1, c2, s1, s2
-
-
-@triton.jit
-def _normed_rotated_heads(
-    qkv_ptr, t, head, row_ok, part_stride, w1, w2, c1, c2, s1, s2, eps,
-    NALL: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr,
-    dtype: tl.constexpr,
-):
-    """Rows (token t, head) of the qkv product's partial sums [PARTS, tokens, NALL * D], summed,
-    normed and rotated: the halves qk_norm_rope_store writes for a q or k head."""
-    half = tl.arange(0, D // 2)
-    offsets = t[:, None] * (NALL * D) + head[:, None] * D + half[None, :]
-    x1 = _sum_parts(qkv_ptr, offsets, row_ok[:, None], part_stride, PARTS, dtype)
-    x2 = _sum_parts(qkv_ptr, offsets + D // 2, row_ok[:, None], part_stride, PARTS, dtype)
-    if HAS_NORM:
-        x1, x2 = _rms_norm_halves(x1, x2, w1, w2, eps, D)
-    return _rope_halves(x1, x2, c1, c2, s1, s2)
-
-
 @triton.jit(do_not_specialize=["S", "n_tokens", "capacity", "n_positions"])
 def _qk_norm_rope_store_kernel(
     qkv_ptr,
@@ -618,11 +552,18 @@ def _qk_norm_rope_store_kernel(
     part_stride = n_tokens * n_all * D
     x1 = _sum_parts(qkv_ptr, offsets, in_range[:, None], part_stride, PARTS, dtype)
     x2 = _sum_parts(qkv_ptr, offsets + D // 2, in_range[:, None], part_stride, PARTS, dtype)
-    if HAS_NORM:  # per-head RMSNorm with its own weight (q and k heads)
-        n1, n2 = _rms_norm_halves(x1, x2, w1, w2, eps, D)
+    if HAS_NORM:  # per-head RMSNorm with its own weight, rounded like transformers' RMSNorm
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
+        inv = tl.rsqrt(var + eps)
+        n1 = (w1 * (f1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        n2 = (w2 * (f2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype)
         x1 = tl.where(is_qk[:, None], n1, x1)
         x2 = tl.where(is_qk[:, None], n2, x2)
-    r1, r2 = _rope_halves(x1, x2, c1, c2, s1, s2)
+    # rope: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; each product rounded.
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    r1 = ((f1 * c1).to(dtype).to(tl.float32) + (-f2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    r2 = ((f2 * c2).to(dtype).to(tl.float32) + (f1 * s2).to(dtype).to(tl.float32)).to(dtype)
     r1 = tl.where(is_qk[:, None], r1, x1)
     r2 = tl.where(is_qk[:, None], r2, x2)
 
@@ -749,68 +690,12 @@ def _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D: tl.constexpr
 
 
 @triton.jit
-def _query_tile(
-    qkv_ptr, t, head, row_ok, part_stride, w1, w2, c1, c2, s1, s2, eps,
-    NALL: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr, PARTS: tl.constexpr,
-    dtype: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Query rows [BLOCK_M, D] (token t, q head) straight from the qkv product, normed and
-    rotated as qk_norm_rope_store writes them."""
-    r1, r2 = _normed_rotated_heads(
-        qkv_ptr, t, head, row_ok, part_stride, w1, w2, c1, c2, s1, s2, eps, NALL, D, HAS_NORM,
-        PARTS, dtype,
-    )
-    return tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_M, D))
-
-
-@triton.jit
-def _store_step_kv(
-    qkv_ptr, norm_ptr, cos_ptr, sin_ptr, k_row_ptr, v_row_ptr, b, kv_head, start, n_prefix,
-    n_positions, S, capacity, cache_n, part_stride, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr,
-    PARTS: tl.constexpr, dtype: tl.constexpr,
-):
-    """This step's k (normed, rotated) and v of batch row b and kv head kv_head, written to the
-    row's suffix buffers (k_row_ptr, v_row_ptr: the row's and head's [C, D]) at start + s, as
-    qk_norm_rope_store writes them. Every program of the row and head writes the same values."""
-    BLOCK_S: tl.constexpr = 16
-    NALL: tl.constexpr = HQ + 2 * HKV
-    half = tl.arange(0, D // 2)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        ok = s < S
-        t = b.to(tl.int64) * S + s
-        pos = start + s
-        k_head = tl.zeros([BLOCK_S], tl.int32) + HQ + kv_head
-        w1, w2, c1, c2, s1, s2 = _rope_rows(
-            norm_ptr, cos_ptr, sin_ptr, k_head, tl.minimum(pos + n_prefix, n_positions - 1), ok,
-            D, HAS_NORM,
-        )
-        k1, k2 = _normed_rotated_heads(
-            qkv_ptr, t, k_head, ok, part_stride, w1, w2, c1, c2, s1, s2, eps, NALL, D, HAS_NORM,
-            PARTS, dtype,
-        )
-        v_off = t[:, None] * (NALL * D) + (k_head + HKV)[:, None] * D + half[None, :]
-        v1 = _sum_parts(qkv_ptr, v_off, ok[:, None], part_stride, PARTS, dtype)
-        v2 = _sum_parts(qkv_ptr, v_off + D // 2, ok[:, None], part_stride, PARTS, dtype)
-        dst = pos[:, None] * cache_n + half[None, :]
-        keep = (ok & (pos < capacity))[:, None]  # only padding reaches past the capacity
-        tl.store(k_row_ptr + dst, k1, mask=keep)
-        tl.store(k_row_ptr + dst + D // 2, k2, mask=keep)
-        tl.store(v_row_ptr + dst, v1, mask=keep)
-        tl.store(v_row_ptr + dst + D // 2, v2, mask=keep)
-
-
-@triton.jit
 def _prefix_part(
     q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, split, n_kv,
-    n_splits, R, layer, qk_scale, start_ptr, S, norm_ptr, cos_ptr, sin_ptr, n_positions, eps,
-    q_part_stride,
+    n_splits, R, layer, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr, RUNTIME_LOOP: tl.constexpr,
-    HKV: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr, Q_PARTS: tl.constexpr,
-    dtype: tl.constexpr,
 ):
     """Query rows against one split of the prefix. The prefix is read through its table
     (addresses, strides and length as device data, see model.PrefixTable), so a captured graph
@@ -842,22 +727,9 @@ def _prefix_part(
     split_len = tl.cdiv(tl.cdiv(n_prefix, n_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_prefix)
-    head = kv_head * G + rows % G
-    if ROPE:  # the rows' norm weights and rope rows, read while the previous kernel runs
-        position = tl.load(start_ptr + t // S, mask=row_ok, other=0) + t % S + n_prefix
-        w1, w2, c1, c2, s1, s2 = _rope_rows(
-            norm_ptr, cos_ptr, sin_ptr, head, tl.minimum(position, n_positions - 1), row_ok, D,
-            HAS_NORM,
-        )
     _wait_for_previous(PDL)
-    if ROPE:
-        q = _query_tile(
-            q_ptr, t, head, row_ok, q_part_stride, w1, w2, c1, c2, s1, s2, eps,
-            HQ + 2 * HKV, D, HAS_NORM, Q_PARTS, dtype, BLOCK_M,
-        )
-    else:
-        q_off = t * (HQ * D) + head * D
-        q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
+    q_off = t * (HQ * D) + (kv_head * G + rows % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -902,47 +774,24 @@ def _prefix_part(
 @triton.jit
 def _suffix_part(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head, b, n_kv,
-    part, R, S, capacity, cache_b, cache_h, cache_n, qk_scale, n_prefix_ptr, norm_ptr, cos_ptr,
-    sin_ptr, n_positions, eps, q_part_stride,
+    part, R, S, capacity, cache_b, cache_h, cache_n, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, CAPACITY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    RUNTIME_LOOP: tl.constexpr, HKV: tl.constexpr, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
-    Q_PARTS: tl.constexpr, dtype: tl.constexpr,
+    RUNTIME_LOOP: tl.constexpr,
 ):
     """Each batch row's queries against its own suffix buffer: key j is visible to the query
     at position p when j <= p and j < start + n_valid (padding after a row stays invisible).
     With RUNTIME_LOOP the key loop runs to the last visible key; the interpreter runs it to
-    CAPACITY (the buffer's capacity as a compile-time bound) with a runtime skip.
-    With ROPE the program first writes the row's k and v of its head for this step into the
-    suffix buffers itself (see _store_step_kv)."""
+    CAPACITY (the buffer's capacity as a compile-time bound) with a runtime skip."""
     _wait_for_previous(PDL)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (s, g) within the row
     row_ok = local < S * G
     s_pos = local // G
     t = (b * S + s_pos).to(tl.int64)
     dd = tl.arange(0, D)
-    head = kv_head * G + local % G
+    q_off = t * (HQ * D) + (kv_head * G + local % G) * D
+    q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     start = tl.load(start_ptr + b)
-    base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
-    if ROPE:
-        n_prefix = tl.load(n_prefix_ptr)
-        _store_step_kv(
-            q_ptr, norm_ptr, cos_ptr, sin_ptr, k_ptr + base, v_ptr + base, b, kv_head, start,
-            n_prefix, n_positions, S, capacity, cache_n, q_part_stride, eps, HQ, HKV, D,
-            HAS_NORM, Q_PARTS, dtype,
-        )
-        tl.debug_barrier()  # this program's stores are seen by all its threads' loads below
-        w1, w2, c1, c2, s1, s2 = _rope_rows(
-            norm_ptr, cos_ptr, sin_ptr, head,
-            tl.minimum(start + s_pos + n_prefix, n_positions - 1), row_ok, D, HAS_NORM,
-        )
-        q = _query_tile(
-            q_ptr, t, head, row_ok, q_part_stride, w1, w2, c1, c2, s1, s2, eps,
-            HQ + 2 * HKV, D, HAS_NORM, Q_PARTS, dtype, BLOCK_M,
-        )
-    else:
-        q_off = t * (HQ * D) + head * D
-        q = tl.load(q_ptr + q_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
     end = start + tl.load(n_valid_ptr + b)
     q_pos = start + s_pos
     last = tl.minimum((pid_m + 1) * BLOCK_M, S * G) - 1  # the block's last row: keys up to it
@@ -950,6 +799,7 @@ def _suffix_part(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base = b.to(tl.int64) * cache_b + kv_head.to(tl.int64) * cache_h
     first_cols = tl.arange(0, BLOCK_N)
     k_ptrs = k_ptr + base + first_cols[None, :] * cache_n + dd[:, None]
     v_ptrs = v_ptr + base + first_cols[:, None] * cache_n + dd[None, :]
@@ -979,7 +829,7 @@ def _suffix_part(
     _store_partial(out_ptr, lse_ptr, idx, acc, m_i, l_i, row_ok, D)
 
 
-@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer", "capacity", "n_positions"])
+@triton.jit(do_not_specialize=["n_splits", "R", "S", "layer", "capacity"])
 def _attention_parts_kernel(
     q_ptr,
     anchor_ptr,
@@ -1000,12 +850,6 @@ def _attention_parts_kernel(
     cache_h,
     cache_n,
     qk_scale,
-    norm_ptr,
-    cos_ptr,
-    sin_ptr,
-    n_positions,
-    eps,
-    q_part_stride,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -1019,17 +863,10 @@ def _attention_parts_kernel(
     SKIP_EMPTY: tl.constexpr,
     PDL: tl.constexpr,
     RUNTIME_LOOP: tl.constexpr,
-    HKV: tl.constexpr,
-    ROPE: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-    Q_PARTS: tl.constexpr,
 ):
     """Both segments' partial attention in one launch: programs along axis 2 below n_splits
     take a split of the prefix, the others one batch row's suffix (its part comes last). One
-    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix).
-    With ROPE, q_ptr is the qkv product's partial sums and this kernel does what
-    qk_norm_rope_store does (see attention())."""
-    dtype = k_ptr.dtype.element_ty
+    launch, so the suffix no longer waits for the prefix (or the prefix for the suffix)."""
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     z = tl.program_id(2)
@@ -1039,19 +876,16 @@ def _attention_parts_kernel(
         if pid_m * PREFIX_BLOCK_M < R:
             _prefix_part(
                 q_ptr, anchor_ptr, table_ptr, n_prefix_ptr, out_ptr, lse_ptr, pid_m, kv_head, z,
-                n_kv, n_splits, R, layer, qk_scale, start_ptr, S, norm_ptr, cos_ptr, sin_ptr,
-                n_positions, eps, q_part_stride, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M,
-                PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP, HKV, ROPE, HAS_NORM,
-                Q_PARTS, dtype,
+                n_kv, n_splits, R, layer, qk_scale, HQ, G, D, SPLIT_LEN, PREFIX_BLOCK_M,
+                PREFIX_BLOCK_N, PRECISION, SKIP_EMPTY, PDL, RUNTIME_LOOP,
             )
     else:
         if pid_m * SUFFIX_BLOCK_M < S * G:
             _suffix_part(
                 q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, n_valid_ptr, pid_m, kv_head,
                 z - n_splits, n_kv, n_splits, R, S, capacity, cache_b, cache_h, cache_n,
-                qk_scale, n_prefix_ptr, norm_ptr, cos_ptr, sin_ptr, n_positions, eps,
-                q_part_stride, HQ, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
-                RUNTIME_LOOP, HKV, ROPE, HAS_NORM, Q_PARTS, dtype,
+                qk_scale, HQ, G, D, CAPACITY, SUFFIX_BLOCK_M, SUFFIX_BLOCK_N, PRECISION, PDL,
+                RUNTIME_LOOP,
             )
 
 
@@ -1103,20 +937,6 @@ def _merge_kernel(
     t = (rows // G).to(tl.int64)
     o_off = t * (HQ * D) + (kv_head * G + rows % G) * D
     tl.store(out_ptr + o_off[:, None] + dd[None, :], acc / total[:, None], mask=row_ok[:, None])
-
-
-@dataclass
-class QKRope:
-    """What attention(rope=...) needs to norm and rotate q and k itself: the stacked per-head
-    norm weights [Hq + Hkv, D] (None: no q/k norm), the cos and sin tables [positions, D], the
-    prefix's length (a one-element device tensor: token s of row b is at n_prefix + start[b] +
-    s), and the norm's epsilon."""
-
-    norm: torch.Tensor | None
-    cos: torch.Tensor
-    sin: torch.Tensor
-    n_prefix: torch.Tensor
-    eps: float
 
 
 def prefix_splits(
@@ -1176,27 +996,16 @@ def attention(
     pdl: bool = False,
     runtime_loop: bool | None = None,
     part_dtype: torch.dtype = torch.float32,
-    rope: QKRope | None = None,
 ) -> torch.Tensor:
     """Attention of q [B*S, Hq*D] over the shared prefix (layer `layer` of the table's K/V,
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
-    [B*S, Hq*D] in the model's dtype (keys'). The number of prefix splits follows its table's
-    capacity (its length class), so the launch is the same for every prefix of the class; the
-    kernel shares the actual length among them. block_m ... skip_empty: the prefix part's
-    configuration (bench/profile_fastpath.py sweeps it). pdl: programmatic dependent launch.
-    runtime_loop: loop to each split's end (default on CUDA; see _prefix_part). Both segments'
-    parts come from one launch, then one kernel merges them. part_dtype: of the parts' outputs.
-
-    rope: q is then the qkv product's partial sums [parts, B*S, (Hq + 2 Hkv) * D], and this
-    launch does qk_norm_rope_store's work itself: each program norms and rotates its own query
-    rows, and the suffix programs write the step's k and v to keys/values before they attend
-    (every program of a row and head writes the same values). One kernel less a layer: the
-    rope kernel's wait, reads and writes were on the step's critical path."""
-    if rope is not None:
-        q_parts = q
-        tokens = q.shape[1]
-    else:
-        tokens = q.shape[0]
+    [B*S, Hq*D] in q's dtype. The number of prefix splits follows its table's capacity (its
+    length class), so the launch is the same for every prefix of the class; the kernel shares
+    the actual length among them. block_m ... skip_empty: the prefix part's configuration
+    (bench/profile_fastpath.py sweeps it). pdl: programmatic dependent launch. runtime_loop:
+    loop to each split's end (default on CUDA; see _prefix_part). Both segments' parts come
+    from one launch, then one kernel merges them. part_dtype: of the parts' outputs."""
+    tokens = q.shape[0]
     batch, n_kv, _, d = keys.shape
     assert keys.stride(-1) == 1
     group = n_heads // n_kv
@@ -1209,7 +1018,7 @@ def attention(
     parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=part_dtype, device=q.device)
     lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=q.device)
     qk_scale = scale * LOG2E
-    precision = _precision(keys.dtype)
+    precision = _precision(q.dtype)
     warps = warps or (8 if block_m == 128 else 4)
     parts_pdl = pdl
     if n_splits and wait is not None:  # the prefix is still being copied in, layer by layer
@@ -1234,7 +1043,7 @@ def attention(
         q,
         prefix.anchor if n_splits else q,
         prefix.entries if n_splits else start,
-        rope.n_prefix if rope is not None else prefix.n_tokens if n_splits else start,
+        prefix.n_tokens if n_splits else start,
         keys,
         values,
         parts,
@@ -1250,12 +1059,6 @@ def attention(
         keys.stride(1),
         keys.stride(2),
         qk_scale,
-        keys if rope is None or rope.norm is None else rope.norm,
-        keys if rope is None else rope.cos,
-        keys if rope is None else rope.sin,
-        0 if rope is None else rope.cos.shape[0],
-        0.0 if rope is None else rope.eps,
-        0 if rope is None else q_parts.stride(0),
         HQ=n_heads,
         G=group,
         D=d,
@@ -1269,15 +1072,11 @@ def attention(
         SKIP_EMPTY=skip_empty,
         PDL=pdl,
         RUNTIME_LOOP=runtime_loop,
-        HKV=n_kv,
-        ROPE=rope is not None,
-        HAS_NORM=rope is not None and rope.norm is not None,
-        Q_PARTS=1 if rope is None else q_parts.shape[0],
         num_warps=warps,
         num_stages=stages,
         **_launch(parts_pdl),
     )
-    out = torch.empty((tokens, n_heads * d), dtype=keys.dtype, device=keys.device)
+    out = torch.empty_like(q)
     _merge_kernel[(triton.cdiv(rows, 16), n_kv)](
         parts,
         lse,

@@ -270,9 +270,6 @@ class FastDecoder:
             "down": (256, False),
         }
         self.prefetch.update(_prefetch_overrides(os.environ.get("KVMARKET_PREFETCH", "")))
-        # The attention kernel norms and rotates q and k and writes the step's k and v itself,
-        # instead of a qk_norm_rope_store kernel before it (kernels.attention(rope=...)).
-        self.attention_ropes = True
         # Per product kind, split-K options for PDL steps other than matmul's defaults.
         # gate/up in k-steps of 64 over 4 stages: a block needs 64 KB of shared memory, not 192,
         # so all 304 of its blocks fit on the chip at once instead of running in 2.3 waves
@@ -486,26 +483,21 @@ class FastDecoder:
                 )
             else:
                 h = kernels.add_rms_norm(x, delta, w.input_norm, self.eps, pdl=pdl)
-            qkv = self._product(h, w.qkv, w.qkv_bias, kind="qkv")
-            if self.attention_ropes:
-                q, rope = qkv, kernels.QKRope(w.qk_norm, cos, sin, prefix.n_tokens, self.eps)
-            else:
-                rope = None
-                q = kernels.qk_norm_rope_store(
-                    qkv,
-                    w.qk_norm,
-                    cos,
-                    sin,
-                    keys=state.keys[i],
-                    values=state.values[i],
-                    start=start,
-                    n_prefix=prefix.n_tokens,
-                    seq_len=s,
-                    n_heads=self.n_heads,
-                    n_kv_heads=self.n_kv_heads,
-                    eps=self.eps,
-                    pdl=pdl,
-                )
+            q = kernels.qk_norm_rope_store(
+                self._product(h, w.qkv, w.qkv_bias, kind="qkv"),
+                w.qk_norm,
+                cos,
+                sin,
+                keys=state.keys[i],
+                values=state.values[i],
+                start=start,
+                n_prefix=prefix.n_tokens,
+                seq_len=s,
+                n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads,
+                eps=self.eps,
+                pdl=pdl,
+            )
             out = kernels.attention(
                 q,
                 prefix if prefix.capacity else None,
@@ -520,7 +512,6 @@ class FastDecoder:
                 layer=i,
                 wait=None if layer_ready is None else layer_ready[i],
                 pdl=pdl,
-                rope=rope,
             )
             h = kernels.add_rms_norm(
                 x, self._product(out, w.o_proj, kind="o_proj"), w.post_norm, self.eps, pdl=pdl

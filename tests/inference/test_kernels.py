@@ -226,40 +226,6 @@ def test_kernel_step_with_all_logits_gives_every_position(loaded, shared_store, 
     assert last_lengths == every_lengths == [3, 5]
 
 
-@pytest.mark.parametrize("doc", [DOCS[0], None])
-def test_attention_that_ropes_itself_equals_the_separate_rope_kernel(
-    loaded, shared_store, doc_keys, pair, doc
-):
-    # attention(rope=...) norms and rotates q and k and writes the step's k and v itself: a
-    # padded batch's first step, then a decode step that reads those k and v back, must give
-    # the bits (logits and suffix buffers) of the separate qk_norm_rope_store kernel.
-    from inference.fastpath.model import SuffixState
-
-    decoder = pair[1].decoder
-    prefix = _prefix(shared_store, doc_keys, loaded, doc) if doc else PrefixKV([])
-    first = torch.tensor([_ids(loaded, q)[:5] for q in QUESTIONS[:2]])
-    n_valid = torch.tensor([3, 5])  # row 0 ends in padding
-    runs = []
-    for ropes in (False, True):
-        decoder.attention_ropes = ropes
-        try:
-            state = SuffixState(decoder, batch=2, capacity=16, device=first.device)
-            logits = [decoder.forward(first, prefix=prefix, state=state, n_valid=n_valid,
-                                      fresh=True)]
-            logits.append(decoder.forward(logits[0].argmax(-1)[:, None], prefix=prefix,
-                                          state=state))
-        finally:
-            decoder.attention_ropes = True
-        runs.append((logits, state))
-    (separate, separate_state), (fused, fused_state) = runs
-    for a, b in zip(separate, fused, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(separate_state.keys + separate_state.values,
-                    fused_state.keys + fused_state.values, strict=True):
-        assert torch.equal(a, b)
-    assert fused_state.lengths.tolist() == [4, 6]
-
-
 def test_silu_mul_reads_gate_and_up_interleaved_in_groups():
     torch.manual_seed(2)
     gate, up = torch.randn(4, 96), torch.randn(4, 96)
