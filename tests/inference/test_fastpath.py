@@ -385,3 +385,23 @@ def test_inputs_written_in_place_equal_the_packed_list(rows):
     out = np.full(len(rows) * width + len(rows), 99, dtype=np.int64)
     _pack_into(out, rows, width)
     assert out.tolist() == _packed(rows, width)
+
+
+def test_a_request_past_the_context_fails_before_any_step_and_leaves_the_engine_usable(
+    loaded, shared_store, doc_keys, monkeypatch
+):
+    # The first step is launched before the decode loop is built: the context check has to
+    # come first, with a clear error, and the session must be let go.
+    from inference import engine, generate
+    from inference.errors import InvalidRequest
+
+    key = doc_keys[DOCS[2]]
+    cached = shared_store.load(key, loaded).n_tokens
+    forward, steps = engine.forward, []
+    monkeypatch.setattr(engine, "forward", lambda *a, **k: steps.append(1) or forward(*a, **k))
+    too_long = [7] * (loaded.max_context - cached)
+    with pytest.raises(InvalidRequest, match="tokens of context"):
+        generate(loaded, shared_store, key, prompt_ids=too_long, max_tokens=1)
+    assert steps == []
+    ok = generate(loaded, shared_store, key, prompt_ids=[7, 8, 9], max_tokens=2)
+    assert ok.usage.output_tokens == 2 and len(steps) == 2
