@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kv_reuse_fast import build_model, hf_prefill  # noqa: E402
-from inference.fastpath.model import PrefixKV  # noqa: E402
+from inference.fastpath.model import PRODUCT_KINDS, PrefixKV  # noqa: E402
 from inference.fastpath.runner import FastReuse, recorded_events  # noqa: E402
 
 
@@ -243,7 +243,7 @@ def ablation_table(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]])
         return run
 
     variants = [("whole step", None, None)]
-    variants += [(f"without {k}", None, k) for k in ("qkv", "o_proj", "gate_up", "down")]
+    variants += [(f"without {k}", None, k) for k in PRODUCT_KINDS]
     variants += [(f"without {n}", n, None) for n in real]
     variants.append(("whole step", None, None))  # again: drift within the process
     table = []
@@ -282,7 +282,7 @@ def step_variants(name: str, dec) -> list[tuple]:
     kernel ahead of them ends). (The prefix's K/V from the attention before its wait measured
     +0.10 ms on an H200: bench/results/profile_fastpath-prefetch-3774-qwen3-4b-h200.txt.)
     """
-    kinds = ("qkv", "o_proj", "gate_up", "down")
+    kinds = PRODUCT_KINDS
     if name == "products":
         return [
             (kind, "matmul", (kind,), options)
