@@ -49,11 +49,18 @@ def hot_document(
     return loaded, store, key, suffix
 
 
-def main() -> None:
+def hot_document_parser() -> argparse.ArgumentParser:
+    """A parser with the arguments of a hot-request bench (hot_document's): the architecture,
+    the document's and the suffix's lengths."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-4b")
     parser.add_argument("--n-tokens", type=int, default=3774)
     parser.add_argument("--suffix", type=int, default=48)
+    return parser
+
+
+def main() -> None:
+    parser = hot_document_parser()
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the top N functions by own host time over the requests")

@@ -12,7 +12,6 @@ ttft_ms.)
 python bench/host_drift.py --model-config qwen3-4b --chunks 8 --per-chunk 100
 """
 
-import argparse
 import gc
 import json
 import sys
@@ -21,15 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.engine_phases import hot_document, timeline  # noqa: E402
+from bench.engine_phases import hot_document, hot_document_parser, timeline  # noqa: E402
 from inference import engine  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-config", default="qwen3-4b")
-    parser.add_argument("--n-tokens", type=int, default=3774)
-    parser.add_argument("--suffix", type=int, default=48)
+    parser = hot_document_parser()
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--per-chunk", type=int, default=100)
     parser.add_argument("--pinned-gib", type=int, default=8)

@@ -11,7 +11,6 @@ idle for a while before each request; and after more cold prefills. Each line is
 python bench/hot_after_tiers.py --model-config qwen3-4b --n-tokens 3774
 """
 
-import argparse
 import ctypes
 import gc
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.engine_phases import timeline  # noqa: E402
+from bench.engine_phases import hot_document_parser, timeline  # noqa: E402
 from inference import engine  # noqa: E402
 from inference.bench import _cold_ttft, _synthetic_ids, build_random_model  # noqa: E402
 from inference.store import KVStore  # noqa: E402
@@ -51,10 +50,7 @@ def sched_getcpu() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-config", default="qwen3-4b")
-    parser.add_argument("--n-tokens", type=int, default=3774)
-    parser.add_argument("--suffix", type=int, default=48)
+    parser = hot_document_parser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--hot", type=int, default=20, help="hot requests per condition")
     parser.add_argument("--pin", choices=["none", "gpu-local", "one"], default="none",
