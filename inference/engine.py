@@ -218,7 +218,8 @@ def _fast_prefix(loaded: LoadedModel, art: KVArtifact) -> tuple[Any, bool]:
 
     if art.device.type == "cuda":
         layers = list(zip(art.keys, art.values, strict=True))
-        return art.extras.setdefault("fast_prefix", PrefixKV(layers)), True
+        prefix = art.extras["fast_prefix"] = PrefixKV(layers)
+        return prefix, True
     device = loaded.device
     return PrefixKV([(k.to(device, non_blocking=True), v.to(device, non_blocking=True))
                      for k, v in zip(art.keys, art.values, strict=True)]), False
