@@ -180,6 +180,9 @@ class _CacheSession:
     def step(self, ids: list[int]) -> torch.Tensor:
         return forward(self.loaded, ids, self.cache)[-1]
 
+    def greedy_token(self) -> None:
+        return None  # the caller takes the argmax of step's logits
+
     def close(self) -> None:
         pass
 
@@ -582,7 +585,10 @@ def _decode(
 
     The first step (the whole suffix) is started before the loop is set up: on a GPU it runs
     while the host builds the loop, so the request's first token waits for less host work.
-    Sessions run their forward without autograd themselves (grad mode stays the caller's)."""
+    Sessions run their forward without autograd themselves (grad mode stays the caller's).
+    Greedy requests take each token from the session where its step computed it (the fast
+    path's graphs do), without an argmax of their own."""
+    greedy = options["temperature"] == 0
     try:
         context_used = session.seq_length()
         _output_budget(loaded, context_used, len(feed), options["max_tokens"])  # before work
@@ -590,10 +596,11 @@ def _decode(
         loop = _decode_loop(loaded, context_used, feed, **options)
         out = next(loop)
         assert isinstance(out, _Step) and out.ids is feed
-        out = loop.send((first, None))
+        out = loop.send((first, session.greedy_token() if greedy else None))
         while True:
             if isinstance(out, _Step):
-                out = loop.send((session.step(out.ids), None))
+                logits = session.step(out.ids)
+                out = loop.send((logits, session.greedy_token() if greedy else None))
                 continue
             yield out
             if isinstance(out, Generation):

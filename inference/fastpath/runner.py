@@ -42,6 +42,10 @@ class _Graph:
     host_array: np.ndarray | None = None  # host_inputs as numpy, made once (not per request)
     # Recorded by the graph once it has copied host_inputs: the buffer may be written again.
     inputs_read: torch.cuda.Event | None = None
+    # Kernels steps: each row's greedy token, computed and copied to this pinned buffer by the
+    # graph itself, which records greedy_ready after the copy (no argmax launch, no .item()).
+    greedy_host: torch.Tensor | None = None
+    greedy_ready: torch.cuda.Event | None = None
 
 
 class _Slot:
@@ -73,6 +77,7 @@ class _Slot:
             t.numel() * t.element_size() for t in (*self.state.keys, *self.state.values)
         )
         self.graphs: dict[tuple[int, bool, bool], _Graph] = {}  # (q_len, fresh, waits)
+        self.last: _Graph | None = None  # the graph that ran last (None: the step ran eagerly)
         # A private memory pool per slot: its graphs are freed together with it.
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         # Per-layer events the first-step graph waits on (event wait nodes): a prefix still
@@ -238,11 +243,14 @@ class FastReuse:
         with torch.cuda.stream(side):
             self._warm_up(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
         torch.cuda.current_stream().wait_stream(side)
-        host_inputs = inputs_read = host_array = None
+        host_inputs = inputs_read = host_array = greedy_host = greedy_ready = None
         if fresh:
             host_inputs = torch.zeros(batch * q_len + batch, dtype=torch.long).pin_memory()
             host_array = host_inputs.numpy()
             inputs_read = torch.cuda.Event(external=True)
+        if self.decoder.kernels:
+            greedy_host = torch.zeros(batch, dtype=torch.long).pin_memory()
+            greedy_ready = torch.cuda.Event(external=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool):
             if host_inputs is not None:
@@ -250,6 +258,11 @@ class FastReuse:
                 inputs_read.record()
                 slot.state.reset()
             logits = self._forward(slot, input_ids, n_valid, fresh=fresh, layer_ready=ready)
+            if greedy_host is not None:
+                from inference.fastpath.kernels import greedy_tokens
+
+                greedy_host.copy_(greedy_tokens(logits), non_blocking=True)
+                greedy_ready.record()
         captured = _Graph(
             graph=graph,
             input_ids=input_ids,
@@ -258,6 +271,8 @@ class FastReuse:
             host_inputs=host_inputs,
             host_array=host_array,
             inputs_read=inputs_read,
+            greedy_host=greedy_host,
+            greedy_ready=greedy_ready,
         )
         slot.graphs[(q_len, fresh, waits)] = captured
         return captured
@@ -330,6 +345,7 @@ class FastReuse:
             with torch.inference_mode():  # a new slot, binding or capture, or no graphs
                 slot = self._slot(prefix, len(suffixes), capacity)
                 if not self.use_graphs:
+                    slot.last = None
                     slot.state.reset()
                     ids, n_valid = self._ids_and_lengths(suffixes, longest)
                     logits = self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
@@ -344,6 +360,7 @@ class FastReuse:
             for landed, event in zip(layer_ready, slot.ready, strict=True):
                 chain.wait_event(landed)
                 event.record(chain)
+        slot.last = g
         g.graph.replay()
         return slot, g.logits
 
@@ -370,10 +387,12 @@ class FastReuse:
         """A later step of the slot's request: input_ids [B, S] (on the device) after what its
         rows hold."""
         if not self.use_graphs:
+            slot.last = None
             return self._forward(slot, input_ids, n_valid, fresh=False, layer_ready=None)
         g = self._graph(slot, input_ids.shape[1], False)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.n_valid.copy_(n_valid, non_blocking=True)
+        slot.last = g
         g.graph.replay()
         return g.logits
 
@@ -505,6 +524,15 @@ class FastSession:
             reuse.use_graphs = saved
         self.length += len(ids)
         return logits[0]
+
+    def greedy_token(self) -> int | None:
+        """The argmax of the last step's logits, where its graph computed it (waits for it);
+        None where the step ran without one (take the argmax of the logits then)."""
+        g = None if self._slot is None else self._slot.last
+        if g is None or g.greedy_host is None:
+            return None
+        g.greedy_ready.synchronize()
+        return int(g.greedy_host[0])
 
     def close(self) -> None:
         if self._open:

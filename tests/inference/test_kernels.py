@@ -351,3 +351,18 @@ def test_prefetch_settings_read_from_the_environment():
     for bad in ("gate=384", "down=lots", "down=128:all"):
         with pytest.raises(ValueError, match="KVMARKET_PREFETCH"):
             _prefetch_overrides(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_tokens_pick_the_first_maximum_as_torch_argmax(dtype):
+    vocab = 2 * kernels.GREEDY_CHUNK + 37  # three chunks, the last one partial
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[1, 100] = logits[1, kernels.GREEDY_CHUNK + 5] = 50.0  # a tie across chunks
+    logits[2, 7] = logits[2, 9] = 60.0  # a tie inside a chunk
+    logits[3, vocab - 1] = 70.0  # the last column, in the partial chunk
+    logits[4] = float("-inf")  # nothing finite: torch picks column 0
+    got = kernels.greedy_tokens(logits)
+    assert got.dtype == torch.long
+    assert got.tolist() == torch.argmax(logits, dim=-1).tolist() == [
+        int(torch.argmax(logits[0])), 100, 7, vocab - 1, 0
+    ]
