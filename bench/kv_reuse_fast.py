@@ -252,7 +252,7 @@ def exactness(device: str) -> dict:
     engine's checks with the fast path on this device, float32 and bf16, and batched greedy
     rows against one at a time."""
     from inference import BUILTIN_MODEL_ID, KVStore, get_model, precompute, verify
-    from inference.engine import _fast_prefix, _fast_reuse, suffix_ids
+    from inference.engine import _fast_prefix, _fast_reuse, generate, generate_batch, suffix_ids
 
     text = _stdlib_document()
     fields = (
@@ -282,6 +282,17 @@ def exactness(device: str) -> dict:
                 a == b for x, y in zip(batched, one, strict=True) for a, b in zip(x, y, strict=True)
             )
             entry["distinct_tokens"] = len({t for row in one for t in row})
+            # The engine's requests take their greedy tokens from the graphs (greedy_tokens):
+            # one at a time and as a batch, they must be the argmax tokens above (a request
+            # stops early at an end-of-sequence token).
+            requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 24}
+                        for q in VERIFY_QUESTIONS]
+            singles = [generate(loaded, store, key, **r).token_ids for r in requests]
+            batch = [g.token_ids for g in generate_batch(loaded, store, key, requests)]
+            for name, rows in (("engine", singles), ("engine_batch", batch)):
+                entry[f"{name}_tokens_equal_fast_path"] = all(
+                    got == want[: len(got)] for got, want in zip(rows, one, strict=True)
+                )
             report[dtype] = entry
     return report
 

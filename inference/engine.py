@@ -687,6 +687,8 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
     batched forward of the live rows' tokens against the shared prefix (finished rows and the
     padding to a power of two, which keeps the CUDA graphs few, carry no valid token), and one
     argmax for the whole batch."""
+    from .fastpath.runner import graph_greedy
+
     results: list[Generation | None] = [None] * len(loops)
     pending: dict[int, list[int]] = {}
 
@@ -713,7 +715,9 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
                 live = [int(row in pending) for row in range(batch)]
                 ids, n_valid = fast._ids_and_lengths(tokens, 1, lengths=live)
                 logits = fast._step(slot, ids, n_valid)
-            greedy = logits.argmax(dim=-1).tolist()
+            greedy = graph_greedy(slot)  # computed by the step's graph, where it has one
+            if greedy is None:
+                greedy = logits.argmax(dim=-1).tolist()
             rows, pending = pending, {}
             for row in rows:
                 advance(row, loops[row].send((logits[row], greedy[row])))

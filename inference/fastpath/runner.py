@@ -123,6 +123,16 @@ def _pack_into(out: np.ndarray, rows: list[list[int]], width: int) -> None:
         out[:] = _packed(rows, width)
 
 
+def graph_greedy(slot: _Slot) -> list[int] | None:
+    """Each row's greedy token of the slot's last step, where its graph computed them (waits
+    for them); None where that step ran without a graph that does."""
+    g = slot.last
+    if g is None or g.greedy_host is None:
+        return None
+    g.greedy_ready.synchronize()
+    return g.greedy_host.tolist()
+
+
 def recorded_events(n: int) -> list[torch.cuda.Event]:
     """n events, each recorded once on the current stream (so waiting on one is defined before
     any copy): a slot's per-layer events, or the layer_ready of a prefix that has landed."""
@@ -528,11 +538,8 @@ class FastSession:
     def greedy_token(self) -> int | None:
         """The argmax of the last step's logits, where its graph computed it (waits for it);
         None where the step ran without one (take the argmax of the logits then)."""
-        g = None if self._slot is None else self._slot.last
-        if g is None or g.greedy_host is None:
-            return None
-        g.greedy_ready.synchronize()
-        return int(g.greedy_host[0])
+        rows = None if self._slot is None else graph_greedy(self._slot)
+        return None if rows is None else rows[0]
 
     def close(self) -> None:
         if self._open:
