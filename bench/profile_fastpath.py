@@ -384,17 +384,48 @@ def step_variant_table(
     return table
 
 
-def trace_ends(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
-    """One replay of the first step under the profiler: its first and last GPU activities with
-    start and end (us from the first one's start), to see what the step spends before its first
-    weight product and after its last layer."""
+def _step_events(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list:
+    """The GPU activities of one replay of the first step under the profiler, by start."""
     fast.first_logits(prefix, suffixes)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fast.first_logits(prefix, suffixes)
         torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda e: e.time_range.start)
+    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+
+
+def critical_path(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
+    """Where one first step's time goes with PDL's overlaps: every kernel waits for the one
+    before it, so the time from the previous activity's end to a kernel's own end is what it
+    adds to the step. Summed per kind (products by their place in the layer, a norm by the
+    product that follows it)."""
+    events = _step_events(fast, prefix, suffixes)
+    products = iter(PRODUCT_KINDS * len(fast.decoder.layers))
+    names = [e.name for e in events]
+    kinds = [next(products) if name.startswith("_matmul") else name[:40] for name in names]
+    for i, name in enumerate(names):
+        if "rms_norm" in name:
+            after = next((k for k in kinds[i + 1:] if k in PRODUCT_KINDS), "lm head")
+            kinds[i] = f"norm before {after}"
+    totals: dict[str, list[float]] = {}
+    last_end = events[0].time_range.start
+    for kind, event in sorted(zip(kinds, events, strict=True), key=lambda p: p[1].time_range.end):
+        entry = totals.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.time_range.end - last_end  # idle time before it included
+        last_end = event.time_range.end
+    layers = len(fast.decoder.layers)
+    return [{"kind": kind, "count": count, "us": round(us, 1),
+             "us_per_layer": round(us / layers, 2)}
+            for kind, (count, us) in sorted(totals.items(), key=lambda item: -item[1][1])]
+
+
+def trace_ends(fast: FastReuse, prefix: PrefixKV, suffixes: list[list[int]]) -> list[dict]:
+    """One replay of the first step under the profiler: its first and last GPU activities with
+    start and end (us from the first one's start), to see what the step spends before its first
+    weight product and after its last layer."""
+    events = _step_events(fast, prefix, suffixes)
     t0 = events[0].time_range.start
     return [{"at": i, "name": e.name[:60], "start_us": round(e.time_range.start - t0, 2),
              "end_us": round(e.time_range.end - t0, 2)}
@@ -486,6 +517,8 @@ def main() -> None:
                         help="time the whole step with one kernel in other configs, in turn")
     parser.add_argument("--trace", action="store_true",
                         help="the first and last GPU activities of one first step")
+    parser.add_argument("--critical-path", action="store_true",
+                        help="what each kind of kernel adds to one first step, overlaps counted")
     parser.add_argument("--ablate", action="store_true",
                         help="time the step without each kind of work in turn")
     parser.add_argument("--eager-steps", type=int, default=0,
@@ -512,6 +545,7 @@ def main() -> None:
         (args.step_variants, lambda: step_variant_table(
             fast, prefix, suffixes, step_variants(args.step_variants, fast.decoder))),
         (args.trace, lambda: trace_ends(fast, prefix, suffixes)),
+        (args.critical_path, lambda: critical_path(fast, prefix, suffixes)),
         (args.ablate, lambda: ablation_table(fast, prefix, suffixes)),
         (args.launch, lambda: launch_table(fast, prefix, suffixes)),
     ]
