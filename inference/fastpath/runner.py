@@ -42,8 +42,8 @@ class _Graph:
     host_array: np.ndarray | None = None  # host_inputs as numpy, made once (not per request)
     # Recorded by the graph once it has copied host_inputs: the buffer may be written again.
     inputs_read: torch.cuda.Event | None = None
-    # Kernels steps: each row's greedy token, computed and copied to this pinned buffer by the
-    # graph itself, which records greedy_ready after the copy (no argmax launch, no .item()).
+    # Kernels steps: each row's greedy token, written into this pinned buffer by the graph's
+    # own kernel, which records greedy_ready after it (no argmax launch, no .item()).
     greedy_host: torch.Tensor | None = None
     greedy_ready: torch.cuda.Event | None = None
 
@@ -271,7 +271,7 @@ class FastReuse:
             if greedy_host is not None:
                 from inference.fastpath.kernels import greedy_tokens
 
-                greedy_host.copy_(greedy_tokens(logits), non_blocking=True)
+                greedy_tokens(logits, out=greedy_host)  # the kernel writes host memory
                 greedy_ready.record()
         captured = _Graph(
             graph=graph,

@@ -366,3 +366,11 @@ def test_greedy_tokens_pick_the_first_maximum_as_torch_argmax(dtype):
     assert got.tolist() == torch.argmax(logits, dim=-1).tolist() == [
         int(torch.argmax(logits[0])), 100, 7, vocab - 1, 0
     ]
+
+
+def test_greedy_tokens_write_into_a_given_buffer():
+    logits = torch.zeros(3, 50)
+    logits[0, 4] = logits[1, 49] = logits[2, 0] = 1.0
+    out = torch.full((3,), -1, dtype=torch.long)
+    assert kernels.greedy_tokens(logits, out=out) is out
+    assert out.tolist() == [4, 49, 0]
