@@ -589,6 +589,11 @@ def _decode(
     Greedy requests take each token from the session where its step computed it (the fast
     path's graphs do), without an argmax of their own."""
     greedy = options["temperature"] == 0
+
+    def answer(logits: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """What the loop is sent after a step: its logits, and its token where it has one."""
+        return logits, session.greedy_token() if greedy else None
+
     try:
         context_used = session.seq_length()
         _output_budget(loaded, context_used, len(feed), options["max_tokens"])  # before work
@@ -596,11 +601,10 @@ def _decode(
         loop = _decode_loop(loaded, context_used, feed, **options)
         out = next(loop)
         assert isinstance(out, _Step) and out.ids is feed
-        out = loop.send((first, session.greedy_token() if greedy else None))
+        out = loop.send(answer(first))
         while True:
             if isinstance(out, _Step):
-                logits = session.step(out.ids)
-                out = loop.send((logits, session.greedy_token() if greedy else None))
+                out = loop.send(answer(session.step(out.ids)))
                 continue
             yield out
             if isinstance(out, Generation):
