@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -583,11 +584,33 @@ def _decode(
     """One request's decode loop on its own session: yields text deltas, then the Generation.
     Closes the session. options: _decode_loop's keyword arguments.
 
-    The first step (the whole suffix) is started before the loop is set up: on a GPU it runs
-    while the host builds the loop, so the request's first token waits for less host work.
-    Sessions run their forward without autograd themselves (grad mode stays the caller's).
-    Greedy requests take each token from the session where its step computed it (the fast
-    path's graphs do), without an argmax of their own."""
+    The first step (the whole suffix) is started before this returns: on a GPU it runs while
+    the host builds the loop, so the request's first token waits for less host work.
+    Sessions run their forward without autograd themselves (grad mode stays the caller's)."""
+    try:
+        context_used = session.seq_length()
+        _output_budget(loaded, context_used, len(feed), options["max_tokens"])  # before work
+        first = session.step(feed)
+    except BaseException:
+        session.close()
+        raise
+    steps = _decode_steps(loaded, session, feed, context_used, first, options)
+    # A stream dropped before its first item never enters the generator's own cleanup.
+    weakref.finalize(steps, session.close)
+    return steps
+
+
+def _decode_steps(
+    loaded: LoadedModel,
+    session: Any,
+    feed: list[int],
+    context_used: int,
+    first: torch.Tensor,
+    options: dict[str, Any],
+) -> Iterator[str | Generation]:
+    """_decode's loop from the first step's logits on. Greedy requests take each token from
+    the session where its step computed it (the fast path's graphs do), without an argmax of
+    their own."""
     greedy = options["temperature"] == 0
 
     def answer(logits: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -595,9 +618,6 @@ def _decode(
         return logits, session.greedy_token() if greedy else None
 
     try:
-        context_used = session.seq_length()
-        _output_budget(loaded, context_used, len(feed), options["max_tokens"])  # before work
-        first = session.step(feed)
         loop = _decode_loop(loaded, context_used, feed, **options)
         out = next(loop)
         assert isinstance(out, _Step) and out.ids is feed

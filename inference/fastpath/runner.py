@@ -45,7 +45,11 @@ class _Graph:
     # Kernels steps: each row's greedy token, written into this pinned buffer by the graph's
     # own kernel, which records greedy_ready after it (no argmax launch, no .item()).
     greedy_host: torch.Tensor | None = None
+    greedy_array: np.ndarray | None = None  # greedy_host as numpy: read without a torch call
     greedy_ready: torch.cuda.Event | None = None
+    # The host has seen this graph's last replay end (it waited for a greedy_ready of the slot
+    # recorded after it): the next request writes host_inputs without a CUDA call.
+    finished: bool = True
 
 
 class _Slot:
@@ -130,7 +134,9 @@ def graph_greedy(slot: _Slot) -> list[int] | None:
     if g is None or g.greedy_host is None:
         return None
     g.greedy_ready.synchronize()
-    return g.greedy_host.tolist()
+    for graph in slot.graphs.values():  # replayed before g, on the same stream: all ended
+        graph.finished = True
+    return g.greedy_array.tolist()
 
 
 def recorded_events(n: int) -> list[torch.cuda.Event]:
@@ -282,6 +288,7 @@ class FastReuse:
             host_array=host_array,
             inputs_read=inputs_read,
             greedy_host=greedy_host,
+            greedy_array=None if greedy_host is None else greedy_host.numpy(),
             greedy_ready=greedy_ready,
         )
         slot.graphs[(q_len, fresh, waits)] = captured
@@ -361,7 +368,8 @@ class FastReuse:
                     logits = self._forward(slot, ids, n_valid, fresh=True, layer_ready=layer_ready)
                     return slot, logits
                 g = self._graph(slot, width, fresh=True, waits=bool(layer_ready))
-        g.inputs_read.synchronize()  # the last replay has copied its inputs
+        if not g.finished:  # the last replay must have copied its inputs (a CUDA call)
+            g.inputs_read.synchronize()
         _pack_into(g.host_array, suffixes, width)
         if layer_ready:  # the graph waits on the slot's events: move each one after its layer
             if self._chain_stream is None:
@@ -371,6 +379,7 @@ class FastReuse:
                 chain.wait_event(landed)
                 event.record(chain)
         slot.last = g
+        g.finished = False
         g.graph.replay()
         return slot, g.logits
 

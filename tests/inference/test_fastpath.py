@@ -405,3 +405,72 @@ def test_a_request_past_the_context_fails_before_any_step_and_leaves_the_engine_
     assert steps == []
     ok = generate(loaded, shared_store, key, prompt_ids=[7, 8, 9], max_tokens=2)
     assert ok.usage.output_tokens == 2 and len(steps) == 2
+
+
+def test_a_stream_dropped_before_its_first_item_lets_the_engine_go(
+    loaded, shared_store, doc_keys, monkeypatch
+):
+    # A stream starts its first step (and holds the one-request-at-a-time GPU lock) when it is
+    # made, not when it is first iterated: dropped unread, it must still let the lock go.
+    import gc
+
+    from inference import engine, generate_stream
+
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # the serving path, eager on CPU
+    key = doc_keys[DOCS[1]]
+    stream = generate_stream(loaded, shared_store, key, prompt_ids=[7, 8, 9], max_tokens=2)
+    lock = engine._fast_reuse(loaded)._lock
+    assert lock.locked()
+    del stream
+    gc.collect()
+    assert not lock.locked()
+    assert engine.generate(loaded, shared_store, key, prompt_ids=[7, 8, 9], max_tokens=2)
+
+
+class _Recorded:
+    """Stands in for a CUDA event or graph on CPU: counts the calls the runner makes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def synchronize(self) -> None:
+        self.calls += 1
+
+    replay = synchronize
+
+
+def test_a_first_step_asks_the_gpu_about_its_inputs_only_when_the_host_has_not_seen_the_end(
+    fast, monkeypatch
+):
+    # A graph's first step copies its inputs from a pinned buffer, so a request may write the
+    # buffer only once the graph's last replay has read it. The host knows that without a
+    # CUDA call once it has waited for a greedy token the slot's graphs wrote after it.
+    import numpy as np
+
+    from inference.fastpath.runner import _Graph, graph_greedy
+
+    def graph(width: int) -> _Graph:
+        return _Graph(
+            graph=_Recorded(), input_ids=None, n_valid=None, logits=torch.zeros(1, 4),
+            host_inputs=None, host_array=np.full(width + 1, 99, dtype=np.int64),
+            inputs_read=_Recorded(), greedy_host=torch.tensor([3]),
+            greedy_array=np.array([3]), greedy_ready=_Recorded(),
+        )
+
+    first, later = graph(16), graph(1)
+    slot = type("Slot", (), {"graphs": {16: first, 1: later}, "last": None})()
+    monkeypatch.setattr(fast, "_ready_graph", lambda *args: (slot, first))
+    prefix = PrefixKV([])
+
+    fast._first_step(prefix, [[5, 6, 7]])  # never replayed: nothing to wait for
+    assert first.inputs_read.calls == 0 and first.graph.calls == 1
+    assert first.host_array.tolist() == [5, 6, 7] + [0] * 13 + [3]
+    assert slot.last is first and not first.finished
+    fast._first_step(prefix, [[8]])  # the replay before may still be reading: ask
+    assert first.inputs_read.calls == 1 and first.graph.calls == 2
+    slot.last = later  # a decode step ran after it; its greedy token is waited for
+    later.finished = False
+    assert graph_greedy(slot) == [3] and later.greedy_ready.calls == 1
+    assert first.finished and later.finished
+    fast._first_step(prefix, [[9, 10]])
+    assert first.inputs_read.calls == 1 and first.graph.calls == 3
