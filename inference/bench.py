@@ -80,6 +80,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _gpu_state(device: str) -> dict[str, Any] | None:
+    """The GPU's SM clock, temperature and power as NVML last sampled them (None off CUDA or
+    where NVML does not answer): a hot request's time follows the SM clock, which the cold
+    prefills run before it may have left lower."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        return {
+            "sm_clock_mhz": torch.cuda.clock_rate(),
+            "temperature_c": torch.cuda.temperature(),
+            "power_w": round(torch.cuda.power_draw() / 1000, 1),
+        }
+    except Exception:  # noqa: BLE001 - NVML missing or refused: the state is only a reading
+        return None
+
+
 def _builtin_doc_ids(loaded: Any, n: int) -> list[int]:
     """Real text (stdlib docstrings) tokenised to n tokens: the built-in model's own domain."""
     import json as json_mod
@@ -179,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         first_tokens = {}
         for tier in tiers:
             samples = []
+            state_before = _gpu_state(device)
             for _ in range(args.repeats):
                 if tier == "disk":
                     store.evict_memory()
@@ -197,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_s": round(statistics.median(g.timings.load_s for g in samples), 5),
                 "served_from": sorted(served),
                 "speedup_vs_cold": round(cold_s / ttft, 2) if ttft else None,
+                "gpu_state": {"before": state_before, "after": _gpu_state(device)},
             }
         # Reuse and cold must pick the same first token (a cheap exactness check).
         row["first_token_match"] = all(t == colds[0][1] for t in first_tokens.values())

@@ -59,6 +59,7 @@ def test_cli_bench_small(capsys):
     assert first["n_tokens"] == 64 and set(first["reuse"]) == {"disk", "host"}
     assert first["first_token_match"] is True
     assert first["reuse"]["disk"]["served_from"] == ["disk"]
+    assert first["reuse"]["host"]["gpu_state"] == {"before": None, "after": None}  # no GPU
     assert "skipped" in too_long
 
 
@@ -77,3 +78,21 @@ def test_module_entry_point(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["keys"] == []
+
+
+def test_bench_reads_the_gpu_state_where_nvml_answers(monkeypatch):
+    import torch
+
+    from inference.bench import _gpu_state
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1980)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda: 41)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda: 123456)  # mW
+    assert _gpu_state("cuda") == {"sm_clock_mhz": 1980, "temperature_c": 41, "power_w": 123.5}
+    assert _gpu_state("cpu") is None
+
+    def refused():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", refused)
+    assert _gpu_state("cuda") is None  # a reading, never a reason for the bench to fail
