@@ -709,8 +709,8 @@ def generate(
 def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> list[Generation]:
     """Drive many requests' decode loops in lock step from one thread: every round is one
     batched forward of the live rows' tokens against the shared prefix (finished rows and the
-    padding to a power of two, which keeps the CUDA graphs few, carry no valid token), and one
-    argmax for the whole batch."""
+    padding to a power of two, which keeps the CUDA graphs few, carry no valid token), whose
+    graph also gives every row's greedy token (one argmax for the batch where it has none)."""
     from .fastpath.runner import graph_greedy
 
     results: list[Generation | None] = [None] * len(loops)
