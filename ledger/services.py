@@ -814,7 +814,7 @@ def _set_status(payout: Payout, status: PayoutStatus, actor, note: str = "", **f
 
 def _locked_payout(payout: Payout | int) -> Payout:
     pk = payout.pk if isinstance(payout, Payout) else payout
-    return Payout.objects.select_for_update().select_related("publisher").get(pk=pk)
+    return Payout.objects.select_for_update(of=("self",)).select_related("publisher").get(pk=pk)
 
 
 @transaction.atomic

@@ -20,6 +20,10 @@ money or the Load row. Consequences:
   most one attempt can ever be charged). A reused key with a different body is a 409.
 * A load is reserved (license.loads_used + 1, checked by a database constraint) before it is
   dispatched, so concurrent requests cannot overdraw a license; failures release it.
+* Lock order: the Load row, then the License row, then the ledger's accounts (in id order).
+  Only those rows are locked (``select_for_update(of=("self",))``): the Document and the agent's
+  User are shared by every concurrent load and are read, never locked, or concurrent charges
+  on one document deadlock.
 * If the API process dies between dispatch and charge, the Load stays pending; it is failed
   (uncharged, reservation released) by expire_stale_loads after the timeout plus a grace period,
   or at once when the client retries with the same key after that.
@@ -140,7 +144,7 @@ def _reserve(
             _fail_locked(load=load, code="abandoned", message="The request was abandoned.")
 
     license = (
-        License.objects.select_for_update().select_related("document")
+        License.objects.select_for_update(of=("self",)).select_related("document")
         .filter(pk=license_id, agent=agent).first()
     )
     if license is None:
@@ -234,8 +238,9 @@ def charge_load(
         return load
     if load.status != LoadStatus.PENDING:
         raise conflict("load_not_pending", "This load is no longer pending.")
-    license = License.objects.select_for_update().select_related("document", "agent").get(
-        pk=load.license_id
+    license = (
+        License.objects.select_for_update(of=("self",)).select_related("document", "agent")
+        .get(pk=load.license_id)
     )
     document = license.document
     usage = result.get("usage") or {}
