@@ -96,12 +96,15 @@ def _kvmarket(load: Load, replayed: bool, phases: completion_services.Phases) ->
 
 def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
     done = True
-    for chunk in chunks:
-        if "error" in chunk:  # the worker was lost mid-stream: no [DONE]
-            done = False
-        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
-    if done:
-        yield b"data: [DONE]\n\n"
+    try:
+        for chunk in chunks:
+            if "error" in chunk:  # the worker was lost mid-stream: no [DONE]
+                done = False
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        if done:
+            yield b"data: [DONE]\n\n"
+    finally:
+        chunks.close()  # a client gone mid-stream: stops the generation, charges what was made
 
 
 def _headers(response: Any, load: Load, replayed: bool,
@@ -219,6 +222,15 @@ class _CompletionView(MarketplaceView):
             choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
             return {**head, "choices": [choice], **extra}
 
+        try:
+            yield from self._chunks(chunk, head, run, events, include_usage)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def _chunks(self, chunk: Any, head: dict[str, Any], run: completion_services.LoadRun,
+                events: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict]:
         first = self.first_chunk()
         if first is not None:
             yield chunk(first, None)
