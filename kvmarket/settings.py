@@ -150,6 +150,14 @@ SPECTACULAR_SETTINGS = {
 CACHES = {
     "default": env.cache("CACHE_URL", default="locmemcache://kvmarket")
 }
+if CACHES["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache":
+    # A Redis that stops answering must fail a request's cache call fast (the throttle then
+    # counts locally), not hang it; CACHE_URL's query string may override these.
+    CACHES["default"].setdefault("OPTIONS", {})
+    CACHES["default"]["OPTIONS"].setdefault("socket_connect_timeout", 0.5)
+    CACHES["default"]["OPTIONS"].setdefault("socket_timeout", 0.5)
+# While the cache is unreachable the throttle counts per process and tries it again this often.
+THROTTLE_CACHE_RETRY_SECONDS = env.float("THROTTLE_CACHE_RETRY_SECONDS", default=5.0)
 
 # --- Celery ---------------------------------------------------------------------------------
 # Default broker: kombu's filesystem transport under var/, so the demo's worker is a real
