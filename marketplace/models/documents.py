@@ -94,6 +94,12 @@ class Document(models.Model):
         return self.listed and self.status == DocumentStatus.READY
 
     @property
+    def progress_step_label(self) -> str:
+        if self.progress_step in PrecomputeStep.values:
+            return PrecomputeStep(self.progress_step).label
+        return ""
+
+    @property
     def progress_percent(self) -> int:
         if self.status == DocumentStatus.READY:
             return 100

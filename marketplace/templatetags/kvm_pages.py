@@ -106,3 +106,17 @@ def sci(value: float | None) -> str:
     if abs(value) < 1e-3 or abs(value) >= 1e6:
         return f"{value:.3g}" if "e" in f"{value:.3g}" else f"{value:.2e}"
     return f"{value:.4g}"
+
+
+@register.filter
+def json_str(value: str) -> str:
+    """A string as a JSON literal (also a valid Python literal), for code snippets."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+@register.filter
+def shell_sq(value: str) -> str:
+    """Text to put inside a single-quoted shell string: each ' becomes '\\''."""
+    return str(value).replace("'", "'\\''")
