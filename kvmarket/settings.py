@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our static files: /api/docs/ works offline
     "django_celery_beat",
     "django_htmx",
     "marketplace",
@@ -140,6 +141,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Buy per-load licenses to hosted LLM KV caches and continue from them.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 CACHES = {
     "default": env.cache("CACHE_URL", default="locmemcache://kvmarket")
