@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmarket.settings")
+    # The demo settles every 10 minutes from one cent, so its payouts show up while it runs.
+    os.environ.setdefault("SETTLEMENT_INTERVAL_SECONDS", "600")
+    os.environ.setdefault("PAYOUT_THRESHOLD_NANO_USD", str(10**7))
     os.chdir(REPO_ROOT)
     from django.conf import settings
 
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
         "-Q", ",".join(queues), "--hostname", "demo@%h", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
+        "-B",  # beat in the worker: settlement, license and stale-load expiry run as in production
     ]  # fmt: skip
     web_cmd = [sys.executable, "manage.py", "runserver", f"{args.host}:{args.port}", "--noreload"]
 
