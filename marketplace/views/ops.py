@@ -75,11 +75,15 @@ def approve(request: HttpRequest, payout_id: int) -> HttpResponse:
                                 "they connect one.")
         return redirect("ops-console")
     try:
-        ledger_services.approve_payout(payout=payout, actor=request.user)
+        ledger_services.approve_payout(payout=payout, actor=request.user, send_transfer=False)
     except LedgerError as exc:
         messages.error(request, f"Payout #{payout.pk} was not approved: {exc.message}")
         return redirect("ops-console")
-    payout.refresh_from_db()
+    try:  # sent now, so the message below says what happened to the money
+        payout = ledger_services.send_payout_transfer(payout_id=payout.pk)
+    except LedgerError as exc:  # left approved: "Transfers not sent" offers a retry
+        log.warning("Payout %s: transfer not sent: %s", payout.pk, exc.message)
+        payout.refresh_from_db()
     if payout.status == PayoutStatus.PAID:
         messages.success(request, f"Payout #{payout.pk} approved: {amount} sent to {who} "
                                   f"(transfer {payout.stripe_transfer_id}).")
