@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmarket.settings")
+    # The demo settles every 10 minutes from one cent, so its payouts show up while it runs.
+    os.environ.setdefault("SETTLEMENT_INTERVAL_SECONDS", "600")
+    os.environ.setdefault("PAYOUT_THRESHOLD_NANO_USD", str(10**7))
     os.chdir(REPO_ROOT)
     var_dir = Path(os.environ.get("KVMARKET_VAR_DIR", str(REPO_ROOT / "var")))
     redis = start_embedded_redis(var_dir)
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "celery", "-A", "kvmarket", "worker",
         "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
         "-Q", ",".join(queues), "--hostname", "demo@%h", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "-B",
-        "--schedule", str(var_dir / "celerybeat-schedule"),
+        "--without-gossip", "--without-mingle",
+        "-B",  # beat in the worker: settlement, license expiry, the load sweep
     ]  # fmt: skip
     timeout = int(float(settings.COMPLETION_TIMEOUT_SECONDS)) + 30
     web_cmd = [

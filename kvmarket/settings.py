@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our static files: /api/docs/ works offline
     "django_celery_beat",
     "django_htmx",
     "marketplace",
@@ -75,6 +76,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "marketplace.context_processors.site",
             ],
         },
     },
@@ -153,6 +155,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Buy per-load licenses to hosted LLM KV caches and continue from them.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 CACHES = {
     "default": env.cache("CACHE_URL", default="locmemcache://kvmarket")
@@ -267,6 +272,18 @@ STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
 STRIPE_API_BASE = env("STRIPE_API_BASE", default="")  # tests and stripe-mock may override
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+# Economics (the document page, the publisher dashboard, `manage.py economics`): the cost of
+# compute per GPU-hour (a model's KVMARKET_MODELS entry may set its own "gpu_usd_per_hour"),
+# the egress price of shipping a KV artifact, and the prefill speed assumed for a document
+# whose prefill was not timed here.
+GPU_USD_PER_HOUR = env.float("GPU_USD_PER_HOUR", default=2.0)
+EGRESS_USD_PER_GB = env.float("EGRESS_USD_PER_GB", default=0.09)
+ESTIMATED_PREFILL_TOKENS_PER_SECOND = env.float(
+    "ESTIMATED_PREFILL_TOKENS_PER_SECOND", default=5000.0
+)
+# Sandbox mode: agents may add test credits (no money moves; the UI says so on every page).
+# On by default while DEBUG is on (make run); kvmarket/settings_production.py turns it off.
+SANDBOX_MODE = env.bool("SANDBOX_MODE", default=DEBUG)
 PAYOUT_THRESHOLD_NANO_USD = env.int("PAYOUT_THRESHOLD_NANO_USD", default=10 * 10**9)
 DEFAULT_CACHE_READ_MULTIPLIER = env("DEFAULT_CACHE_READ_MULTIPLIER", default="0.1")
 DEFAULT_PUBLISHER_SHARE = env("DEFAULT_PUBLISHER_SHARE", default="0.8")

@@ -1,7 +1,7 @@
 """Marketplace models, one module per area (accounts, documents, licenses)."""
 
 from marketplace.models.accounts import ApiKey, Role, User
-from marketplace.models.documents import Document, DocumentStatus
+from marketplace.models.documents import Document, DocumentStatus, PrecomputeStep
 from marketplace.models.licenses import License, LicenseStatus, Load, LoadKind, LoadStatus
 from marketplace.models.workers import GpuWorker
 
@@ -15,6 +15,7 @@ __all__ = [
     "Load",
     "LoadKind",
     "LoadStatus",
+    "PrecomputeStep",
     "Role",
     "User",
 ]

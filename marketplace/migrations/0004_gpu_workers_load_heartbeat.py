@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('marketplace', '0002_documents_licenses_loads'),
+        ('marketplace', '0003_storefront_fields'),
     ]
 
     operations = [
