@@ -387,6 +387,35 @@ def resolve_model(model_ref: str, *, cache_dir: str | Path | None = None) -> Mod
     return ModelSource(model_ref, _hub_snapshot(model_ref))
 
 
+def locate_model(model_ref: str) -> None:
+    """Check cheaply, without loading or converting anything and without the network, that a
+    model reference can be found on this machine; raises ModelNotFound otherwise.
+
+    A Hugging Face id counts only when it is in the local hub cache: the web process checks
+    the registry's models with this before it accepts a document for one."""
+    if not isinstance(model_ref, str) or not model_ref.strip():
+        raise ModelNotFound("no model reference given")
+    model_ref = ALIASES.get(model_ref, model_ref)
+    if model_ref == BUILTIN_MODEL_ID or gguf_path(model_ref) is not None:
+        return
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(model_ref, "config.json")
+    except HFValidationError:
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelNotFound(
+            f"model {model_ref!r} is not a local folder, a GGUF file or a Hugging Face model "
+            "in this machine's hub cache",
+            ref=model_ref,
+        )
+
+
 def _hub_snapshot(model_id: str) -> Path:
     """The local snapshot of a hub id (downloading only where the hub is reachable)."""
     from huggingface_hub import snapshot_download

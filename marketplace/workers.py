@@ -1,7 +1,7 @@
 """Routing completions to GPU workers.
 
-A worker that serves CUDA models loads them and runs their fast path once when it starts
-(worker_ready), so kernel compiles do not land on the first request.
+A worker loads the models it serves when it starts (worker_ready), and runs each CUDA model's
+fast path once, so model loading and kernel compiles do not land on the first request.
 
 Every worker also consumes a direct queue of its own, ``worker.<hostname>`` (added at start-up
 by the celeryd_after_setup handler below). To send a completion for an artifact we list the
@@ -47,40 +47,48 @@ def add_direct_queue(sender: str, instance, **_: object) -> None:  # noqa: ANN00
     instance.app.amqp.queues.select_add(direct_queue_name(sender))
 
 
+def models_served(queue_names: Iterable[str]) -> list[str]:
+    """Slugs of the models whose ``gpu.<slug>`` queue is among queue_names."""
+    names = set(queue_names)
+    return sorted(slug for slug in settings.KVMARKET_MODELS if gpu_queue_name(slug) in names)
+
+
 def cuda_models_served(queue_names: Iterable[str]) -> list[str]:
     """Slugs of the CUDA models whose ``gpu.<slug>`` queue is among queue_names."""
     from marketplace.engine import runs_on_cuda
 
-    names = set(queue_names)
-    return sorted(
-        slug for slug in settings.KVMARKET_MODELS
-        if gpu_queue_name(slug) in names and runs_on_cuda(slug)
-    )
+    return [slug for slug in models_served(queue_names) if runs_on_cuda(slug)]
 
 
 @worker_ready.connect(weak=False)
-def warm_up_cuda_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
-    """Load each CUDA model this worker serves and run its fast path once before the first
-    request: model loading, Triton's kernel compiles and cuBLAS's choices take seconds that
-    an agent should not wait for. A failure is logged; the first request then pays instead."""
+def prepare_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
+    """Load every model this worker serves before it takes a task, and run each CUDA model's
+    fast path once: loading (a GGUF model's first start also converts it), Triton's kernel
+    compiles and cuBLAS's choices take seconds that an agent should not wait for. The worker
+    answers inspect() only after this returns, so a model counts as ready once a worker
+    serving it is listed. A failure is logged; the first task then pays (or reports it)."""
     import inference
-    from marketplace.engine import get_loaded, get_store
+    from marketplace.engine import get_loaded, get_store, runs_on_cuda
 
-    slugs = cuda_models_served(sender.app.amqp.queues.consume_from)
-    if slugs:  # reads from disk land in memory pinned now, not pinned per document
+    served = models_served(sender.app.amqp.queues.consume_from)
+    cuda = [slug for slug in served if runs_on_cuda(slug)]
+    if cuda:  # reads from disk land in memory pinned now, not pinned per document
         try:
             arena = get_store().pin_host_memory()
             log.info("Pinned %s bytes of host memory for KV reads.", arena and arena.nbytes)
         except Exception:  # noqa: BLE001 - reads then pin their own buffers, as before
             log.exception("Pinning host memory failed.")
-    for slug in slugs:
+    for slug in served:
+        started = time.monotonic()
         try:
-            report = inference.warm_up(get_loaded(slug))
-        except Exception:  # noqa: BLE001 - serving still works, only slower to start
-            log.exception("Warm-up of model %s failed.", slug)
+            loaded = get_loaded(slug)
+            report = inference.warm_up(loaded) if slug in cuda else None
+        except Exception:  # noqa: BLE001 - the worker still starts; tasks report the error
+            log.exception("Loading model %s failed.", slug)
             continue
-        log.info("Model %s warmed up: %s", slug, report)
-    if slugs:  # start-up is over: its garbage collected, its survivors frozen
+        log.info("Model %s ready in %.1f s (warm-up: %s)", slug, time.monotonic() - started,
+                 report)
+    if cuda:  # start-up is over: its garbage collected, its survivors frozen
         inference.freeze_startup_heap()
 
 

@@ -54,10 +54,25 @@ def _validate(*, title: str, text: str, model_slug: str, price_per_load_nano: in
         errors["text"] = "The text contains NUL characters."
     if model_slug not in settings.KVMARKET_MODELS:
         errors["model"] = f"Unknown model {model_slug!r}."
+    elif problem := _model_unavailable(model_slug):
+        errors["model"] = problem
     if price_per_load_nano is not None and price_per_load_nano < 0:
         errors["price_per_load_nano"] = "The price cannot be negative."
     if errors:
         raise ValidationError(errors)
+
+
+def _model_unavailable(model_slug: str) -> str | None:
+    """Why the registry's model cannot be loaded on this server (e.g. a Hugging Face id that is
+    not downloaded, a GGUF package not installed), or None. Checks files only: no loading."""
+    from inference.errors import ModelNotFound
+    from inference.models import locate_model
+
+    try:
+        locate_model(settings.KVMARKET_MODELS[model_slug].get("ref", ""))
+    except ModelNotFound as exc:
+        return f"Model {model_slug!r} is not available on this server: {exc.message}"
+    return None
 
 
 def _require_publisher(user: User) -> None:

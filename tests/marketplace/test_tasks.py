@@ -284,7 +284,7 @@ def test_schema_and_docs_pages(client):
     assert client.get("/api/docs/").status_code == 200
 
 
-def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
+def test_worker_loads_its_models_and_warms_up_the_cuda_ones(settings, monkeypatch):
     from types import SimpleNamespace
 
     import inference
@@ -297,9 +297,10 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     }
     queues = ["default", "gpu.big", "gpu.tiny", "worker.host"]
     assert workers.cuda_models_served(queues) == ["big"]
+    assert workers.models_served(queues) == ["big", "tiny"]
 
-    warmed, pinned = [], []
-    monkeypatch.setattr(engine, "get_loaded", lambda slug: f"loaded:{slug}")
+    loaded, warmed, pinned = [], [], []
+    monkeypatch.setattr(engine, "get_loaded", lambda slug: loaded.append(slug) or f"loaded:{slug}")
     monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
     store = SimpleNamespace(pin_host_memory=lambda: pinned.append(True))
     monkeypatch.setattr(engine, "get_store", lambda: store)
@@ -312,11 +313,13 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         )
 
     consumer = consumer_of(queues)
-    workers.warm_up_cuda_models(consumer)
+    workers.prepare_models(consumer)
+    assert loaded == ["big", "tiny"]  # every model served, CPU ones too, before any task
     assert warmed == ["loaded:big"]
     assert pinned == [True]  # the store's host memory for disk reads, pinned at start
     assert frozen == [True]  # then start-up's garbage collected and the rest frozen
-    workers.warm_up_cuda_models(consumer_of(["default", "gpu.tiny"]))
+    workers.prepare_models(consumer_of(["default", "gpu.tiny"]))
+    assert loaded[-1] == "tiny"
     assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
     assert frozen == [True]  # nor freezes anything
 
@@ -324,5 +327,5 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(inference, "warm_up", broken)
-    workers.warm_up_cuda_models(consumer)  # logged, never raised: the worker still starts
+    workers.prepare_models(consumer)  # logged, never raised: the worker still starts
     assert frozen == [True, True]
