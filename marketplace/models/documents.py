@@ -40,6 +40,9 @@ class Document(models.Model):
     precompute_seconds = models.FloatField(null=True, blank=True)
     precompute_flops = models.FloatField(null=True, blank=True)
     verification = models.JSONField(null=True, blank=True)
+    # Questions an agent could ask about the text (shown with the document; the demo seeds
+    # them): a list of strings.
+    example_questions = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     listed = models.BooleanField(default=True)

@@ -62,6 +62,26 @@ def _validate(*, title: str, text: str, model_slug: str, price_per_load_nano: in
         raise ValidationError(errors)
 
 
+EXAMPLE_QUESTIONS_MAX = 10
+EXAMPLE_QUESTION_CHARS = 300
+
+
+def _clean_questions(questions: list[str]) -> list[str]:
+    if not isinstance(questions, list) or len(questions) > EXAMPLE_QUESTIONS_MAX:
+        raise ValidationError(
+            {"example_questions": f"At most {EXAMPLE_QUESTIONS_MAX} questions, as a list."}
+        )
+    cleaned = [q.strip() for q in questions if isinstance(q, str)]
+    if len(cleaned) != len(questions) or not all(
+        0 < len(q) <= EXAMPLE_QUESTION_CHARS for q in cleaned
+    ):
+        raise ValidationError(
+            {"example_questions": f"Each question is text of 1-{EXAMPLE_QUESTION_CHARS} "
+                                  "characters."}
+        )
+    return cleaned
+
+
 def _model_unavailable(model_slug: str) -> str | None:
     """Why the registry's model cannot be loaded on this server (e.g. a Hugging Face id that is
     not downloaded, a GGUF package not installed), or None. Checks files only: no loading."""
@@ -88,6 +108,7 @@ def create_document(
     text: str,
     model_slug: str,
     price_per_load_nano: int | None = None,
+    example_questions: list[str] | None = None,
     submit: bool = True,
 ) -> Document:
     """Create a document; with ``submit`` it is queued for precompute once the commit lands."""
@@ -95,15 +116,26 @@ def create_document(
     _validate(
         title=title, text=text, model_slug=model_slug, price_per_load_nano=price_per_load_nano
     )
+    questions = _clean_questions(example_questions or [])
     document = Document.objects.create(
         publisher=publisher,
         title=title.strip(),
         text=text,
         model_slug=model_slug,
         price_per_load_nano=price_per_load_nano,
+        example_questions=questions,
     )
     if submit:
         queue_precompute(document=document)
+    return document
+
+
+@transaction.atomic
+def set_example_questions(*, document: Document, questions: list[str]) -> Document:
+    """Replace the document's example questions (shown with it; they do not change the KV)."""
+    document = Document.objects.select_for_update().get(pk=document.pk)
+    document.example_questions = _clean_questions(questions)
+    document.save(update_fields=["example_questions", "updated_at"])
     return document
 
 

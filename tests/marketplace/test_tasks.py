@@ -233,7 +233,7 @@ def test_loads_used_constraint_is_enforced_by_the_database(publisher_user, funde
 # --- seed_demo and schema --------------------------------------------------------------------
 
 
-def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks):
+def test_seed_demo_is_idempotent(monkeypatch, settings, django_capture_on_commit_callbacks):
     from io import StringIO
 
     from django.core.management import call_command
@@ -255,11 +255,38 @@ def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks
     agent = User.objects.get(email="agent@demo.kvmarket")
     assert User.objects.get(email="publisher@demo.kvmarket").role == "publisher"
     assert wallet_balance(agent) == 20 * 10**9
-    doc = Document.objects.get()
-    assert doc.status == "queued" and "Call me Ishmael" in doc.text
-    assert queued == [doc.pk]
+    from marketplace.management.commands.seed_demo import demo_documents
+
+    specs = demo_documents()
+    docs = list(Document.objects.order_by("pk"))
+    assert [d.title for d in docs] == [s["title"] for s in specs]  # created once
+    assert all(d.status == "queued" for d in docs) and queued == [d.pk for d in docs]
+    assert "Call me Ishmael" in docs[0].text
+    assert docs[0].example_questions == ["Who is the narrator?"]
+    assert all(d.example_questions == [q["question"] for q in s["questions"]]
+               for d, s in zip(docs, specs, strict=True))
+    assert {d.model_slug for d in docs} == {next(iter(settings.KVMARKET_MODELS))}
     assert "kvm_" in outs[0] and "kvmarket-demo-2026" in outs[0]
+    assert "ask: Who is the narrator?" in outs[0]
     assert agent.api_keys.count() == 2
+
+
+def test_demo_documents_are_real_texts_of_the_right_size():
+    """Two or more of 1-4k tokens besides the Moby-Dick opening; every question's expected
+    answer is written in the text itself."""
+    import re
+
+    from marketplace.management.commands.seed_demo import DEMO_DIR, demo_documents
+
+    specs = demo_documents()
+    words = {s["title"]: len((DEMO_DIR / s["file"]).read_text().split()) for s in specs}
+    assert sum(700 <= n <= 3000 for n in words.values()) >= 2, words  # about 1-4k tokens
+    for spec in specs:
+        text = " ".join((DEMO_DIR / spec["file"]).read_text().split()).lower()
+        assert spec["licence"] and spec["source"] and 1 <= len(spec["questions"]) <= 3
+        for item in spec["questions"]:
+            answer = re.sub(r"\s+", " ", item["answer_contains"].lower())
+            assert answer in text, (spec["title"], answer)
 
 
 def test_schema_generates_without_warnings():
