@@ -41,6 +41,7 @@ def test_agent_catalogue_shows_ready_listed_only(api_client, publisher_user):
     assert doc["price_per_load_nano"] == 37_740
     assert doc["verification"]["passed"] is True
     assert doc["owner_details"] is None
+    assert doc["example_questions"] == []
     assert "text" not in doc
 
 

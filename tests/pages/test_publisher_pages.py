@@ -287,3 +287,13 @@ def test_connect_redirects_to_the_onboarding_link(publisher_client, stripe_on) -
     assert r.status_code == 302 and r["Location"] == link
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     assert "Finish Stripe onboarding" in html
+
+
+def test_detail_shows_the_example_questions(publisher_client, publisher_user) -> None:
+    doc = make_document(publisher_user, example_questions=["Who is the narrator?", "Why <b>?"])
+    html = publisher_client.get(reverse("document-detail", args=[doc.pk])).content.decode()
+    assert 'id="example-questions"' in html
+    assert "<li>Who is the narrator?</li>" in html and "<li>Why &lt;b&gt;?</li>" in html
+    plain = make_document(publisher_user)
+    html = publisher_client.get(reverse("document-detail", args=[plain.pk])).content.decode()
+    assert 'id="example-questions"' not in html
