@@ -60,6 +60,36 @@ def _validate(*, title: str, text: str, model_slug: str, price_per_load_nano: in
         raise ValidationError(errors)
 
 
+def _check_context(*, text: str, model_slug: str) -> int | None:
+    """The document's token count as the cached prefix; ValidationError when it leaves the
+    model no room to answer. None when this process cannot load the model's tokenizer (the
+    worker still refuses a document that is too long, with document_too_long)."""
+    from inference.tokenizer import get_token_counter
+    from marketplace import engine
+
+    try:
+        counter = get_token_counter(engine.model_config(model_slug)["ref"])
+    except Exception:  # noqa: BLE001 - e.g. weights that only the GPU hosts have
+        log.warning("No tokenizer for %s here; context length not checked", model_slug,
+                    exc_info=True)
+        return None
+    try:
+        n_tokens = counter.document_tokens(text)
+    except (ValueError, UnicodeError) as exc:
+        raise ValidationError({"text": f"The tokenizer cannot take this text: {exc}"}) from exc
+    if n_tokens >= counter.max_context:
+        raise ValidationError(
+            {
+                "text": (
+                    f"The document is {n_tokens} tokens; the model {model_slug} has a "
+                    f"{counter.max_context}-token context, so it must be under "
+                    f"{counter.max_context} tokens."
+                )
+            }
+        )
+    return n_tokens
+
+
 def _require_publisher(user: User) -> None:
     if user.role != Role.PUBLISHER:
         raise PermissionDenied("Only publishers can list documents.")
@@ -80,6 +110,7 @@ def create_document(
     _validate(
         title=title, text=text, model_slug=model_slug, price_per_load_nano=price_per_load_nano
     )
+    _check_context(text=text, model_slug=model_slug)
     document = Document.objects.create(
         publisher=publisher,
         title=title.strip(),

@@ -1,0 +1,62 @@
+"""A model's tokenizer and context length without its weights (for checks before any GPU work).
+
+A web process checks that a submitted document fits the model's context before queueing its
+precompute; it must not load the weights for that. ``get_token_counter`` reuses the tokenizer of
+a model this process already loaded (a worker), otherwise loads only the tokenizer and config.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .models import _MODEL_CACHE, ALIASES, _resolve_ref
+
+
+@dataclass(frozen=True)
+class TokenCounter:
+    """Enough of a model to tokenise a document as the engine will: its tokenizer (with the
+    chat template) and its context length. Duck-types LoadedModel for document_prefix_ids."""
+
+    model_id: str
+    tokenizer: Any
+    max_context: int
+
+    def document_tokens(self, text: str) -> int:
+        """How many tokens the document takes as the cached prefix (the system turn)."""
+        from .engine import document_prefix_ids
+
+        return len(document_prefix_ids(self, text))  # type: ignore[arg-type]
+
+
+_COUNTERS: dict[str, TokenCounter] = {}
+_LOCK = threading.Lock()
+
+
+def get_token_counter(model_ref: str) -> TokenCounter:
+    """The tokenizer and context length of ``model_ref`` (cached per process)."""
+    ref = ALIASES.get(model_ref, model_ref)
+    with _LOCK:
+        counter = _COUNTERS.get(ref)
+        if counter is None:
+            counter = _from_loaded(ref) or _load(ref)
+            _COUNTERS[ref] = counter
+        return counter
+
+
+def _from_loaded(ref: str) -> TokenCounter | None:
+    for (loaded_ref, _dtype, _device), loaded in list(_MODEL_CACHE.items()):
+        if loaded_ref == ref and loaded.tokenizer is not None:
+            return TokenCounter(loaded.model_id, loaded.tokenizer, loaded.max_context)
+    return None
+
+
+def _load(ref: str) -> TokenCounter:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_id, model_dir = _resolve_ref(ref)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    text_config = config.get_text_config(decoder=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return TokenCounter(model_id, tokenizer, int(text_config.max_position_embeddings))
