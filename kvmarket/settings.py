@@ -187,6 +187,21 @@ CELERY_RESULT_EXPIRES = 3600
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# A running precompute touches its document this often; one untouched for
+# PRECOMPUTE_STALE_SECONDS lost its worker, and the sweep (every PRECOMPUTE_SWEEP_SECONDS)
+# queues it again, up to PRECOMPUTE_MAX_ATTEMPTS attempts, then marks it failed (worker_lost).
+PRECOMPUTE_HEARTBEAT_SECONDS = env.float("PRECOMPUTE_HEARTBEAT_SECONDS", default=5.0)
+PRECOMPUTE_STALE_SECONDS = env.float("PRECOMPUTE_STALE_SECONDS", default=30.0)
+PRECOMPUTE_SWEEP_SECONDS = env.float("PRECOMPUTE_SWEEP_SECONDS", default=10.0)
+PRECOMPUTE_MAX_ATTEMPTS = env.int("PRECOMPUTE_MAX_ATTEMPTS", default=3)
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # An acks_late task whose worker died is redelivered once its message has been unacked
+    # this long (kombu's default is an hour). It must exceed a task's run time, or a live
+    # task is delivered twice: a precompute skips such a duplicate (its document is
+    # precomputing with a fresh heartbeat), and the heartbeat sweep recovers sooner anyway.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=300),
+    }
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)
 CELERY_BEAT_SCHEDULE = {
@@ -199,6 +214,10 @@ CELERY_BEAT_SCHEDULE = {
     "marketplace-expire-licenses": {
         "task": "marketplace.tasks.expire_licenses",
         "schedule": 3600.0,
+    },
+    "marketplace-recover-stalled-precomputes": {
+        "task": "marketplace.tasks.recover_stalled_precomputes",
+        "schedule": float(PRECOMPUTE_SWEEP_SECONDS),
     },
     "marketplace-expire-stale-loads": {
         "task": "marketplace.tasks.expire_stale_loads",
