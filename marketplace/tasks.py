@@ -1,7 +1,7 @@
-"""Celery tasks (thin): precompute on the model's GPU queue, completions, housekeeping.
+"""Celery tasks (thin): precompute on the model's GPU queue, housekeeping.
 
-GPU workers run ``celery -A kvmarket worker -Q gpu.<slug> --pool solo``; each also consumes
-its direct queue ``worker.<hostname>`` (marketplace.workers) for completions routed to it.
+GPU workers run ``celery -A kvmarket worker -Q gpu.<slug> --pool solo``. Completions do not go
+through Celery: the web calls the worker's HTTP endpoint (marketplace.worker_server).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from celery import shared_task
 
 from kvmarket.celery import gpu_queue_name
-from marketplace import workers  # noqa: F401 - registers the worker's direct queue
+from marketplace import workers  # noqa: F401 - connects the GPU worker's start-up signals
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)
@@ -163,39 +163,6 @@ def recover_stalled_precomputes() -> dict[str, list[int]]:
     return document_services.recover_stalled_precomputes()
 
 
-@shared_task(name="marketplace.tasks.run_completion", bind=True, acks_late=False)
-def run_completion(
-    self,  # noqa: ANN001
-    *,
-    load_id: int,
-    model_slug: str,
-    artifact_key: str,
-    messages: list[dict[str, Any]] | None = None,
-    prompt: str | None = None,
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-) -> dict[str, Any]:
-    """Continue from the artifact; pure compute (the API process records and charges).
-
-    Not acks_late: a completion lost with its worker is not retried behind the API's back
-    (the API times out with 504 and charges nothing; the client may retry).
-    """
-    from inference.errors import KVError
-    from marketplace import engine
-
-    try:
-        out = engine.generate(
-            slug=model_slug, artifact_key=artifact_key, messages=messages, prompt=prompt,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-        )
-    except KVError as exc:
-        return {"ok": False, "error": exc.to_dict(), "worker": self.request.hostname}
-    return {"ok": True, "worker": self.request.hostname, "load_id": load_id, **out}
-
-
 @shared_task(name="marketplace.tasks.expire_licenses")
 def expire_licenses() -> int:
     from marketplace.services.licenses import expire_licenses as expire
@@ -203,11 +170,18 @@ def expire_licenses() -> int:
     return expire()
 
 
-@shared_task(name="marketplace.tasks.expire_stale_loads")
-def expire_stale_loads() -> int:
-    from marketplace.services.completions import expire_stale_loads as expire
+@shared_task(name="marketplace.tasks.sweep_loads")
+def sweep_loads() -> dict[str, int]:
+    """Release abandoned reservations and charge served loads left uncharged (every ~15 s)."""
+    from marketplace.services.completions import sweep_loads as sweep
 
-    return expire()
+    return sweep()
+
+
+@shared_task(name="marketplace.tasks.expire_stale_loads")
+def expire_stale_loads() -> dict[str, int]:
+    """The sweep's former name (schedules stored in the database may still send it)."""
+    return sweep_loads()
 
 
 @shared_task(name="marketplace.tasks.collect_artifacts")

@@ -12,7 +12,14 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace.models import Document, DocumentStatus, LicenseStatus, Role, User
+from marketplace.models import (
+    Document,
+    DocumentStatus,
+    LicenseStatus,
+    PrecomputeStep,
+    Role,
+    User,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,16 @@ def _check_context(*, text: str, model_slug: str) -> int | None:
     return n_tokens
 
 
+DESCRIPTION_MAX = 2000
+
+
+def _clean_description(description: str) -> str:
+    description = (description or "").strip()
+    if len(description) > DESCRIPTION_MAX:
+        raise ValidationError({"description": f"At most {DESCRIPTION_MAX} characters."})
+    return description
+
+
 def _require_publisher(user: User) -> None:
     if user.role != Role.PUBLISHER:
         raise PermissionDenied("Only publishers can list documents.")
@@ -106,6 +123,8 @@ def create_document(
     model_slug: str,
     price_per_load_nano: int | None = None,
     submit: bool = True,
+    description: str = "",
+    example_questions: list[str] | None = None,
 ) -> Document:
     """Create a document; with ``submit`` it is queued for precompute once the commit lands."""
     _require_publisher(publisher)
@@ -119,6 +138,8 @@ def create_document(
         text=text,
         model_slug=model_slug,
         price_per_load_nano=price_per_load_nano,
+        description=_clean_description(description),
+        example_questions=[q.strip() for q in example_questions or [] if q.strip()],
     )
     if submit:
         queue_precompute(document=document)
@@ -131,10 +152,13 @@ def update_document(
     document: Document,
     publisher: User,
     title: str | None = None,
+    description: str | None = None,
     price_per_load_nano: int | None = None,
     clear_price: bool = False,
 ) -> Document:
-    """Edit title and price. The text and model are fixed once listed (they define the KV)."""
+    """Edit title, description and price. The text and model are fixed once listed (they
+    define the KV). A new price applies to licenses bought from now on (a license keeps the
+    price it was bought at)."""
     document = _own_locked(document=document, publisher=publisher)
     if title is not None:
         _validate(
@@ -142,13 +166,15 @@ def update_document(
             price_per_load_nano=price_per_load_nano,
         )
         document.title = title.strip()
+    if description is not None:
+        document.description = _clean_description(description)
     if price_per_load_nano is not None:
         if price_per_load_nano < 0:
             raise ValidationError({"price_per_load_nano": "The price cannot be negative."})
         document.price_per_load_nano = price_per_load_nano
     elif clear_price:
         document.price_per_load_nano = None
-    document.save(update_fields=["title", "price_per_load_nano", "updated_at"])
+    document.save(update_fields=["title", "description", "price_per_load_nano", "updated_at"])
     return document
 
 
@@ -349,19 +375,28 @@ def start_precompute(*, document_id: int, task_id: str) -> Document | None:
     document.precompute_attempts += 1
     document.error = ""
     document.error_code = ""
+    document.progress_step = PrecomputeStep.TOKENIZING
+    document.precompute_started_at = timezone.now()
     document.save(
         update_fields=[
-            "status", "celery_task_id", "precompute_attempts", "error", "error_code", "updated_at"
+            "status", "celery_task_id", "precompute_attempts", "error", "error_code",
+            "progress_step", "precompute_started_at", "updated_at",
         ]
     )
     return document
 
 
 def record_progress(*, document_id: int, tokens_done: int, tokens_total: int) -> None:
-    """A single UPDATE (no lock): progress is advisory and written throttled by the task."""
+    """A single UPDATE (no lock): progress is advisory and written throttled by the task.
+
+    The step follows the tokens: prefilling until every token is in, then writing and
+    verifying the artifact (updated_at then marks when that step began: the estimate uses it).
+    """
     tokens_done = min(tokens_done, tokens_total)
+    step = PrecomputeStep.VERIFYING if tokens_done >= tokens_total else PrecomputeStep.PREFILLING
     Document.objects.filter(pk=document_id, status=DocumentStatus.PRECOMPUTING).update(
-        tokens_done=tokens_done, tokens_total=tokens_total, updated_at=timezone.now()
+        tokens_done=tokens_done, tokens_total=tokens_total, progress_step=step,
+        updated_at=timezone.now(),
     )
 
 
@@ -384,6 +419,7 @@ def record_precompute_success(*, document_id: int, result: dict[str, Any]) -> Do
     document.error = ""
     document.error_code = ""
     document.ready_at = document.ready_at or timezone.now()
+    document.progress_step = ""
     document.save()
     return document
 
@@ -397,7 +433,10 @@ def record_precompute_failure(*, document_id: int, code: str, message: str) -> D
     document.error_code = code[:64]
     document.error = message
     document.tokens_done = 0
-    document.save(update_fields=["status", "error_code", "error", "tokens_done", "updated_at"])
+    document.progress_step = ""
+    document.save(update_fields=[
+        "status", "error_code", "error", "tokens_done", "progress_step", "updated_at"
+    ])
     return document
 
 

@@ -19,6 +19,7 @@ from marketplace.services.documents import create_document, queue_precompute
 
 PUBLISHER_EMAIL = "publisher@demo.kvmarket"
 AGENT_EMAIL = "agent@demo.kvmarket"
+STAFF_EMAIL = "staff@demo.kvmarket"
 DEFAULT_PASSWORD = "kvmarket-demo-2026"
 DEMO_TITLE = "Moby-Dick, chapter 1: Loomings (opening)"
 DEMO_TEXT = Path(__file__).resolve().parents[2] / "demo" / "moby_dick_loomings.txt"
@@ -46,6 +47,7 @@ class Command(BaseCommand):
         with transaction.atomic():
             publisher = self._user(PUBLISHER_EMAIL, Role.PUBLISHER, "Demo Publisher", password)
             agent = self._user(AGENT_EMAIL, Role.AGENT, "Demo Agent", password)
+            self._staff(STAFF_EMAIL, password)
             key = create_api_key(user=agent, name="seed_demo").raw_key
             credit_topup(agent=agent, amount_nano=WALLET_CREDIT_NANO, idempotency_key=TOPUP_KEY,
                          external_ref="seed_demo")
@@ -62,10 +64,21 @@ class Command(BaseCommand):
         out(self.style.SUCCESS("Demo data ready."))
         out(f"  publisher: {PUBLISHER_EMAIL} / {password}")
         out(f"  agent:     {AGENT_EMAIL} / {password}")
+        out(f"  staff:     {STAFF_EMAIL} / {password} (operations console /ops/, admin)")
         out(f"  agent API key (new, shown once): {key}")
         out(f"  wallet credit: ${WALLET_CREDIT_NANO / 10**9:.2f} (once, key {TOPUP_KEY!r})")
         out(f"  document {document.pk}: {document.title!r} on {document.model_slug}, "
             f"status {document.status}")
+
+    def _staff(self, email: str, password: str) -> User:
+        user = User.objects.filter(email=email).first()
+        if user is None:
+            return User.objects.create_superuser(email=email, password=password,
+                                                 display_name="Demo Staff")
+        if not user.check_password(password):
+            user.set_password(password)
+            user.save(update_fields=["password"])
+        return user
 
     def _user(self, email: str, role: Role, name: str, password: str) -> User:
         user = User.objects.filter(email=email).first()
