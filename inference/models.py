@@ -309,6 +309,16 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _gguf_folder(source: Path, cache_dir: Path, sha: str) -> Path:
+    return Path(cache_dir) / f"{source.stem}-{sha[:16]}"
+
+
+def converted_gguf_folder(source: Path, cache_dir: Path) -> Path | None:
+    """The finished conversion of ``source`` under ``cache_dir``, or None (converts nothing)."""
+    folder = _gguf_folder(source, cache_dir, file_sha256(source))
+    return folder if (folder / GGUF_SOURCE_FILE).is_file() else None
+
+
 def cached_gguf_folder(
     source: Path,
     cache_dir: Path,
@@ -322,7 +332,7 @@ def cached_gguf_folder(
     wait for the first one's conversion instead of repeating it.
     """
     sha = file_sha256(source)
-    folder = cache_dir / f"{source.stem}-{sha[:16]}"
+    folder = _gguf_folder(source, cache_dir, sha)
     if (folder / GGUF_SOURCE_FILE).is_file():
         return folder, sha
     cache_dir.mkdir(parents=True, exist_ok=True)

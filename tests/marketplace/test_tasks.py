@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import workers
+from marketplace import registry, workers
 from marketplace.models import Document, DocumentStatus, License, Load
 from tests.marketplace.conftest import make_ready_document
 
@@ -96,10 +96,9 @@ def test_unexpected_precompute_error_is_recorded_and_raised(queued_document, mon
 
 
 def test_precompute_task_options():
-    from marketplace.tasks import precompute_document, run_completion
+    from marketplace.tasks import precompute_document
 
     assert precompute_document.acks_late and precompute_document.reject_on_worker_lost
-    assert not run_completion.acks_late
 
 
 def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
@@ -122,55 +121,59 @@ def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
 # --- routing -------------------------------------------------------------------------------
 
 
+def _info(name: str, *, models=("tiny-qwen3",), hot=()) -> registry.WorkerInfo:  # noqa: ANN001
+    return registry.WorkerInfo(name=name, url=f"http://{name}", model_slugs=tuple(models),
+                               hot_keys=frozenset(hot), in_flight=0)
+
+
+def _first(key: str, names: list[str]) -> str:
+    return registry.rank([_info(n) for n in names], slug="tiny-qwen3", artifact_key=key)[0].name
+
+
 def test_rendezvous_is_stable_and_moves_little():
     hosts = [f"w{i}@h" for i in range(5)]
     keys = [f"{i:064x}" for i in range(400)]
-    before = {k: workers.rendezvous_pick(k, hosts) for k in keys}
-    assert before == {k: workers.rendezvous_pick(k, list(reversed(hosts))) for k in keys}
+    before = {k: _first(k, hosts) for k in keys}
+    assert before == {k: _first(k, list(reversed(hosts))) for k in keys}
     assert len(set(before.values())) == 5  # spread over all workers
-    after = {k: workers.rendezvous_pick(k, hosts[:-1]) for k in keys}
+    after = {k: _first(k, hosts[:-1]) for k in keys}
     moved = [k for k in keys if before[k] != after[k]]
     assert all(before[k] == "w4@h" for k in moved)  # only the departed worker's keys move
-    assert workers.rendezvous_pick("k", []) is None
 
 
-def test_completion_queue_prefers_direct_queue(monkeypatch):
-    monkeypatch.setattr(workers, "_active_queues", lambda: {
-        "a@h": ["gpu.tiny-qwen3", "worker.a@h"],
-        "b@h": ["gpu.tiny-qwen3", "worker.b@h"],
-        "c@h": ["default", "worker.c@h"],  # not a GPU worker of this model
-        "d@h": ["gpu.tiny-qwen3"],  # no direct queue
-    })
-    assert workers.workers_for_model("tiny-qwen3") == ["a@h", "b@h"]
-    queue, host = workers.completion_queue("tiny-qwen3", "f" * 64)
-    assert host in ("a@h", "b@h") and queue == f"worker.{host}"
-    monkeypatch.setattr(workers, "_active_queues", lambda: {})
-    assert workers.completion_queue("tiny-qwen3", "f" * 64) == ("gpu.tiny-qwen3", None)
+def test_ranking_prefers_the_worker_holding_the_artifact_and_skips_other_models():
+    key = "f" * 64
+    names = [f"w{i}@h" for i in range(4)]
+    plain = registry.rank([_info(n) for n in names], slug="tiny-qwen3", artifact_key=key)
+    hot_name = plain[-1].name  # the rendezvous order's last choice holds it in memory
+    ranked = registry.rank(
+        [_info(n, hot=[key] if n == hot_name else []) for n in names]
+        + [_info("other@h", models=("big",))],
+        slug="tiny-qwen3", artifact_key=key,
+    )
+    assert ranked[0].name == hot_name
+    assert [w.name for w in ranked[1:]] == [w.name for w in plain[:-1]]
+    assert "other@h" not in {w.name for w in ranked}
 
 
-def test_active_queues_is_cached_and_survives_broker_errors(monkeypatch):
-    from kvmarket.celery import app
+def test_live_workers_are_those_with_a_fresh_heartbeat(db, settings):
+    from datetime import timedelta
 
-    calls = []
+    from django.utils import timezone
 
-    class Inspect:
-        def active_queues(self):  # noqa: ANN202
-            calls.append(1)
-            return {"a@h": [{"name": "gpu.tiny-qwen3"}, {"name": "worker.a@h"}]}
+    from marketplace.models import GpuWorker
 
-    workers.forget_workers()
-    monkeypatch.setattr(app.control, "inspect", lambda timeout: Inspect())
-    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
-    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
-    assert len(calls) == 1
-    workers.forget_workers()
-
-    def broken(timeout):  # noqa: ANN001, ANN202
-        raise ConnectionError("no broker")
-
-    monkeypatch.setattr(app.control, "inspect", broken)
-    assert workers._active_queues() == {}
-    workers.forget_workers()
+    now = timezone.now()
+    registry.announce(name="live@h", url="http://a", model_slugs=["tiny-qwen3"], hot_keys=[],
+                      in_flight=0, started_at=now)
+    GpuWorker.objects.create(name="dead@h", url="http://b", model_slugs=["tiny-qwen3"],
+                             started_at=now, heartbeat_at=now - timedelta(seconds=60))
+    registry.forget()
+    assert [w.name for w in registry.live_workers()] == ["live@h"]
+    registry.withdraw(name="live@h")
+    registry.forget()
+    assert registry.live_workers() == []
+    registry.forget()
 
 
 # --- housekeeping ----------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_stale_pending_loads_are_failed_uncharged(publisher_user, funded_agent):
                  idempotency_key=None, payload={})
     assert License.objects.get(pk=lic.pk).loads_used == 1
     assert expire_stale_loads() == 0
-    Load.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    Load.objects.update(heartbeat_at=timezone.now() - timedelta(seconds=31))
     assert expire_stale_loads() == 1
     load = Load.objects.get()
     assert load.status == "failed" and load.amount_nano == 0

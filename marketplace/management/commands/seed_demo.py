@@ -27,6 +27,7 @@ from marketplace.services.documents import (
 
 PUBLISHER_EMAIL = "publisher@demo.kvmarket"
 AGENT_EMAIL = "agent@demo.kvmarket"
+STAFF_EMAIL = "staff@demo.kvmarket"
 DEFAULT_PASSWORD = "kvmarket-demo-2026"
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 WALLET_CREDIT_NANO = 20 * 10**9  # $20
@@ -59,6 +60,7 @@ class Command(BaseCommand):
         with transaction.atomic():
             publisher = self._user(PUBLISHER_EMAIL, Role.PUBLISHER, "Demo Publisher", password)
             agent = self._user(AGENT_EMAIL, Role.AGENT, "Demo Agent", password)
+            self._staff(STAFF_EMAIL, password)
             key = create_api_key(user=agent, name="seed_demo").raw_key
             credit_topup(agent=agent, amount_nano=WALLET_CREDIT_NANO, idempotency_key=TOPUP_KEY,
                          external_ref="seed_demo")
@@ -70,6 +72,7 @@ class Command(BaseCommand):
         out(self.style.SUCCESS("Demo data ready."))
         out(f"  publisher: {PUBLISHER_EMAIL} / {password}")
         out(f"  agent:     {AGENT_EMAIL} / {password}")
+        out(f"  staff:     {STAFF_EMAIL} / {password} (operations console /ops/, admin)")
         out(f"  agent API key (new, shown once): {key}")
         out(f"  wallet credit: ${WALLET_CREDIT_NANO / 10**9:.2f} (once, key {TOPUP_KEY!r})")
         for document in documents:
@@ -96,6 +99,16 @@ class Command(BaseCommand):
         if precompute:
             return queue_precompute(document=document)  # re-queues a failed one only
         return document
+
+    def _staff(self, email: str, password: str) -> User:
+        user = User.objects.filter(email=email).first()
+        if user is None:
+            return User.objects.create_superuser(email=email, password=password,
+                                                 display_name="Demo Staff")
+        if not user.check_password(password):
+            user.set_password(password)
+            user.save(update_fields=["password"])
+        return user
 
     def _user(self, email: str, role: Role, name: str, password: str) -> User:
         user = User.objects.filter(email=email).first()
