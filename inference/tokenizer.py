@@ -67,16 +67,27 @@ def _load(ref: str, cache_dir: str | Path | None) -> TokenCounter:
     from transformers import AutoConfig, AutoTokenizer
 
     source = gguf_path(ref)
-    kwargs: dict[str, Any] = {}
     if source is not None:
         root = Path(cache_dir) if cache_dir is not None else default_model_cache_dir()
-        model_id, model_dir = ref, converted_gguf_folder(source, root)
+        model_dir = converted_gguf_folder(source, root)
         if model_dir is None:  # not converted here: the same tokenizer, read from the file
-            model_dir, kwargs = source.parent, {"gguf_file": source.name}
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            return TokenCounter(ref, tokenizer, _gguf_context_length(source))
+        model_id = ref
     else:
         found = resolve_model(ref, cache_dir=cache_dir)
         model_id, model_dir = found.model_id, found.folder
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     text_config = config.get_text_config(decoder=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return TokenCounter(model_id, tokenizer, int(text_config.max_position_embeddings))
+
+
+def _gguf_context_length(source: Path) -> int:
+    """``<architecture>.context_length`` from the GGUF header (transformers' config maps it to
+    max_position_embeddings)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    architecture = reader.get_field("general.architecture").contents()
+    return int(reader.get_field(f"{architecture}.context_length").contents())

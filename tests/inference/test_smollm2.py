@@ -192,3 +192,19 @@ def test_smollm2_on_cuda(demo, tmp_path):
         k: report16.to_dict()[k] for k in ("match_rate", "max_logit_diff", "passed",
                                            "fast_path_bitwise_equal",
                                            "fast_path_greedy_matched")}}, default=str))
+
+
+def test_the_web_counts_tokens_without_converting(smollm2, demo, tmp_path):
+    """inference.tokenizer (the web's context check) reads the GGUF file's own tokenizer when
+    no conversion is cached, the converted folder's when one is: both count as the engine."""
+    from inference import document_prefix_ids
+    from inference import tokenizer as token_counting
+
+    text = (DEMO_DIR / demo[1]["file"]).read_text()
+    expected = len(document_prefix_ids(smollm2, text))
+    for cache_dir in (tmp_path / "empty-cache", default_model_cache_dir()):
+        token_counting._COUNTERS.clear()
+        counter = token_counting._load(SLUG, cache_dir)
+        assert counter.document_tokens(text) == expected
+        assert counter.max_context == smollm2.max_context == 8192
+    assert not (tmp_path / "empty-cache").exists()  # nothing was converted
