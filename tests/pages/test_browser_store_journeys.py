@@ -59,14 +59,20 @@ def _sign_up(page, base: str, *, role: str, email: str, name: str) -> None:  # n
 
 def _watch_steps(page, document_id: int) -> list[str]:  # noqa: ANN001
     """The precompute steps the page showed, in order, until it shows the document ready."""
+    from playwright.sync_api import Error as PlaywrightError
+
     seen: list[str] = []
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        state = page.evaluate("""() => {
-            const panel = document.querySelector('#document-status');
-            const step = document.querySelector('#precompute-steps .step-current');
-            return {status: panel && panel.dataset.status, step: step && step.dataset.step};
-        }""")
+        try:
+            state = page.evaluate("""() => {
+                const panel = document.querySelector('#document-status');
+                const step = document.querySelector('#precompute-steps .step-current');
+                return {status: panel && panel.dataset.status, step: step && step.dataset.step};
+            }""")
+        except PlaywrightError:  # the page reloads itself once the precompute is done
+            time.sleep(0.25)
+            continue
         if state["step"] and (not seen or seen[-1] != state["step"]):
             seen.append(state["step"])
         if state["status"] == "ready":
