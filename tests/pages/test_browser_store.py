@@ -20,7 +20,7 @@ from ledger.models import ConnectAccount, Payout, PayoutStatus
 from marketplace.models import Role
 from tests.ledger.stripe_stubs import API, transfer
 from tests.pages.conftest import fund, make_document, settled_load
-from tests.support.accounts import make_user
+from tests.support.accounts import make_api_key, make_user
 
 pytestmark = [pytest.mark.browser]
 
@@ -157,6 +157,7 @@ def test_no_page_scrolls_sideways_at_390px(live_server, browser_page, artifacts_
 
     license = License.objects.filter(agent=shop["agent"]).first()
     staff = make_user(role=Role.STAFF)
+    make_api_key(shop["agent"])  # the keys table
     settled_load(shop["agent"], make_document(shop["publisher"], title="Almanac", price=10**9))
     ledger_services.create_payout(publisher=shop["publisher"])
     pages = {
