@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-gib", type=int, default=32)
     p.add_argument("--pinned-gib", type=int, default=8,
                    help="host memory the store pins at its start for reads from disk (CUDA)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default, one per core)")
     p.add_argument("--store", help="store root (default: a temp folder, removed afterwards)")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("--no-warm-up", action="store_true",
@@ -300,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args)
     text = json.dumps(report, indent=2)
     print(text)
