@@ -5,9 +5,11 @@ from django.urls import path
 from marketplace.views import accounts as account_views
 from marketplace.views import agent as agent_views
 from marketplace.views import publisher as publisher_views
+from marketplace.views import stripe_webhook as stripe_webhook_views
 
 urlpatterns = [
     path("", account_views.home, name="home"),
+    path("stripe/webhook", stripe_webhook_views.stripe_webhook, name="stripe-webhook"),
     # --- accounts -----------------------------------------------------------------------------
     path("account/signup/", account_views.signup, name="signup"),
     path("account/login/", account_views.LoginView.as_view(), name="login"),

@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from ledger import services as ledger_services
 from marketplace.models import Document, DocumentStatus, LicenseStatus, Role, User
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def create_document(
         model_slug=model_slug,
         price_per_load_nano=price_per_load_nano,
     )
+    ledger_services.ensure_tariff(model_slug=model_slug)  # stored, so staff can edit it
     if submit:
         queue_precompute(document=document)
     return document

@@ -1,4 +1,5 @@
-"""The Stripe webhook endpoint (CSRF-exempt; authenticity comes from the signature)."""
+"""The Stripe webhook endpoint, mounted at /stripe/webhook (CSRF-exempt; authenticity comes from
+the signature). The ledger applies each verified event once."""
 
 import json
 import logging
@@ -10,7 +11,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from kvmarket.api_errors import error_body
-from ledger import services, stripe_gateway
+from ledger import services as ledger_services
+from ledger import stripe_gateway
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
     except ValueError:
         return JsonResponse(error_body("bad_payload", "Invalid JSON payload."), status=400)
     data_object = json.loads(payload)["data"]["object"]
-    result = services.handle_stripe_event(
+    result = ledger_services.handle_stripe_event(
         event_id=event.id, event_type=event.type, data_object=data_object
     )
     log.info("stripe event %s (%s): %s", event.id, event.type, result)
