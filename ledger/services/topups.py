@@ -1,14 +1,17 @@
-"""Wallet top-ups: Stripe Checkout sessions, credited only from Stripe's signed webhook."""
+"""Wallet credits: Stripe Checkout top-ups (credited only from Stripe's signed webhook) and
+sandbox test credits."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
 from ledger import stripe_gateway
+from ledger.errors import InvalidAmount, SandboxDisabled
 from ledger.models import (
     NANO_PER_CENT,
     AccountKind,
@@ -36,6 +39,29 @@ def credit_topup(
         ),
         memo="Wallet top-up",
         external_ref=external_ref,
+    )
+
+
+# The most one sandbox credit may add, so a test wallet stays a test wallet.
+SANDBOX_CREDIT_MAX_NANO = 1000 * 10**9
+
+
+def credit_sandbox(*, agent, amount_nano: int, idempotency_key: str) -> Transaction:
+    """Sandbox funding -> agent wallet: test credits, only while settings.SANDBOX_MODE is on
+    (never in production settings). Double entry like a top-up; the same key credits once."""
+    if not settings.SANDBOX_MODE:
+        raise SandboxDisabled("Test credits are only available in sandbox mode.")
+    journal.check_amount(amount_nano)
+    if amount_nano > SANDBOX_CREDIT_MAX_NANO:
+        raise InvalidAmount("A sandbox credit is at most $1,000.")
+    return journal.transfer(
+        source=journal.system(AccountKind.SANDBOX_FUNDING),
+        dest=journal.wallet(agent.pk),
+        amount_nano=amount_nano,
+        kind=TransactionKind.SANDBOX_CREDIT,
+        idempotency_key=idempotency_key,
+        fingerprint=journal.fingerprint("sandbox_credit", agent=agent.pk, amount=amount_nano),
+        memo="Sandbox test credit",
     )
 
 

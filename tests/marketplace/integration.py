@@ -56,6 +56,20 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
         time.sleep(interval)
 
 
+def wait_for_live_worker(name: str | None = None, *, timeout: float = 30.0) -> None:
+    """Wait until a GPU worker (this one, if named) is in the registry: its row is written by
+    its heartbeat, so after a transactional test emptied the tables it comes back in seconds."""
+    from marketplace import registry
+    from marketplace.models import GpuWorker
+
+    def live() -> bool:
+        rows = GpuWorker.objects.all()
+        return rows.filter(name=name).exists() if name else rows.exists()
+
+    wait_for(live, timeout=timeout, what="a GPU worker in the registry", interval=0.1)
+    registry.forget()
+
+
 def wait_until_ready(document_id: int, *, timeout: float = 180.0) -> tuple[Document, list]:
     """Poll the document until it is ready; returns it and the progress values seen."""
     seen: list[tuple[str, int, int]] = []

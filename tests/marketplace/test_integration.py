@@ -20,6 +20,7 @@ from tests.marketplace.integration import (
     GPU_QUEUES,
     partial_files,
     skip_module_unless_worker_can_run,
+    wait_for_live_worker,
     wait_until_ready,
 )
 from tests.support.celery_worker import start_celery_worker
@@ -45,11 +46,11 @@ def gpu_worker(django_db_setup, django_db_blocker, kv_dir):  # noqa: ANN001, ANN
 @pytest.fixture(autouse=True)
 def _same_store(settings, kv_dir):  # noqa: ANN001
     """This process (KV downloads, direct engine calls) reads the worker's store."""
-    from marketplace import engine, workers
+    from marketplace import engine, registry
 
     settings.KV_STORE_DIR = kv_dir
     engine.reset_store()
-    workers.forget_workers()
+    registry.forget()
     yield
     engine.reset_store()
 
@@ -61,6 +62,7 @@ def _publish(publisher_client, text: str = DOCUMENT_TEXT) -> Document:  # noqa: 
     )
     assert r.status_code == 201, r.content
     doc, _ = wait_until_ready(r.json()["id"])
+    wait_for_live_worker()
     return doc
 
 
@@ -84,6 +86,7 @@ def test_publish_precompute_license_complete_ledger(
     assert doc.verification["passed"] is True
     assert doc.verification["greedy_matched"] == doc.verification["greedy_total"]
     assert not partial_files(kv_dir)
+    wait_for_live_worker(gpu_worker.hostname)
 
     # Same content, same artifact: a second listing reuses the KV.
     twin = _publish(publisher_client)
@@ -98,7 +101,7 @@ def test_publish_precompute_license_complete_ledger(
     assert price == doc.n_tokens * 10  # cache-read tariff: $0.10/Mtok x 0.1
     assert escrow_balance(f"license:{lic['id']}") == 3 * price
 
-    # Complete on the worker, routed to its direct queue.
+    # Complete on the worker, over its HTTP endpoint.
     r = api_client.post(
         "/api/v1/chat/completions",
         {"model": "tiny-qwen3", "document": doc.pk, "license": lic["id"], "max_tokens": 12,

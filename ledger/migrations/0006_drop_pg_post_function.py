@@ -18,6 +18,6 @@ def drop_function(apps, schema_editor) -> None:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("ledger", "0004_pg_post_function")]
+    dependencies = [("ledger", "0005_sandbox_funding")]
 
     operations = [migrations.RunPython(drop_function, migrations.RunPython.noop)]
