@@ -49,6 +49,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "kvmarket.health.HealthCheckMiddleware",  # first: /healthz skips host checks and redirects
     "django.middleware.security.SecurityMiddleware",
+    # JSON errors for /api/ whatever produced them, 413 / 503 before and around the rest.
+    "kvmarket.api_errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -132,6 +134,11 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"api_key": API_KEY_THROTTLE_RATE},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "kvmarket.api_errors.json_exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "kvmarket.parsers.SafeJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -143,6 +150,14 @@ SPECTACULAR_SETTINGS = {
 CACHES = {
     "default": env.cache("CACHE_URL", default="locmemcache://kvmarket")
 }
+if CACHES["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache":
+    # A Redis that stops answering must fail a request's cache call fast (the throttle then
+    # counts locally), not hang it; CACHE_URL's query string may override these.
+    CACHES["default"].setdefault("OPTIONS", {})
+    CACHES["default"]["OPTIONS"].setdefault("socket_connect_timeout", 0.5)
+    CACHES["default"]["OPTIONS"].setdefault("socket_timeout", 0.5)
+# While the cache is unreachable the throttle counts per process and tries it again this often.
+THROTTLE_CACHE_RETRY_SECONDS = env.float("THROTTLE_CACHE_RETRY_SECONDS", default=5.0)
 
 # --- Celery ---------------------------------------------------------------------------------
 # Default broker: kombu's filesystem transport under var/, so the demo's worker is a real

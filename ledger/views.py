@@ -5,6 +5,7 @@ import logging
 
 import stripe
 from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -24,14 +25,32 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         )
     payload = request.body
     try:
-        event = stripe_gateway.construct_event(payload, request.headers.get("Stripe-Signature"))
+        stripe_gateway.construct_event(payload, request.headers.get("Stripe-Signature"))
     except stripe.SignatureVerificationError:
         return JsonResponse(error_body("bad_signature", "Invalid Stripe signature."), status=400)
     except ValueError:
         return JsonResponse(error_body("bad_payload", "Invalid JSON payload."), status=400)
-    data_object = json.loads(payload)["data"]["object"]
-    result = services.handle_stripe_event(
-        event_id=event.id, event_type=event.type, data_object=data_object
-    )
-    log.info("stripe event %s (%s): %s", event.id, event.type, result)
+    body = json.loads(payload)
+    data = body.get("data") if isinstance(body, dict) else None
+    data_object = data.get("object") if isinstance(data, dict) else None
+    event_id, event_type = body.get("id"), body.get("type")
+    if not (isinstance(data_object, dict) and isinstance(event_id, str) and event_id
+            and isinstance(event_type, str)):
+        return JsonResponse(
+            error_body("bad_payload", "The event needs a string id and type and data.object."),
+            status=400,
+        )
+    try:
+        result = services.handle_stripe_event(
+            event_id=event_id, event_type=event_type, data_object=data_object
+        )
+    except (KeyError, TypeError, ValueError, ObjectDoesNotExist) as exc:
+        # The event was signed by Stripe but its object lacks what its type needs; the
+        # transaction rolled back, so nothing was recorded or credited.
+        log.warning("stripe event %s (%s) has an unexpected shape: %r", event_id, event_type, exc)
+        return JsonResponse(
+            error_body("bad_payload", f"The {event_type} event's object is not as expected."),
+            status=400,
+        )
+    log.info("stripe event %s (%s): %s", event_id, event_type, result)
     return JsonResponse({"received": True, "result": result})
