@@ -9,8 +9,6 @@ settlement; a timed-out load is not charged.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from marketplace.models import Document, License, Load
@@ -20,6 +18,7 @@ from tests.marketplace.integration import (
     GPU_QUEUES,
     partial_files,
     skip_module_unless_worker_can_run,
+    wait_for,
     wait_until_ready,
 )
 from tests.support.celery_worker import start_celery_worker
@@ -90,7 +89,7 @@ def test_publish_precompute_license_complete_ledger(
     assert twin.artifact_key == doc.artifact_key
 
     # Buy a license (wallet -> escrow).
-    fund(agent_user, 1.0)
+    fund(agent_user, NANO)
     r = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 3}, format="json")
     assert r.status_code == 201, r.content
     lic = r.json()
@@ -156,7 +155,7 @@ def test_timed_out_load_is_not_charged(
     from ledger.selectors import payable_balance
 
     doc = _publish(publisher_client)
-    fund(agent_user, 1.0)
+    fund(agent_user, NANO)
     lic = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 1},
                           format="json").json()
     settings.COMPLETION_TIMEOUT_SECONDS = 0.001  # no round trip is that fast
@@ -167,7 +166,12 @@ def test_timed_out_load_is_not_charged(
     assert r.status_code == 504, r.content
     assert r.json()["error"]["code"] == "timeout"
     # The worker drops the expired task (or finishes it unread): no charge either way.
-    time.sleep(2)
+    from celery.result import AsyncResult
+
+    task_id = Load.objects.get().celery_task_id
+    assert task_id
+    wait_for(lambda: AsyncResult(task_id).ready(), timeout=60,
+             what="the worker to drop or finish the timed-out task")
     assert Load.objects.get().status == "failed"
     assert not Transaction.objects.filter(kind="load_settlement").exists()
     assert payable_balance(publisher_user) == 0
@@ -188,7 +192,7 @@ def test_openai_client_against_live_server(
     import openai
 
     doc = _publish(publisher_client)
-    fund(agent_user, 1.0)
+    fund(agent_user, NANO)
     from marketplace.services.licenses import purchase_license
 
     lic, _ = purchase_license(agent=agent_user, document_id=doc.pk, loads=5)
