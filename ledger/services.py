@@ -55,11 +55,13 @@ from ledger.models import (
     PayoutStatus,
     Posting,
     StripeEvent,
+    Tariff,
     TopUp,
     TopUpStatus,
     Transaction,
     TransactionKind,
 )
+from ledger.selectors import default_tariff
 
 log = logging.getLogger(__name__)
 
@@ -1038,3 +1040,21 @@ def handle_stripe_event(*, event_id: str, event_type: str, data_object: dict[str
         result = "ignored"
     StripeEvent.objects.filter(event_id=event_id).update(result=result[:255])
     return result
+
+
+# --- tariffs ---------------------------------------------------------------------------------
+
+
+def ensure_tariff(*, model_slug: str) -> Tariff:
+    """The model's stored tariff, created from the registry's default when there is none (so
+    staff can edit it in the admin). KeyError for a model not in the registry."""
+    tariff = Tariff.objects.filter(model_slug=model_slug).first()
+    if tariff is not None:
+        return tariff
+    default = default_tariff(model_slug)
+    try:
+        with transaction.atomic():
+            default.save()
+    except IntegrityError:  # created meanwhile by a concurrent call
+        return Tariff.objects.get(model_slug=model_slug)
+    return default

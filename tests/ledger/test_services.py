@@ -42,6 +42,20 @@ def test_tariff_unknown_model():
         selectors.tariff_for("no-such-model")
 
 
+def test_reading_a_tariff_writes_nothing_and_ensure_stores_it_once():
+    Tariff.objects.filter(model_slug="tiny-qwen3").delete()
+    assert selectors.tariff_for("tiny-qwen3").load_price_nano(3774) == 37_740
+    assert not Tariff.objects.filter(model_slug="tiny-qwen3").exists()  # a read, not a write
+
+    stored = services.ensure_tariff(model_slug="tiny-qwen3")
+    assert stored.pk is not None
+    assert services.ensure_tariff(model_slug="tiny-qwen3").pk == stored.pk
+    Tariff.objects.filter(pk=stored.pk).update(publisher_share=Decimal("0.5"))
+    assert selectors.tariff_for("tiny-qwen3").publisher_share == Decimal("0.5")  # staff's edit
+    with pytest.raises(KeyError):
+        services.ensure_tariff(model_slug="no-such-model")
+
+
 def test_tariff_edit_never_touches_past_postings(agent, publisher):
     tariff = selectors.tariff_for("tiny-qwen3")
     price = tariff.load_price_nano(3774)
