@@ -56,6 +56,26 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
         time.sleep(interval)
 
 
+def task_left_the_broker(task_id: str, queue: str) -> bool:
+    """Whether a worker has dealt with the task: it finished, or it is neither waiting in its
+    queue nor held by a worker (a revoked or expired task is dropped on receipt)."""
+    from kombu.exceptions import ChannelError
+
+    from kvmarket.celery import app
+
+    if app.AsyncResult(task_id).ready():
+        return True
+    with app.connection_for_read() as conn:
+        try:
+            if conn.default_channel.queue_declare(queue, passive=True).message_count:
+                return False
+        except ChannelError:  # no such queue: nothing waits in it
+            pass
+    inspect = app.control.inspect(timeout=1.0)
+    held = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+    return not any(task["id"] == task_id for tasks in held for task in tasks)
+
+
 def wait_until_ready(document_id: int, *, timeout: float = 180.0) -> tuple[Document, list]:
     """Poll the document until it is ready; returns it and the progress values seen."""
     seen: list[tuple[str, int, int]] = []

@@ -18,6 +18,7 @@ from tests.marketplace.integration import (
     GPU_QUEUES,
     partial_files,
     skip_module_unless_worker_can_run,
+    task_left_the_broker,
     wait_for,
     wait_until_ready,
 )
@@ -166,11 +167,12 @@ def test_timed_out_load_is_not_charged(
     assert r.status_code == 504, r.content
     assert r.json()["error"]["code"] == "timeout"
     # The worker drops the expired task (or finishes it unread): no charge either way.
-    from celery.result import AsyncResult
+    from marketplace.workers import direct_queue_name, gpu_queue_name
 
-    task_id = Load.objects.get().celery_task_id
-    assert task_id
-    wait_for(lambda: AsyncResult(task_id).ready(), timeout=60,
+    load = Load.objects.get()
+    assert load.celery_task_id
+    queue = direct_queue_name(load.worker) if load.worker else gpu_queue_name("tiny-qwen3")
+    wait_for(lambda: task_left_the_broker(load.celery_task_id, queue), timeout=60,
              what="the worker to drop or finish the timed-out task")
     assert Load.objects.get().status == "failed"
     assert not Transaction.objects.filter(kind="load_settlement").exists()
