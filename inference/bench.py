@@ -1,6 +1,7 @@
 """Cold prefill vs KV reuse from each store tier, for a list of document lengths. Prints JSON.
 
 CPU:  python bench/kv_reuse.py --model builtin --lengths 256,1024,3000
+      python bench/kv_reuse.py --model smollm2-135m --lengths 2048 --load-times
 GPU:  python bench/kv_reuse.py --device cuda --model-config qwen3-4b \
           --lengths 1024,3774,8192,32768
 The qwen3-4b path builds Qwen3-4B from its config with random bf16 weights (prefill and reuse
@@ -141,11 +142,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .store import KVStore
 
     device = args.device
+    load_times = None
     if args.model_config:
         dtype = args.dtype or "bfloat16"
         loaded = build_random_model(args.model_config, dtype=dtype, device=device)
+    elif args.load_times:
+        load_times, loaded = _load_times(args.model, dtype=args.dtype or "float32", device=device)
     else:
-        loaded = get_model(args.model, dtype=args.dtype or "float32", device=device)
+        loaded = get_model(args.model, dtype=args.dtype or "float32", device=device,
+                           cache_dir=args.model_cache)
     # One-shot prefill on GPU up to 32k tokens: chunks there only add masked attention calls.
     chunk = args.chunk_size or (32768 if device.startswith("cuda") else 512)
     root = args.store or tempfile.mkdtemp(prefix="kv-bench-")
@@ -252,12 +257,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "chunk_size": chunk,
         "repeats": args.repeats,
+        "model_load": load_times,
         "warm_up": warm_up_report,
         "pinned_arena": {"bytes": store.pinned_bytes,
                          "seconds": round(pinned_s, 3)},
         "note": "ttft = time to first token incl. store load; disk reads may hit the OS page cache",
         "results": results,
     }
+
+
+def _load_times(model_ref: str, *, dtype: str, device: str) -> tuple[dict[str, Any], Any]:
+    """Seconds to load the model cold (a GGUF file converted into an empty model cache) and
+    from the cache that conversion left (a later start), in this process."""
+    from .models import gguf_path, load_model
+
+    cache = tempfile.mkdtemp(prefix="model-cache-bench-")
+    try:
+        times = {}
+        for name in ("cold", "cached"):
+            _sync(device)
+            start = time.perf_counter()
+            loaded = load_model(model_ref, dtype=dtype, device=device, cache_dir=cache)
+            _sync(device)
+            times[f"{name}_s"] = round(time.perf_counter() - start, 3)
+            if name == "cold":
+                del loaded
+        times["gguf"] = gguf_path(model_ref) is not None
+        return times, loaded
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _batched(
@@ -288,7 +316,14 @@ def _batched(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kv_reuse", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin", help="hub id, local path or 'builtin'")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin', 'smollm2-135m', a local folder, a .gguf file, "
+                        "pkg:<package>/<file>.gguf or a cached hub id")
+    p.add_argument("--model-cache", help="folder of converted GGUF models (default "
+                                         "$KVMARKET_MODEL_CACHE or ~/.cache/kvmarket/models)")
+    p.add_argument("--load-times", action="store_true",
+                   help="also time loading the model cold (GGUF converted into an empty "
+                        "cache) and cached")
     p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS),
                    help="build this architecture with random weights instead of --model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

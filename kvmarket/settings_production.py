@@ -10,6 +10,7 @@ if DEBUG:  # noqa: F405
 if SECRET_KEY == INSECURE_SECRET_KEY or len(SECRET_KEY) < 50:  # noqa: F405
     raise ImproperlyConfigured("Set SECRET_KEY to a random value of at least 50 characters.")
 
+SANDBOX_MODE = False  # test credits never exist in production
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)

@@ -6,6 +6,7 @@ SYSTEM_KEYS = {
     AccountKind.PLATFORM_REVENUE: "platform:revenue",
     AccountKind.PLATFORM_COMPUTE_REVENUE: "platform:compute_revenue",
     AccountKind.STRIPE_CLEARING: "stripe:clearing",
+    AccountKind.SANDBOX_FUNDING: "sandbox:funding",
 }
 
 

@@ -19,6 +19,7 @@ from ledger.models import (
     TopUp,
     Transaction,
 )
+from ledger.money import usd_amount
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -66,14 +67,24 @@ class AccountAdmin(ReadOnlyAdmin):
     list_filter = ["kind"]
     search_fields = ["key", "owner__email", "license_ref"]
 
-    @admin.display(description="balance (nano-USD)")
-    def balance_display(self, obj: Account) -> int:
-        return selectors.account_balance(obj)
+    @admin.display(description="balance")
+    def balance_display(self, obj: Account) -> str:
+        return usd_amount(selectors.account_balance(obj))
+
+
+@admin.display(description="amount")
+def posting_amount(obj: Posting) -> str:
+    return usd_amount(obj.amount)
+
+
+@admin.display(description="balance after")
+def posting_balance_after(obj: Posting) -> str:
+    return usd_amount(obj.balance_after)
 
 
 class PostingInline(ReadOnlyInline):
     model = Posting
-    fields = ["account", "amount", "balance_after", "created_at"]
+    fields = ["account", posting_amount, posting_balance_after, "created_at"]
     readonly_fields = fields
 
 
@@ -88,7 +99,9 @@ class TransactionAdmin(ReadOnlyAdmin):
 
 @admin.register(Posting)
 class PostingAdmin(ReadOnlyAdmin):
-    list_display = ["id", "transaction", "account", "amount", "balance_after", "created_at"]
+    list_display = [
+        "id", "transaction", "account", posting_amount, posting_balance_after, "created_at"
+    ]
     list_filter = ["account__kind"]
     search_fields = ["account__key", "transaction__idempotency_key"]
     list_select_related = ["transaction", "account"]
@@ -109,7 +122,7 @@ class PayoutAdmin(admin.ModelAdmin):
     search_fields = ["publisher__email", "stripe_transfer_id"]
     date_hierarchy = "created_at"
     readonly_fields = [
-        "publisher", "amount_nano", "status", "transaction", "reversal_transaction",
+        "publisher", "amount_usd", "status", "transaction", "reversal_transaction",
         "stripe_transfer_id", "failure_reason", "created_at", "updated_at",
     ]
     inlines = [PayoutEventInline]
@@ -121,9 +134,9 @@ class PayoutAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:  # noqa: ANN001
         return False
 
-    @admin.display(description="amount (USD)", ordering="amount_nano")
+    @admin.display(description="amount", ordering="amount_nano")
     def amount_usd(self, obj: Payout) -> str:
-        return f"{obj.amount_cents / 100:.2f}"
+        return usd_amount(obj.amount_nano)
 
     def _apply(self, request: HttpRequest, queryset: QuerySet, verb: str, fn) -> list[int]:  # noqa: ANN001
         done, failed = [], []

@@ -50,3 +50,10 @@ class PaymentProviderError(LedgerError):
 
     code = "payment_provider_error"
     http_status = 502
+
+
+class SandboxDisabled(LedgerError):
+    """Test credits exist only in sandbox mode (settings.SANDBOX_MODE)."""
+
+    code = "sandbox_disabled"
+    http_status = 403

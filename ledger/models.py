@@ -34,6 +34,8 @@ class AccountKind(models.TextChoices):
     PLATFORM_REVENUE = "platform_revenue", "Platform revenue"
     PLATFORM_COMPUTE_REVENUE = "platform_compute_revenue", "Platform compute revenue"
     STRIPE_CLEARING = "stripe_clearing", "Stripe clearing"
+    # Where test credits come from in sandbox mode (settings.SANDBOX_MODE): no real money.
+    SANDBOX_FUNDING = "sandbox_funding", "Sandbox funding"
 
 
 BOUNDED_KINDS = (
@@ -45,6 +47,7 @@ SYSTEM_KINDS = (
     AccountKind.PLATFORM_REVENUE,
     AccountKind.PLATFORM_COMPUTE_REVENUE,
     AccountKind.STRIPE_CLEARING,
+    AccountKind.SANDBOX_FUNDING,
 )
 
 
@@ -106,6 +109,7 @@ class TransactionKind(models.TextChoices):
     ESCROW_REFUND = "escrow_refund", "Escrow refund"
     PAYOUT = "payout", "Payout"
     PAYOUT_REVERSAL = "payout_reversal", "Payout reversal"
+    SANDBOX_CREDIT = "sandbox_credit", "Sandbox test credit"
 
 
 class Transaction(models.Model):

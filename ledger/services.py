@@ -42,6 +42,7 @@ from ledger.errors import (
     LedgerError,
     PaymentProviderError,
     PayoutStateError,
+    SandboxDisabled,
 )
 from ledger.models import (
     BOUNDED_KINDS,
@@ -583,6 +584,29 @@ def credit_topup(
         fingerprint=_fingerprint("topup", agent=agent.pk, amount=amount_nano, ref=external_ref),
         memo="Wallet top-up",
         external_ref=external_ref,
+    )
+
+
+# The most one sandbox credit may add, so a test wallet stays a test wallet.
+SANDBOX_CREDIT_MAX_NANO = 1000 * 10**9
+
+
+def credit_sandbox(*, agent, amount_nano: int, idempotency_key: str) -> Transaction:
+    """Sandbox funding -> agent wallet: test credits, only while settings.SANDBOX_MODE is on
+    (never in production settings). Double entry like a top-up; the same key credits once."""
+    if not settings.SANDBOX_MODE:
+        raise SandboxDisabled("Test credits are only available in sandbox mode.")
+    _check_amount(amount_nano)
+    if amount_nano > SANDBOX_CREDIT_MAX_NANO:
+        raise InvalidAmount("A sandbox credit is at most $1,000.")
+    return _transfer(
+        source=_system(AccountKind.SANDBOX_FUNDING),
+        dest=_wallet(agent.pk),
+        amount_nano=amount_nano,
+        kind=TransactionKind.SANDBOX_CREDIT,
+        idempotency_key=idempotency_key,
+        fingerprint=_fingerprint("sandbox_credit", agent=agent.pk, amount=amount_nano),
+        memo="Sandbox test credit",
     )
 
 

@@ -5,6 +5,7 @@ from django.urls import path
 from marketplace.api import accounts as accounts_api
 from marketplace.api import completions as completions_api
 from marketplace.api import documents as documents_api
+from marketplace.api import economics as economics_api
 from marketplace.api import licenses as licenses_api
 
 urlpatterns = [
@@ -27,6 +28,11 @@ urlpatterns = [
         "documents/<int:pk>/retry",
         documents_api.DocumentRetryView.as_view(),
         name="api-document-retry",
+    ),
+    path(
+        "documents/<int:pk>/economics",
+        economics_api.DocumentEconomicsView.as_view(),
+        name="api-document-economics",
     ),
     path("documents/<int:pk>/kv", documents_api.DocumentKVView.as_view(), name="api-document-kv"),
     path("licenses", licenses_api.LicenseListView.as_view(), name="api-licenses"),

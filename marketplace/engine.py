@@ -2,18 +2,21 @@
 
 Worker processes (and the web process, for KV downloads) share process-wide singletons built
 from settings: one KVStore over settings.KV_STORE_DIR and one loaded model per registry slug
-(inference.get_model caches models itself). Everything returned from here is plain JSON-able
-data so Celery can carry it.
+(inference.get_model caches models itself), and in a GPU worker the Scheduler that runs the
+loads its HTTP endpoint receives. Everything returned from here is plain JSON-able data.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _store = None
@@ -74,7 +77,8 @@ def get_loaded(slug: str):  # noqa: ANN201 - inference.LoadedModel
 
     cfg = model_config(slug)
     return inference.get_model(
-        cfg["ref"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "cpu")
+        cfg["ref"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "cpu"),
+        cache_dir=settings.MODEL_CACHE_DIR,
     )
 
 
@@ -127,24 +131,18 @@ def generate(
     seed: int | None = None,
     stop: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Continue from the artifact. Returns the text, its streaming deltas, usage and timings.
-
-    With settings.COMPLETION_BATCH_WINDOW_MS > 0 (a GPU worker running a thread pool), requests
-    for the same artifact that arrive within that window run as one batch (see _Batcher).
-    """
+    """Continue from the artifact in this thread (no scheduler). Returns the text, its deltas,
+    usage and timings. The worker's HTTP endpoint goes through `scheduler` instead."""
     import inference
 
     loaded = get_loaded(slug)
     store = get_store()
-    request = dict(messages=messages, prompt=prompt, max_tokens=max_tokens,
-                   temperature=temperature, top_p=top_p, seed=seed, stop=stop or None)
-    window_ms = float(getattr(settings, "COMPLETION_BATCH_WINDOW_MS", 0) or 0)
-    if window_ms > 0:
-        final = batcher.submit(loaded, store, artifact_key, request, window_s=window_ms / 1000)
-        return _result(final, [final.text] if final.text else [])
     deltas: list[str] = []
     final = None
-    for item in inference.generate_stream(loaded, store, artifact_key, **request):
+    for item in inference.generate_stream(
+        loaded, store, artifact_key, messages=messages, prompt=prompt, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, stop=stop or None,
+    ):
         if isinstance(item, str):
             if item:
                 deltas.append(item)
@@ -152,13 +150,13 @@ def generate(
             final = item
     if final is None:  # pragma: no cover - the engine always ends with a Generation
         raise RuntimeError("The engine's stream ended without a final result.")
-    return _result(final, deltas)
+    return {**result_dict(final), "deltas": deltas}
 
 
-def _result(final: Any, deltas: list[str]) -> dict[str, Any]:
+def result_dict(final: Any) -> dict[str, Any]:
+    """An engine Generation as plain JSON-able data."""
     return {
         "text": final.text,
-        "deltas": deltas,
         "finish_reason": final.finish_reason,
         "usage": {
             "cached_tokens": int(final.usage.cached_tokens),
@@ -173,63 +171,220 @@ def _result(final: Any, deltas: list[str]) -> dict[str, Any]:
     }
 
 
-class _Batcher:
-    """Gathers concurrent completions of one artifact for a short window into one batch.
+# --- the scheduler of a worker's loads -------------------------------------------------------
 
-    The first request of an artifact waits the window, then runs every request that joined it
-    through inference.generate_batch (one batched forward per step on the GPU fast path) and
-    hands each thread its own Generation. If the batch fails as a whole (say one request is
-    invalid), each request runs alone, so one bad request cannot fail the others.
+
+class Busy(Exception):
+    """The worker's queue is full: the caller answers 429 and the client retries."""
+
+
+class Job:
+    """One load in a worker: its request, and where its events go.
+
+    ``emit`` is called from the engine thread with each event (plain dicts: "delta" with the
+    text and the tokens made so far, then "final" or "error"); ``cancel`` (the client went
+    away) stops the generation at its next step.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[tuple[int, str], list[_Pending]] = {}
-        self.batches = 0  # batches run, and requests served through them (for metrics/tests)
-        self.requests = 0
+    def __init__(self, *, slug: str, artifact_key: str, request: dict[str, Any],
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+        self.slug = slug
+        self.artifact_key = artifact_key
+        self.request = request
+        self.emit = emit
+        self.enqueued_at = time.perf_counter()
+        self.queue_s = 0.0
+        self.usage: Any = None  # inference.Usage, live while the job runs
+        self.emitted_text = False
+        self._cancelled = threading.Event()
 
-    def submit(self, loaded: Any, store: Any, key: str, request: dict[str, Any], *,
-               window_s: float) -> Any:
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def delta(self, text: str) -> bool:
+        """Send a text delta; False when the job was cancelled (stop generating)."""
+        if self.cancelled:
+            return False
+        if text:
+            event: dict[str, Any] = {"type": "delta", "text": text, "n": 0}
+            if self.usage is not None:
+                event["n"] = int(self.usage.output_tokens)
+                if not self.emitted_text:  # the first delta: what a stream cut short bills
+                    event["usage"] = {"cached_tokens": int(self.usage.cached_tokens),
+                                      "suffix_tokens": int(self.usage.suffix_tokens)}
+            self.emitted_text = True
+            self.emit(event)
+        return True
+
+    def final(self, generation: Any, *, batch: int) -> None:
+        result = result_dict(generation)
+        result["timings"]["queue_s"] = round(self.queue_s, 6)
+        self.emit({"type": "final", **result, "batch": batch})
+
+    def error(self, code: str, message: str) -> None:
+        self.emit({"type": "error", "code": code, "message": message})
+
+
+class Scheduler:
+    """Runs a worker's loads on its engine: one engine thread per model, dynamic batching.
+
+    A request that finds its model's engine idle runs at once, alone. Requests that arrive
+    while it is busy wait; when it is free again it takes the oldest waiting request and every
+    other waiting request on the same artifact (up to ``max_batch``) and runs them as one batch
+    (inference.generate_batch, every row streamed as its steps finish). No request waits for a
+    batch to fill. At most ``max_queue`` requests wait per worker; beyond that submit raises
+    Busy. Precomputes run in the Celery consumer's thread beside these engine threads; the
+    engine's own locks guard the GPU.
+    """
+
+    def __init__(self, *, max_batch: int, max_queue: int) -> None:
+        self.max_batch = max(1, max_batch)
+        self.max_queue = max(1, max_queue)
+        self._cond = threading.Condition()
+        self._waiting: dict[str, list[Job]] = {}  # per model slug, oldest first
+        self._running = 0
+        self._threads: dict[str, threading.Thread] = {}
+        self.batches = 0  # batches of more than one request run (for tests and metrics)
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._running + sum(len(q) for q in self._waiting.values())
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            waiting = sum(len(q) for q in self._waiting.values())
+            if waiting >= self.max_queue:
+                raise Busy(f"{waiting} requests are waiting on this worker")
+            self._waiting.setdefault(job.slug, []).append(job)
+            if job.slug not in self._threads:
+                thread = threading.Thread(
+                    target=self._run, args=(job.slug,), name=f"engine-{job.slug}", daemon=True
+                )
+                self._threads[job.slug] = thread
+                thread.start()
+            self._cond.notify_all()
+
+    def _next_batch(self, slug: str) -> list[Job]:
+        with self._cond:
+            while True:
+                queue = self._waiting.setdefault(slug, [])
+                queue[:] = [j for j in queue if not j.cancelled]  # their clients went away
+                if queue:
+                    break
+                self._cond.wait()
+            key = queue[0].artifact_key
+            batch = [j for j in queue if j.artifact_key == key][: self.max_batch]
+            chosen = {id(j) for j in batch}
+            queue[:] = [j for j in queue if id(j) not in chosen]
+            self._running += len(batch)
+            return batch
+
+    def _run(self, slug: str) -> None:
+        while True:
+            batch = self._next_batch(slug)
+            now = time.perf_counter()
+            for job in batch:
+                job.queue_s = now - job.enqueued_at
+            try:
+                if len(batch) == 1:
+                    self._run_one(batch[0])
+                else:
+                    self._run_batch(batch)
+            except Exception:  # noqa: BLE001 - the engine thread must survive any request
+                log.exception("Engine thread %s: a batch failed", slug)
+                for job in batch:
+                    job.error("generation_failed", "The worker failed to run this completion.")
+            finally:
+                with self._cond:
+                    self._running -= len(batch)
+
+    def _run_one(self, job: Job) -> None:
+        import inference
+        from inference.errors import KVError
+
+        def observe(usage: Any) -> None:
+            job.usage = usage
+
+        stream = None
+        try:
+            stream = inference.generate_stream(
+                get_loaded(job.slug), get_store(), job.artifact_key, **job.request,
+                observe=observe,
+            )
+            for item in stream:
+                if isinstance(item, str):
+                    if not job.delta(item):
+                        return  # cancelled: closing the stream below frees the engine
+                else:
+                    job.final(item, batch=1)
+        except KVError as exc:
+            job.error(exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - reported to this request only
+            log.exception("Completion failed")
+            job.error("generation_failed", f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _run_batch(self, batch: list[Job]) -> None:
         import inference
 
-        mine = _Pending(request)
-        group = (id(loaded), key)
-        with self._lock:
-            queue = self._waiting.setdefault(group, [])
-            queue.append(mine)
-            leader = len(queue) == 1
-        if leader:
-            time.sleep(window_s)
-            with self._lock:
-                batch = self._waiting.pop(group)
-                self.batches += 1
-                self.requests += len(batch)
-            try:
-                finals = inference.generate_batch(loaded, store, key, [p.request for p in batch])
-                for pending, final in zip(batch, finals, strict=True):
-                    pending.result = final
-            except Exception:
-                for pending in batch:
-                    try:
-                        pending.result = inference.generate(loaded, store, key, **pending.request)
-                    except Exception as exc:
-                        pending.result = exc
-            for pending in batch:
-                pending.done.set()
-        mine.done.wait()
-        if isinstance(mine.result, BaseException):
-            raise mine.result
-        return mine.result
+        usages: list[Any] = [None] * len(batch)
+        done = [False] * len(batch)
+
+        def on_item(row: int, item: Any) -> bool:
+            job = batch[row]
+            if job.usage is None:
+                job.usage = usages[row]
+            if isinstance(item, str):
+                return job.delta(item)
+            done[row] = True
+            job.final(item, batch=len(batch))
+            return True
+
+        with self._cond:
+            self.batches += 1
+        try:
+            inference.generate_batch(
+                get_loaded(batch[0].slug), get_store(), batch[0].artifact_key,
+                [j.request for j in batch], on_item=on_item, usages=usages,
+            )
+        except Exception:  # noqa: BLE001 - e.g. one invalid request: run the others alone
+            for row, job in enumerate(batch):
+                if done[row] or job.cancelled:
+                    continue
+                if job.emitted_text:
+                    job.error("generation_failed", "The batch this completion ran in failed.")
+                else:
+                    job.usage = None
+                    self._run_one(job)
 
 
-class _Pending:
-    def __init__(self, request: dict[str, Any]) -> None:
-        self.request = request
-        self.result: Any = None
-        self.done = threading.Event()
+_scheduler: Scheduler | None = None
 
 
-batcher = _Batcher()
+def scheduler() -> Scheduler:
+    """This process's scheduler (a GPU worker's HTTP endpoint submits its loads to it)."""
+    global _scheduler
+    if _scheduler is None:
+        with _lock:
+            if _scheduler is None:
+                _scheduler = Scheduler(
+                    max_batch=int(settings.GPU_WORKER_MAX_BATCH),
+                    max_queue=int(settings.GPU_WORKER_MAX_QUEUE),
+                )
+    return _scheduler
+
+
+def hot_keys(limit: int = 1000) -> list[str]:
+    """Artifact keys this process holds in GPU or pinned host memory."""
+    if _store is None:
+        return []
+    return _store.memory_keys()[:limit]
 
 
 def artifact_path(artifact_key: str):  # noqa: ANN201 - pathlib.Path | None

@@ -1,19 +1,20 @@
-"""Celery tasks (thin): precompute on the model's GPU queue, completions, housekeeping.
+"""Celery tasks (thin): precompute on the model's GPU queue, housekeeping.
 
-GPU workers run ``celery -A kvmarket worker -Q gpu.<slug> --pool solo``; each also consumes
-its direct queue ``worker.<hostname>`` (marketplace.workers) for completions routed to it.
+GPU workers run ``celery -A kvmarket worker -Q gpu.<slug> --pool solo``. Completions do not go
+through Celery: the web calls the worker's HTTP endpoint (marketplace.worker_server).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from celery import shared_task
 
 from kvmarket.celery import gpu_queue_name
-from marketplace import workers  # noqa: F401 - registers the worker's direct queue
+from marketplace import workers  # noqa: F401 - connects the GPU worker's start-up signals
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noq
     broker redeliver the task to another worker.
     """
     from inference.errors import KVError
-    from marketplace import engine
 
+    if document_services.precompute_alive_elsewhere(document_id=document_id):
+        log.info("Precompute of document %s runs on a live worker; duplicate %s skipped",
+                 document_id, self.request.id)
+        return None
     document = document_services.start_precompute(
         document_id=document_id, task_id=self.request.id or ""
     )
@@ -71,10 +75,8 @@ def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noq
         return bool(last["cancelled"])
 
     try:
-        result = engine.precompute(
-            slug=document.model_slug, text=document.text, progress=progress,
-            should_cancel=should_cancel,
-        )
+        with _Heartbeat(document_id):
+            result = _precompute_adopting(document, progress, should_cancel)
     except KVError as exc:
         if exc.code == "precompute_cancelled":
             log.info("Precompute of document %s cancelled", document_id)
@@ -92,37 +94,73 @@ def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noq
     return {"ok": True, "key": result["key"], "n_tokens": result["n_tokens"]}
 
 
-@shared_task(name="marketplace.tasks.run_completion", bind=True, acks_late=False)
-def run_completion(
-    self,  # noqa: ANN001
-    *,
-    load_id: int,
-    model_slug: str,
-    artifact_key: str,
-    messages: list[dict[str, Any]] | None = None,
-    prompt: str | None = None,
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-) -> dict[str, Any]:
-    """Continue from the artifact; pure compute (the API process records and charges).
-
-    Not acks_late: a completion lost with its worker is not retried behind the API's back
-    (the API times out with 504 and charges nothing; the client may retry).
-    """
-    from inference.errors import KVError
+def _precompute_adopting(document, progress, should_cancel) -> dict[str, Any]:  # noqa: ANN001
+    """engine.precompute, checking the payload hash of an artifact that was already there
+    (say, written by a worker killed before it recorded it): adopted when it verifies,
+    deleted and computed again when it does not."""
+    import inference
+    from inference.errors import ArtifactCorrupted, ArtifactTruncated
     from marketplace import engine
 
+    kwargs = dict(slug=document.model_slug, text=document.text, progress=progress,
+                  should_cancel=should_cancel)
+    result = engine.precompute(**kwargs)
+    if not result["reused"]:
+        return result
+    path = engine.get_store().path(result["key"])
+    if not path.is_file():
+        return result  # held only in S3: the store verifies it on download
     try:
-        out = engine.generate(
-            slug=model_slug, artifact_key=artifact_key, messages=messages, prompt=prompt,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+        inference.read_artifact(path, engine.get_loaded(document.model_slug))
+    except (ArtifactCorrupted, ArtifactTruncated) as exc:
+        log.warning("Artifact %s of document %s failed its check (%s); computing it again",
+                    result["key"], document.pk, exc)
+        engine.delete_artifact(result["key"])
+        return engine.precompute(**kwargs)
+    log.info("Document %s adopted the existing artifact %s", document.pk, result["key"])
+    return result
+
+
+class _Heartbeat:
+    """Touches the document every PRECOMPUTE_HEARTBEAT_SECONDS from a thread while the
+    precompute runs, through model loading and verification, which report no progress: a
+    document left untouched for PRECOMPUTE_STALE_SECONDS has lost its worker
+    (services.documents.recover_stalled_precomputes)."""
+
+    def __init__(self, document_id: int) -> None:
+        self.document_id = document_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"precompute-heartbeat-{document_id}", daemon=True
         )
-    except KVError as exc:
-        return {"ok": False, "error": exc.to_dict(), "worker": self.request.hostname}
-    return {"ok": True, "worker": self.request.hostname, "load_id": load_id, **out}
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from django.conf import settings
+        from django.db import connection
+
+        interval = float(settings.PRECOMPUTE_HEARTBEAT_SECONDS)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    document_services.touch_precompute(document_id=self.document_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                    log.warning("Heartbeat of document %s failed", self.document_id,
+                                exc_info=True)
+        finally:
+            connection.close()  # this thread's own connection
+
+
+@shared_task(name="marketplace.tasks.recover_stalled_precomputes")
+def recover_stalled_precomputes() -> dict[str, list[int]]:
+    return document_services.recover_stalled_precomputes()
 
 
 @shared_task(name="marketplace.tasks.expire_licenses")
@@ -132,11 +170,18 @@ def expire_licenses() -> int:
     return expire()
 
 
-@shared_task(name="marketplace.tasks.expire_stale_loads")
-def expire_stale_loads() -> int:
-    from marketplace.services.completions import expire_stale_loads as expire
+@shared_task(name="marketplace.tasks.sweep_loads")
+def sweep_loads() -> dict[str, int]:
+    """Release abandoned reservations and charge served loads left uncharged (every ~15 s)."""
+    from marketplace.services.completions import sweep_loads as sweep
 
-    return expire()
+    return sweep()
+
+
+@shared_task(name="marketplace.tasks.expire_stale_loads")
+def expire_stale_loads() -> dict[str, int]:
+    """The sweep's former name (schedules stored in the database may still send it)."""
+    return sweep_loads()
 
 
 @shared_task(name="marketplace.tasks.collect_artifacts")

@@ -4,10 +4,17 @@ from django.urls import path
 
 from marketplace.views import accounts as account_views
 from marketplace.views import agent as agent_views
+from marketplace.views import ops as ops_views
 from marketplace.views import publisher as publisher_views
+from marketplace.views import store as store_views
 
 urlpatterns = [
     path("", account_views.home, name="home"),
+    path("favicon.ico", account_views.favicon, name="favicon"),
+    # --- storefront (public) ------------------------------------------------------------------
+    path("documents/", store_views.catalogue, name="catalogue"),
+    path("documents/<int:document_id>/", store_views.document_page, name="document-page"),
+    path("documents/<int:document_id>/buy/", store_views.document_buy, name="document-buy"),
     # --- accounts -----------------------------------------------------------------------------
     path("account/signup/", account_views.signup, name="signup"),
     path("account/login/", account_views.LoginView.as_view(), name="login"),
@@ -58,8 +65,21 @@ urlpatterns = [
         publisher_views.document_relist,
         name="document-relist",
     ),
+    path(
+        "publisher/documents/<int:document_id>/edit/",
+        publisher_views.document_edit,
+        name="document-edit",
+    ),
     path("publisher/payouts/connect/", publisher_views.stripe_connect, name="publisher-connect"),
     # --- agent console ------------------------------------------------------------------------
     path("console/", agent_views.console, name="agent-console"),
     path("console/topup/", agent_views.topup, name="agent-topup"),
+    path("console/credits/", agent_views.sandbox_credit, name="agent-sandbox-credit"),
+    path("console/licenses/", agent_views.licenses, name="agent-licenses"),
+    # --- operations console (staff) -----------------------------------------------------------
+    path("ops/", ops_views.console, name="ops-console"),
+    path("ops/settle/", ops_views.settle_now, name="ops-settle"),
+    path("ops/payouts/<int:payout_id>/approve/", ops_views.approve, name="ops-payout-approve"),
+    path("ops/payouts/<int:payout_id>/reject/", ops_views.reject, name="ops-payout-reject"),
+    path("ops/payouts/<int:payout_id>/retry/", ops_views.retry, name="ops-payout-retry"),
 ]

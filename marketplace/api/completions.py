@@ -1,20 +1,26 @@
 """OpenAI-compatible completions from a hosted KV cache: POST chat/completions, POST completions.
 
 The body names the document and the license (with the openai SDK: ``extra_body={"document":
-..., "license": ...}``). Metering is described in marketplace.services.completions: the load is
-charged in this process after the worker's result came back, exactly once per Idempotency-Key.
+..., "license": ...}``). The request path, the charge rule and exactly-once metering are
+described in marketplace.services.completions.
 
-Streaming (``stream: true``): the generation runs to the end on the worker, then this view
-relays it as server-sent events, one chunk per text delta the engine produced, in OpenAI's
-chunk format, ending with ``data: [DONE]``. Generating first means a stream is only ever
-opened for a load that succeeded and was charged, and a failure is still a plain JSON error
-with its HTTP status; the cost is that the first chunk arrives when the generation is done
-(the worker's own time to first token is reported in ``kvmarket.ttft_seconds``).
+Streaming (``stream: true``): server-sent events in OpenAI's chunk format, one chunk per text
+delta as the engine's decode loop makes it (relayed from the GPU worker's stream), ending with
+``data: [DONE]``; with ``stream_options.include_usage`` a last chunk carries ``usage`` (and the
+load's ``kvmarket`` details). Everything that can fail before the first token (reservation, no
+worker, every worker busy, the engine refusing the request) is still a plain JSON error with
+its HTTP status, and uncharged. Once the first token was sent the load is served and charged;
+a client that disconnects stops the generation and is charged for the tokens produced until
+then; a worker lost mid-stream ends the stream with an ``error`` event (no ``[DONE]``).
+
+Each response tells where its time went: the ``Server-Timing`` header (auth, reserve, route
+and, when not streamed, queue, engine_ttft, decode, charge) and ``kvmarket.timings`` (seconds).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +54,7 @@ COMPLETION_ERRORS = {
         "License exhausted, expired, revoked or for another document; key in use or reused."
     ),
     502: error_response("The worker failed; not charged."),
+    503: error_response("No GPU worker of this model is available; not charged (Retry-After)."),
     504: error_response("The completion timed out; not charged."),
     **COMMON_ERRORS,
 }
@@ -70,7 +77,7 @@ def _usage(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _kvmarket(load: Load, replayed: bool) -> dict[str, Any]:
+def _kvmarket(load: Load, replayed: bool, phases: completion_services.Phases) -> dict[str, Any]:
     result = load.response or {}
     return {
         "load": load.pk,
@@ -79,35 +86,32 @@ def _kvmarket(load: Load, replayed: bool) -> dict[str, Any]:
         "loads_left": result.get("loads_left"),
         "charged_nano": load.amount_nano,
         "compute_nano": load.compute_nano,
+        "charge_pending": load.status != "succeeded",
         "ttft_seconds": load.ttft_seconds,
+        "worker": load.worker or None,
+        "timings": dict(phases.seconds),
         "replayed": replayed,
     }
 
 
-def _deltas(result: dict[str, Any]) -> list[str]:
-    deltas = [d for d in result.get("deltas") or [] if d]
-    text = result.get("text") or ""
-    if "".join(deltas) != text:  # e.g. a stop string trimmed the end: relay the final text
-        deltas = [text] if text else []
-    return deltas
-
-
 def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+    done = True
+    try:
+        for chunk in chunks:
+            if "error" in chunk:  # the worker was lost mid-stream: no [DONE]
+                done = False
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        if done:
+            yield b"data: [DONE]\n\n"
+    finally:
+        chunks.close()  # a client gone mid-stream: stops the generation, charges what was made
 
 
-def _event_stream(chunks: Iterator[dict[str, Any]], load: Load, replayed: bool):  # noqa: ANN202
-    response = StreamingHttpResponse(_sse(chunks), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    _headers(response, load, replayed)
-    return response
-
-
-def _headers(response: Any, load: Load, replayed: bool) -> None:
+def _headers(response: Any, load: Load, replayed: bool,
+             phases: completion_services.Phases) -> None:
     response["X-Kvmarket-Load"] = str(load.pk)
+    if phases.seconds:
+        response["Server-Timing"] = phases.header()
     if replayed:
         response["Idempotent-Replayed"] = "true"
 
@@ -118,6 +122,13 @@ class _CompletionView(MarketplaceView):
     id_prefix: str
     object_name: str  # the body's "object"
     chunk_object_name: str  # each streamed chunk's "object"
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        """Authentication, permissions and throttles: the load's "auth" phase."""
+        t0 = time.perf_counter()
+        super().initial(request, *args, **kwargs)
+        self.phases = completion_services.Phases()
+        self.phases.add("auth", time.perf_counter() - t0)
 
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         require_agent(request.user)
@@ -135,35 +146,55 @@ class _CompletionView(MarketplaceView):
                 message=f"This document's KV is for model {document.model_slug!r}, not {model!r}.",
                 fields={"model": [f"Use {document.model_slug!r}."]},
             )
-        load, replayed = completion_services.run_generation(
+        stream = bool(data.get("stream"))
+        run = completion_services.start_generation(
             agent=request.user,
             kind=self.kind,
             license_id=data["license"],
             document_id=document.pk,
             idempotency_key=idempotency_key(request),
             params=ser.generation_params(),
+            until_final=not stream,
             timeout=getattr(settings, "COMPLETION_TIMEOUT_SECONDS", None),
+            phases=self.phases,
         )
-        load = Load.objects.select_related("license").get(pk=load.pk)
         base = {
-            "id": f"{self.id_prefix}-kvm{load.pk}",
-            "created": int(load.created_at.timestamp()),
+            "id": f"{self.id_prefix}-kvm{run.load.pk}",
+            "created": int(run.load.created_at.timestamp()),
             "model": document.model_slug,
         }
-        if data.get("stream"):
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return _event_stream(self.chunks(base, load, include_usage), load, replayed)
-        body = self.body(base, load, replayed)
-        response = Response(body)
-        _headers(response, load, replayed)
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        if stream:
+            if run.replayed:
+                events = _replay_events(run.load.response or {})
+            else:
+                events = completion_services.stream_events(run)
+            response = StreamingHttpResponse(
+                _sse(self.chunks(base, run, events, include_usage)),
+                content_type="text/event-stream",
+            )
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+            _headers(response, run.load, run.replayed, self.phases)
+            return response
+        load = run.load if run.replayed else completion_services.complete(run)
+        load = Load.objects.select_related("license").get(pk=load.pk)
+        response = Response(self.body(base, load, run.replayed))
+        _headers(response, load, run.replayed, self.phases)
         return response
 
     def choice_content(self, text: str) -> dict[str, Any]:
         """The body's choice content: {"message": ...} or {"text": ...}."""
         raise NotImplementedError
 
-    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
-        """(choice content, finish_reason) of each streamed chunk, in order."""
+    def first_chunk(self) -> dict[str, Any] | None:
+        """Content of a chunk sent before the first delta (the chat role), or None."""
+        return None
+
+    def delta_content(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def last_content(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def body(self, base: dict[str, Any], load: Load, replayed: bool) -> dict[str, Any]:
@@ -179,18 +210,50 @@ class _CompletionView(MarketplaceView):
                 "finish_reason": _finish_reason(result.get("finish_reason")),
             }],
             "usage": _usage(result),
-            "kvmarket": _kvmarket(load, replayed),
+            "kvmarket": _kvmarket(load, replayed, self.phases),
         }
 
-    def chunks(self, base: dict[str, Any], load: Load, include_usage: bool) -> Iterator[dict]:
-        result = load.response or {}
+    def chunks(self, base: dict[str, Any], run: completion_services.LoadRun,
+               events: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict]:
         head = {**base, "object": self.chunk_object_name, "system_fingerprint": None}
         extra = {"usage": None} if include_usage else {}
-        for content, finish in self.chunk_choices(result):
+
+        def chunk(content: dict[str, Any], finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
-            yield {**head, "choices": [choice], **extra}
-        if include_usage:
-            yield {**head, "choices": [], "usage": _usage(result)}
+            return {**head, "choices": [choice], **extra}
+
+        try:
+            yield from self._chunks(chunk, head, run, events, include_usage)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    def _chunks(self, chunk: Any, head: dict[str, Any], run: completion_services.LoadRun,
+                events: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict]:
+        first = self.first_chunk()
+        if first is not None:
+            yield chunk(first, None)
+        for event in events:
+            kind = event.get("type")
+            if kind == "delta":
+                yield chunk(self.delta_content(event.get("text", "")), None)
+            elif kind == "final":
+                yield chunk(self.last_content(), _finish_reason(event.get("finish_reason")))
+                if include_usage:
+                    load = Load.objects.select_related("license").get(pk=run.load.pk)
+                    yield {**head, "choices": [], "usage": _usage(load.response or event),
+                           "kvmarket": _kvmarket(load, run.replayed, self.phases)}
+            elif kind == "error":
+                yield {"error": {"code": event.get("code", "generation_failed"),
+                                 "message": event.get("message", "")}}
+
+
+def _replay_events(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A replayed load's stored result as the events of a stream (its text in one delta)."""
+    if result.get("text"):
+        yield {"type": "delta", "text": result["text"]}
+    yield {"type": "final", **result}
 
 
 class ChatCompletionsView(_CompletionView):
@@ -220,11 +283,14 @@ class ChatCompletionsView(_CompletionView):
     def choice_content(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
 
-    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
-        yield {"delta": {"role": "assistant", "content": ""}}, None
-        for delta in _deltas(result):
-            yield {"delta": {"content": delta}}, None
-        yield {"delta": {}}, _finish_reason(result.get("finish_reason"))
+    def first_chunk(self) -> dict[str, Any] | None:
+        return {"delta": {"role": "assistant", "content": ""}}
+
+    def delta_content(self, text: str) -> dict[str, Any]:
+        return {"delta": {"content": text}}
+
+    def last_content(self) -> dict[str, Any]:
+        return {"delta": {}}
 
 
 class CompletionsView(_CompletionView):
@@ -254,7 +320,8 @@ class CompletionsView(_CompletionView):
     def choice_content(self, text: str) -> dict[str, Any]:
         return {"text": text}
 
-    def chunk_choices(self, result: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str | None]]:
-        for delta in _deltas(result):
-            yield {"text": delta}, None
-        yield {"text": ""}, _finish_reason(result.get("finish_reason"))
+    def delta_content(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    def last_content(self) -> dict[str, Any]:
+        return {"text": ""}

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from marketplace.services.documents import (
+    DESCRIPTION_MAX,
     TITLE_MAX,
     UPLOAD_EXTENSIONS,
     decode_upload,
@@ -34,6 +35,11 @@ class DocumentCreateForm(forms.Form):
         label="Title",
         max_length=TITLE_MAX,
         widget=forms.TextInput(attrs={"placeholder": "e.g. Moby-Dick, chapter 1"}),
+    )
+    description = forms.CharField(
+        label="Description (optional)", required=False, max_length=DESCRIPTION_MAX,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="What the text is; shown in the catalogue. You can edit it later.",
     )
     text = forms.CharField(
         label="Paste the text",
@@ -113,6 +119,27 @@ class DocumentCreateForm(forms.Form):
         elif text.strip():
             cleaned["document_text"] = text
         return cleaned
+
+
+class DocumentEditForm(forms.Form):
+    """What a publisher may change once a document is listed: title, description, price."""
+
+    title = forms.CharField(label="Title", max_length=TITLE_MAX)
+    description = forms.CharField(
+        label="Description", required=False, max_length=DESCRIPTION_MAX,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="What the text is and what agents can ask about it (shown in the catalogue).",
+    )
+    price_per_load = forms.DecimalField(
+        label="Price per load (USD)", required=False, min_value=Decimal(0),
+        max_value=MAX_PRICE_USD, max_digits=15, decimal_places=9,
+        widget=forms.NumberInput(attrs={"step": "any", "placeholder": "blank = tariff"}),
+        help_text="Blank: the tariff's cache-read price. Licenses already sold keep their price.",
+    )
+
+    def clean_price_per_load(self) -> int | None:
+        value = self.cleaned_data.get("price_per_load")
+        return None if value is None else usd_to_nano(value)
 
 
 class TopUpForm(forms.Form):

@@ -13,6 +13,12 @@ class DocumentStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class PrecomputeStep(models.TextChoices):
+    TOKENIZING = "tokenizing", "Tokenizing"
+    PREFILLING = "prefilling", "Prefilling"
+    VERIFYING = "verifying", "Writing and verifying"
+
+
 class Document(models.Model):
     """A listed text. ``model_slug`` is a key of settings.KVMARKET_MODELS.
 
@@ -26,12 +32,18 @@ class Document(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="documents"
     )
     title = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    # Questions an agent could ask about the text (shown on the storefront), a list of strings.
+    example_questions = models.JSONField(default=list, blank=True)
     text = models.TextField()
     model_slug = models.CharField(max_length=64)
     price_per_load_nano = models.BigIntegerField(null=True, blank=True)
     status = models.CharField(
         max_length=16, choices=DocumentStatus.choices, default=DocumentStatus.DRAFT
     )
+    # The precompute's current step (PrecomputeStep) and when it started, for the estimate.
+    progress_step = models.CharField(max_length=16, blank=True, default="")
+    precompute_started_at = models.DateTimeField(null=True, blank=True)
     tokens_done = models.PositiveIntegerField(default=0)
     tokens_total = models.PositiveIntegerField(default=0)
     n_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -80,6 +92,12 @@ class Document(models.Model):
     def is_available(self) -> bool:
         """Can agents buy new licenses for it?"""
         return self.listed and self.status == DocumentStatus.READY
+
+    @property
+    def progress_step_label(self) -> str:
+        if self.progress_step in PrecomputeStep.values:
+            return PrecomputeStep(self.progress_step).label
+        return ""
 
     @property
     def progress_percent(self) -> int:

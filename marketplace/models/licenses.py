@@ -85,6 +85,9 @@ class License(models.Model):
 
 class LoadStatus(models.TextChoices):
     PENDING = "pending", "Pending"
+    # Served (the worker produced tokens for the agent), its result recorded, not yet charged:
+    # the outbox the charge is made from, by the request or else by the sweep.
+    SERVED = "served", "Served, charge pending"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
 
@@ -129,6 +132,9 @@ class Load(models.Model):
     error = models.TextField(blank=True)
     response = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Touched while a web process works on the load; a stale one was abandoned (the sweep
+    # releases a pending load's reservation and charges a served one).
+    heartbeat_at = models.DateTimeField(default=timezone.now, db_index=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -187,3 +187,43 @@ def agent_usage_totals(agent: User) -> dict[str, int]:
 
 def catalogue_preview(*, limit: int = 10) -> list[Document]:
     return list(catalogue().order_by("-ready_at", "-created_at")[:limit])
+
+
+# --- precompute progress -----------------------------------------------------------------------
+
+STEPS = (
+    ("tokenizing", "Tokenizing"),
+    ("prefilling", "Prefilling"),
+    ("verifying", "Writing and verifying"),
+)
+
+
+def precompute_progress(document: Document, *, now=None) -> dict[str, Any]:  # noqa: ANN001
+    """The steps of a running precompute (done / current / to do) and an estimate of the time
+    left: the prefill's remaining tokens at its rate so far; verification re-runs the prefill
+    about twice (a two-step prefill and a one-shot one), so it is estimated at twice the
+    prefill's duration."""
+    from django.utils import timezone
+
+    now = now or timezone.now()
+    current = document.progress_step
+    if not current and document.status == DocumentStatus.PRECOMPUTING:
+        current = "prefilling" if document.tokens_done else "tokenizing"
+    keys = [key for key, _ in STEPS]
+    index = keys.index(current) if current in keys else -1
+    steps = [
+        {"key": key, "label": label,
+         "state": "done" if i < index else "current" if i == index else "todo"}
+        for i, (key, label) in enumerate(STEPS)
+    ]
+    remaining = None
+    started = document.precompute_started_at
+    if started and current == "prefilling" and document.tokens_done:
+        elapsed = max((now - started).total_seconds(), 1e-3)
+        rate = document.tokens_done / elapsed
+        remaining = (document.tokens_total - document.tokens_done) / rate
+    elif started and current == "verifying":
+        prefill = max((document.updated_at - started).total_seconds(), 0.0)
+        remaining = max(2 * prefill - (now - document.updated_at).total_seconds(), 0.0)
+    label = dict(STEPS).get(current, "")
+    return {"steps": steps, "current": current, "label": label, "remaining_seconds": remaining}

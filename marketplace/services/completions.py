@@ -1,32 +1,61 @@
 """Loads: reserve a license load, run the generation on a GPU worker, charge exactly once.
 
-Metering decision (where the charge happens)
---------------------------------------------
-The charge is made in the API process, after the worker's result has come back within the
-timeout, in one database transaction that marks the Load succeeded and calls
-ledger.settle_load(idempotency_key="load:<id>"). The worker only computes: it never touches
-money or the Load row. Consequences:
+The request path
+----------------
+The API process reserves a load of the license (one transaction), then calls a GPU worker of
+the document's model directly over HTTP (marketplace.worker_client: the registry's rendezvous
+order, the worker holding the KV in memory first, failing over to the next on a connection
+error or a broken stream before any token reached the agent) and reads the worker's stream of
+events. Celery is not on this path.
 
-* A load that fails (engine error, worker exception) or times out (the API stops waiting and
-  answers 504) is never charged: it is marked failed and its reserved load is released. If the
-  worker finishes it later anyway, nobody reads that result, so it cannot be charged.
-* A success is charged once: the Load row is locked and moved pending -> succeeded in the same
-  transaction as settle_load, whose idempotency key is the load id (a duplicate settlement is
-  impossible even if this code ran twice).
-* Client retries: the Load is unique per (agent, Idempotency-Key). A retry of a succeeded load
-  returns the stored first response and is not charged again; a retry while the first attempt
-  is still running gets 409 request_in_progress; a retry of a failed or timed-out load runs it
-  again on the same Load row (nothing was charged, and the ledger key stays "load:<id>", so at
-  most one attempt can ever be charged). A reused key with a different body is a 409.
+Charge rule (what a load costs, and when)
+-----------------------------------------
+* A load is **served** once the worker produced its first token for the agent: a streamed load
+  when its first token is relayed, a non-streamed load when its whole result came back. A
+  served load is charged: the load price plus compute for its suffix tokens and the output
+  tokens actually produced up to the last text the agent was sent. That holds when the client
+  disconnects mid-stream (the disconnect stops the generation on the worker; the tokens made
+  until then are charged) and when the worker dies mid-stream (the stream ends with an error
+  event; the tokens delivered are charged).
+* A load that failed before its first token (no worker, every worker busy, the engine refused
+  the request, a timeout) is **not charged**: it is marked failed and its reservation is
+  released. A non-streamed load whose worker dies before the result is complete is not
+  served yet: it is re-run on the next worker (one charge at most, whichever finishes).
+
+Exactly once, even when the charge fails (the outbox)
+-----------------------------------------------------
+The worker's result is recorded durably on the Load (status ``served``, ``response`` = the
+result; a streamed load is recorded ``served`` with its partial usage right after its first
+chunk went out, and again with its final usage) before the agent is answered, and the charge
+is then made from that record: one transaction that locks the Load, moves it served ->
+succeeded and calls ledger.settle_load(idempotency_key="load:<id>"). If the charge
+transaction fails, the request retries it a few times; if it still fails the agent still gets
+the answer and the load stays ``served``: the sweep (sweep_loads, every LOAD_SWEEP_SECONDS in
+beat) charges it later, as does a retry of the request with the same Idempotency-Key. The
+status check and the ledger key make a second charge impossible.
+
+Abandoned work
+--------------
+Each web process touches its in-flight loads' ``heartbeat_at`` every LOAD_HEARTBEAT_SECONDS
+(marketplace.heartbeats). The sweep fails, uncharged, a pending load whose heartbeat is older
+than LOAD_STALE_SECONDS (its web process died; its reservation is released within a minute),
+and charges a served load whose result is final or whose heartbeat went stale. Only loads with
+a fresh heartbeat count against MAX_IN_FLIGHT_LOADS_PER_AGENT (429 too_many_requests with
+Retry-After beyond it).
+
+Retries and locks
+-----------------
+* The Load is unique per (agent, Idempotency-Key). A retry of a succeeded load returns the
+  stored first response and is not charged again (a served one is charged first); a retry
+  while the first attempt is still running gets 409 request_in_progress; a retry of a failed
+  or abandoned load runs it again on the same Load row (ledger key "load:<id>" either way). A
+  reused key with a different body is a 409.
 * A load is reserved (license.loads_used + 1, checked by a database constraint) before it is
   dispatched, so concurrent requests cannot overdraw a license; failures release it.
 * Lock order: the Load row, then the License row, then the ledger's accounts (in id order).
   Only those rows are locked (``select_for_update(of=("self",))``): the Document and the agent's
   User are shared by every concurrent load and are read, never locked, or concurrent charges
   on one document deadlock.
-* If the API process dies between dispatch and charge, the Load stays pending; it is failed
-  (uncharged, reservation released) by expire_stale_loads after the timeout plus a grace period,
-  or at once when the client retries with the same key after that.
 
 KV downloads (shipping mode) are charged before the first byte is sent (load price plus
 egress bytes, one transaction), because the bytes cannot be taken back; a retry with the same
@@ -40,7 +69,8 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +79,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from marketplace import heartbeats
 from marketplace.models import (
     Document,
     DocumentStatus,
@@ -64,10 +95,11 @@ from marketplace.services.licenses import require_agent
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_LOADS_PER_AGENT = 8
-STALE_GRACE_SECONDS = 60.0
 # Egress for shipping mode, billed to the agent's wallet: $0.09 per GB = 0.09 nano-USD per byte.
 EGRESS_NANO_PER_GB = 90_000_000
+TOO_MANY_RETRY_AFTER_SECONDS = 1
+CHARGE_ATTEMPTS = 3  # in the request, before the sweep takes over
+CHARGE_RETRY_SECONDS = 0.05
 
 
 def request_hash(payload: dict[str, Any]) -> str:
@@ -84,7 +116,16 @@ def completion_timeout() -> float:
 
 
 def stale_after() -> timedelta:
-    return timedelta(seconds=completion_timeout() + STALE_GRACE_SECONDS)
+    """A load whose heartbeat is older than this was abandoned by its web process."""
+    return timedelta(seconds=float(settings.LOAD_STALE_SECONDS))
+
+
+def _is_stale(load: Load) -> bool:
+    return timezone.now() - load.heartbeat_at > stale_after()
+
+
+def _is_final(load: Load) -> bool:
+    return bool((load.response or {}).get("final"))
 
 
 @dataclass
@@ -93,6 +134,32 @@ class Reservation:
     license: License
     document: Document
     replay: bool  # the load already succeeded: answer with load.response, charge nothing
+
+
+@dataclass
+class Phases:
+    """Where one load's time went, in seconds, by phase (auth, reserve, route, queue,
+    engine_ttft, decode, charge, ...): the Server-Timing header, the response and the log."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: float | None) -> None:
+        if value is not None:
+            self.seconds[name] = round(float(value), 6)
+
+    def from_worker(self, timings: dict[str, Any]) -> None:
+        self.add("queue", timings.get("queue_s"))
+        ttft = timings.get("ttft_s")
+        self.add("engine_ttft", ttft)
+        total = timings.get("total_s")
+        if ttft is not None and total is not None:
+            self.add("decode", max(0.0, float(total) - float(ttft)))
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in self.seconds.items())
+
+    def log_text(self) -> str:
+        return " ".join(f"{k}={v * 1000:.1f}ms" for k, v in self.seconds.items())
 
 
 # --- reserve ---------------------------------------------------------------------------------
@@ -121,6 +188,10 @@ def reserve_load(
                         key=key, digest=digest)
 
 
+def max_in_flight() -> int:
+    return int(settings.MAX_IN_FLIGHT_LOADS_PER_AGENT)
+
+
 @transaction.atomic
 def _reserve(
     *, agent: User, license_id: int, document_id: int | None, kind: LoadKind, key: str, digest: str
@@ -132,11 +203,13 @@ def _reserve(
                 "idempotency_key_reused",
                 "This Idempotency-Key was already used for a different request.",
             )
+        if load.status == LoadStatus.SERVED and (_is_final(load) or _is_stale(load)):
+            load = charge_load(load=load)  # the outbox, charged by the retry
         if load.status == LoadStatus.SUCCEEDED:
             license = License.objects.select_related("document").get(pk=load.license_id)
             return Reservation(load=load, license=license, document=license.document, replay=True)
-        if load.status == LoadStatus.PENDING:
-            if timezone.now() - load.created_at < stale_after():
+        if load.status in (LoadStatus.PENDING, LoadStatus.SERVED):
+            if not _is_stale(load):
                 raise conflict(
                     "request_in_progress",
                     "A request with this Idempotency-Key is still running; retry later.",
@@ -154,20 +227,26 @@ def _reserve(
     if document_id is not None and document.pk != document_id:
         raise conflict("license_document_mismatch", "This license is for another document.")
     _check_usable(license=license, document=document)
-    pending = Load.objects.filter(agent=agent, status=LoadStatus.PENDING).count()
-    if pending >= MAX_PENDING_LOADS_PER_AGENT:
+    in_flight = Load.objects.filter(
+        agent=agent, status__in=[LoadStatus.PENDING, LoadStatus.SERVED],
+        heartbeat_at__gte=timezone.now() - stale_after(),
+    ).count()
+    if in_flight >= max_in_flight():
         raise MarketplaceError(
             code="too_many_requests",
-            message=f"At most {MAX_PENDING_LOADS_PER_AGENT} loads may run at once per agent.",
-            status=429,
+            message=f"At most {max_in_flight()} loads may run at once per agent "
+            "(MAX_IN_FLIGHT_LOADS_PER_AGENT); retry when one finishes.",
+            status=429, retry_after_seconds=TOO_MANY_RETRY_AFTER_SECONDS,
         )
     License.objects.filter(pk=license.pk).update(
         loads_used=F("loads_used") + 1, updated_at=timezone.now()
     )
     license.refresh_from_db()
+    now = timezone.now()
     if load is None:
         load = Load.objects.create(
-            license=license, agent=agent, idempotency_key=key, request_hash=digest, kind=kind
+            license=license, agent=agent, idempotency_key=key, request_hash=digest, kind=kind,
+            heartbeat_at=now,
         )
     else:  # re-attempt of a failed load, on the same row (one ledger key: load:<id>)
         load.status = LoadStatus.PENDING
@@ -175,7 +254,9 @@ def _reserve(
         load.error = ""
         load.error_code = ""
         load.finished_at = None
-        load.created_at = timezone.now()
+        load.response = None
+        load.created_at = now
+        load.heartbeat_at = now
         load.save()
     return Reservation(load=load, license=license, document=document, replay=False)
 
@@ -207,7 +288,8 @@ def _fail_locked(*, load: Load, code: str, message: str) -> None:
 
 @transaction.atomic
 def fail_load(*, load: Load, code: str, message: str) -> Load:
-    """Mark a pending load failed and release its reservation. Never charges."""
+    """Mark a pending load failed and release its reservation. Never charges; a served load
+    is left as it is (it is charged, not failed)."""
     locked = Load.objects.select_for_update().get(pk=load.pk)
     if locked.status == LoadStatus.PENDING:
         _fail_locked(load=locked, code=code, message=message)
@@ -215,19 +297,42 @@ def fail_load(*, load: Load, code: str, message: str) -> Load:
 
 
 @transaction.atomic
+def record_served(*, load: Load, result: dict[str, Any]) -> Load:
+    """The outbox: record the worker's result on the Load (pending or served -> served).
+
+    ``result["final"]`` says whether it is the load's last word (a streamed load is recorded
+    once with its partial usage after its first chunk, and again at its end)."""
+    locked = Load.objects.select_for_update().get(pk=load.pk)
+    if locked.status not in (LoadStatus.PENDING, LoadStatus.SERVED):
+        return locked  # already charged (or failed by a sweep that thought it abandoned)
+    usage = result.get("usage") or {}
+    locked.status = LoadStatus.SERVED
+    locked.response = result
+    locked.cached_tokens = int(usage.get("cached_tokens", 0))
+    locked.suffix_tokens = int(usage.get("suffix_tokens", 0))
+    locked.output_tokens = int(usage.get("output_tokens", 0))
+    locked.worker = str(result.get("worker") or locked.worker)[:255]
+    locked.heartbeat_at = timezone.now()
+    locked.save(update_fields=["status", "response", "cached_tokens", "suffix_tokens",
+                               "output_tokens", "worker", "heartbeat_at"])
+    return locked
+
+
+@transaction.atomic
 def charge_load(
     *,
     load: Load,
-    result: dict[str, Any],
+    result: dict[str, Any] | None = None,
     egress_bytes: int = 0,
     wall_seconds: float | None = None,
 ) -> Load:
-    """Mark a pending load succeeded and charge it, once (ledger key ``load:<id>``).
+    """Charge a load once (ledger key ``load:<id>``) and mark it succeeded.
 
-    ``result`` is the worker's result (usage, timings, text); it is stored as the response that
-    retries replay. Raises InsufficientFunds only for a KV download's egress (the transaction
-    rolls back, nothing is charged, and the caller fails the load). The ledger caps a
-    generation's compute charge at the wallet balance, so a served load always settles; the
+    A served load is charged from its recorded result (the outbox); a pending one from
+    ``result`` (KV downloads, callers without a worker). The result is stored as the response
+    that retries replay. Raises InsufficientFunds only for a KV download's egress (the
+    transaction rolls back, nothing is charged, and the caller fails the load). The ledger caps
+    a generation's compute charge at the wallet balance, so a served load always settles; the
     amount actually charged is what the Load records.
     """
     from ledger import services as ledger_services
@@ -236,7 +341,9 @@ def charge_load(
     load = Load.objects.select_for_update().get(pk=load.pk)
     if load.status == LoadStatus.SUCCEEDED:
         return load
-    if load.status != LoadStatus.PENDING:
+    if load.status == LoadStatus.SERVED:
+        result = load.response or {}
+    elif load.status != LoadStatus.PENDING or result is None:
         raise conflict("load_not_pending", "This load is no longer pending.")
     license = (
         License.objects.select_for_update(of=("self",)).select_related("document", "agent")
@@ -294,8 +401,9 @@ def charge_load(
     load.load_seconds = timings.get("load_s")
     load.ttft_seconds = timings.get("ttft_s")
     load.total_seconds = timings.get("total_s")
-    load.wall_seconds = wall_seconds
-    load.worker = result.get("worker") or load.worker
+    if wall_seconds is not None:
+        load.wall_seconds = wall_seconds
+    load.worker = str(result.get("worker") or load.worker)[:255]
     load.amount_nano = amount
     load.compute_nano = compute
     load.egress_nano = egress_nano
@@ -304,21 +412,53 @@ def charge_load(
     load.finished_at = timezone.now()
     load.save()
     if license.loads_used >= license.loads_total and license.status == LicenseStatus.ACTIVE:
-        if not license.loads.filter(status=LoadStatus.PENDING).exists():
+        if not license.loads.filter(status__in=[LoadStatus.PENDING, LoadStatus.SERVED]).exists():
             license.status = LicenseStatus.EXHAUSTED
             license.closed_at = timezone.now()
             license.save(update_fields=["status", "closed_at", "updated_at"])
     return load
 
 
-def expire_stale_loads() -> int:
-    """Fail (uncharged) loads left pending by a dead API process. Returns how many."""
+def charge_served(*, load: Load, wall_seconds: float | None = None) -> Load:
+    """Charge a served load now, retrying a failed charge transaction a few times; if it still
+    fails the load stays served and the sweep charges it (the agent is answered anyway)."""
+    for attempt in range(CHARGE_ATTEMPTS):
+        try:
+            return charge_load(load=load, wall_seconds=wall_seconds)
+        except Exception:  # noqa: BLE001 - any database or ledger error: try again, then defer
+            log.warning("Charging served load %s failed (attempt %s)", load.pk, attempt + 1,
+                        exc_info=True)
+            time.sleep(CHARGE_RETRY_SECONDS * (attempt + 1))
+    log.error("Load %s served but not charged yet; the sweep will charge it", load.pk)
+    return Load.objects.get(pk=load.pk)
+
+
+def sweep_loads() -> dict[str, int]:
+    """Release pending loads abandoned by their web process (uncharged) and charge served
+    loads whose charge did not happen (final result recorded, or their web process died)."""
     cutoff = timezone.now() - stale_after()
-    count = 0
-    for load in Load.objects.filter(status=LoadStatus.PENDING, created_at__lt=cutoff):
-        fail_load(load=load, code="abandoned", message="The request was abandoned.")
-        count += 1
-    return count
+    released = charged = 0
+    for load in Load.objects.filter(status=LoadStatus.PENDING, heartbeat_at__lt=cutoff):
+        if fail_load(load=load, code="abandoned",
+                     message="The request was abandoned.").status == LoadStatus.FAILED:
+            released += 1
+    for load in Load.objects.filter(status=LoadStatus.SERVED):
+        if not (_is_final(load) or load.heartbeat_at < cutoff):
+            continue  # still streaming: its web process charges it at the end
+        try:
+            charge_load(load=load)
+            charged += 1
+        except Exception:  # noqa: BLE001 - the next sweep tries again
+            log.exception("The sweep could not charge served load %s", load.pk)
+    if released or charged:
+        log.info("Load sweep: %s abandoned loads released, %s served loads charged",
+                 released, charged)
+    return {"released": released, "charged": charged}
+
+
+def expire_stale_loads() -> int:
+    """Release abandoned pending loads (the sweep's first half). Returns how many."""
+    return sweep_loads()["released"]
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -334,58 +474,147 @@ class CompletionTimeout(MarketplaceError):
 
 
 def dispatch_generation(
-    *, load: Load, document: Document, params: dict[str, Any], timeout: float
-) -> dict[str, Any]:
-    """Send the generation to a worker of the document's model and wait for its result.
+    *, load: Load, document: Document, params: dict[str, Any], timeout: float,
+    exclude: frozenset[str] = frozenset(),
+) -> Any:
+    """Start the generation on a GPU worker of the document's model (marketplace.worker_client).
 
-    Returns the worker's result dict; raises CompletionTimeout or MarketplaceError (the engine
-    refused the request or the worker failed). Tests replace this function to run without
-    workers.
+    Returns an open stream: iterable of event dicts ("delta", then "final" or "error"), with
+    ``worker``, ``connect_s`` and ``close()``; iterating raises WorkerLost when the stream
+    breaks. Raises MarketplaceError when no worker takes the request. Tests replace this
+    function to run without workers.
     """
-    from celery.exceptions import TimeoutError as CeleryTimeout
+    from marketplace import worker_client
 
-    from kvmarket.celery import app
-    from marketplace import tasks, workers
-
-    queue, host = workers.completion_queue(document.model_slug, document.artifact_key)
-    async_result = tasks.run_completion.apply_async(
-        kwargs={
-            "load_id": load.pk,
-            "model_slug": document.model_slug,
-            "artifact_key": document.artifact_key,
-            **params,
-        },
-        queue=queue,
-        expires=timeout,
+    return worker_client.open_stream(
+        slug=document.model_slug, artifact_key=document.artifact_key,
+        body={"load": load.pk, **params}, timeout=timeout, exclude=exclude,
     )
-    Load.objects.filter(pk=load.pk).update(celery_task_id=async_result.id, worker=host or "")
+
+
+def _worker_error(event: dict[str, Any]) -> MarketplaceError:
+    code = str(event.get("code") or "generation_failed")
+    status = {"invalid_request": 422, "artifact_not_found": 503}.get(code, 502)
+    return MarketplaceError(code=code, message=str(event.get("message") or "Generation failed."),
+                            status=status)
+
+
+@dataclass
+class LoadRun:
+    """A load on its way: reserved, started on a worker, its first events read."""
+
+    load: Load
+    document: Document
+    replayed: bool
+    phases: Phases
+    started: float  # time.monotonic() at the reservation
+    stream: Any = None
+    head: list[dict[str, Any]] = field(default_factory=list)
+    deadline: float = 0.0
+
+
+def start_generation(
+    *,
+    agent: User,
+    kind: LoadKind,
+    license_id: int,
+    document_id: int | None,
+    idempotency_key: str | None,
+    params: dict[str, Any],
+    until_final: bool,
+    timeout: float | None = None,
+    phases: Phases | None = None,
+) -> LoadRun:
+    """Reserve, then start the load on a worker and read its events up to its first token
+    (``until_final``: up to its final result), failing over to the next worker while nothing
+    was produced for the agent. Raises MarketplaceError after failing the load uncharged."""
+    phases = phases or Phases()
+    t0 = time.perf_counter()
+    reservation = reserve_load(
+        agent=agent, license_id=license_id, document_id=document_id, kind=kind,
+        idempotency_key=idempotency_key, payload=params,
+    )
+    phases.add("reserve", time.perf_counter() - t0)
+    load = reservation.load
+    run = LoadRun(load=load, document=reservation.document, replayed=reservation.replay,
+                  phases=phases, started=time.monotonic())
+    if reservation.replay:
+        return run
+    heartbeats.track(load.pk)
     try:
-        result = async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
-    except CeleryTimeout:
-        app.control.revoke(async_result.id)
-        workers.forget_workers()  # the chosen worker may be gone: list the live ones again
-        raise CompletionTimeout(timeout) from None
-    if async_result.state == "REVOKED":
-        # The task expired in the queue before a worker took it (expires=timeout): a timeout.
-        async_result.forget()
-        raise CompletionTimeout(timeout)
-    if async_result.failed() or not isinstance(result, dict):
-        log.error("Completion task %s failed: %r", async_result.id, result)
-        async_result.forget()
-        raise MarketplaceError(
-            code="generation_failed", message="The worker failed to run this completion.",
-            status=502,
-        )
-    async_result.forget()
-    if not result.get("ok"):
-        error = result.get("error") or {}
-        code = error.get("code", "generation_failed")
-        status = 422 if code == "invalid_request" else 502
-        if code in ("artifact_not_found",):
-            status = 503
-        raise MarketplaceError(code=code, message=error.get("message", "Generation failed."),
-                               status=status)
-    return result
+        _precheck_compute_funds(agent=agent, document=reservation.document, load=load,
+                                params=params)
+        timeout = completion_timeout() if timeout is None else timeout
+        run.deadline = run.started + timeout
+        _open(run, params, until_final=until_final)
+    except MarketplaceError as exc:
+        heartbeats.untrack(load.pk)
+        fail_load(load=load, code=exc.code, message=exc.message)
+        raise
+    except Exception as exc:
+        heartbeats.untrack(load.pk)
+        fail_load(load=load, code="generation_failed", message=str(exc)[:500])
+        raise
+    return run
+
+
+def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool) -> None:
+    from marketplace.worker_client import WorkerLost
+
+    tried: set[str] = set()
+    while True:
+        remaining = run.deadline - time.monotonic()
+        if remaining <= 0:
+            raise CompletionTimeout(completion_timeout())
+        t0 = time.perf_counter()
+        stream = dispatch_generation(load=run.load, document=run.document, params=params,
+                                     timeout=remaining, exclude=frozenset(tried))
+        run.phases.add("route", getattr(stream, "connect_s", time.perf_counter() - t0))
+        head: list[dict[str, Any]] = []
+        try:
+            for event in stream:
+                if event.get("type") == "error":
+                    stream.close()
+                    raise _worker_error(event)
+                head.append(event)
+                if event.get("type") == "final" or (event.get("type") == "delta"
+                                                    and not until_final):
+                    run.stream, run.head = stream, head
+                    return
+            raise WorkerLost("the stream ended without a result")
+        except WorkerLost as exc:
+            stream.close()
+            if time.monotonic() >= run.deadline:
+                raise CompletionTimeout(completion_timeout()) from None
+            log.warning("Load %s: worker %s lost before the result (%s); failing over",
+                        run.load.pk, getattr(stream, "worker", "?"), exc)
+            tried.add(str(getattr(stream, "worker", "")))
+
+
+def _result_of(final: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "text": final.get("text", ""),
+        "finish_reason": final.get("finish_reason"),
+        "usage": final.get("usage") or {},
+        "timings": final.get("timings") or {},
+        "worker": final.get("worker", ""),
+        "batch": final.get("batch"),
+        "final": True,
+    }
+
+
+def _finish(run: LoadRun, result: dict[str, Any]) -> Load:
+    """Record the result (outbox), then charge it; the load stops being tracked."""
+    try:
+        load = record_served(load=run.load, result=result)
+        t0 = time.perf_counter()
+        load = charge_served(load=load, wall_seconds=time.monotonic() - run.started)
+        run.phases.add("charge", time.perf_counter() - t0)
+    finally:
+        heartbeats.untrack(run.load.pk)
+    run.load = load
+    log.info("load %s %s: %s", load.pk, load.status, run.phases.log_text())
+    return load
 
 
 def run_generation(
@@ -397,32 +626,90 @@ def run_generation(
     idempotency_key: str | None,
     params: dict[str, Any],
     timeout: float | None = None,
+    phases: Phases | None = None,
 ) -> tuple[Load, bool]:
-    """Reserve, dispatch, wait, charge. Returns (succeeded Load, replayed?).
+    """Reserve, run on a worker to the end, record, charge. Returns (Load, replayed?).
 
-    Raises MarketplaceError (including CompletionTimeout) after failing the load uncharged.
-    """
-    reservation = reserve_load(
-        agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-        idempotency_key=idempotency_key, payload=params,
+    Raises MarketplaceError (including CompletionTimeout) after failing the load uncharged."""
+    run = start_generation(
+        agent=agent, kind=kind, license_id=license_id, document_id=document_id,
+        idempotency_key=idempotency_key, params=params, until_final=True, timeout=timeout,
+        phases=phases,
     )
-    load = reservation.load
-    if reservation.replay:
-        return load, True
-    _precheck_compute_funds(agent=agent, document=reservation.document, load=load, params=params)
-    timeout = completion_timeout() if timeout is None else timeout
-    started = time.monotonic()
+    if run.replayed:
+        return run.load, True
+    return complete(run), False
+
+
+def complete(run: LoadRun) -> Load:
+    """Record and charge a load started with ``until_final`` (its head ends with the result)."""
+    final = run.head[-1]
+    run.phases.from_worker(final.get("timings") or {})
+    return _finish(run, _result_of(final))
+
+
+def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:
+    """The started load's events as the worker makes them ("delta"..., then "final", or
+    "error" when the worker was lost mid-stream), charging the load as documented above:
+    once complete, or for what was produced when the stream stops early (a client that goes
+    away closes this generator, which closes the worker's stream and stops the generation)."""
+    from marketplace.worker_client import WorkerLost
+
+    produced = {"text": "", "n": 0, "usage": {}}
+    finished = False
+
+    def note(event: dict[str, Any]) -> None:
+        if event.get("type") == "delta":
+            produced["text"] += event.get("text", "")
+            produced["n"] = int(event.get("n") or produced["n"])
+            if event.get("usage"):
+                produced["usage"] = event["usage"]
+
+    def partial(reason: str) -> dict[str, Any]:
+        usage = {**produced["usage"], "output_tokens": produced["n"]}
+        return {"text": produced["text"], "finish_reason": reason, "usage": usage,
+                "timings": {}, "worker": getattr(run.stream, "worker", ""), "final": True}
+
     try:
-        result = dispatch_generation(
-            load=load, document=reservation.document, params=params, timeout=timeout
-        )
-    except MarketplaceError as exc:
-        fail_load(load=load, code=exc.code, message=exc.message)
-        raise
-    except Exception as exc:
-        fail_load(load=load, code="generation_failed", message=str(exc)[:500])
-        raise
-    return charge_load(load=load, result=result, wall_seconds=time.monotonic() - started), False
+        for event in run.head:
+            note(event)
+            if event.get("type") == "final":
+                run.phases.from_worker(event.get("timings") or {})
+                _finish(run, _result_of(event))
+                finished = True
+            yield event
+        if finished:
+            return
+        # The first chunk is out: the load is served from here on, whatever happens next.
+        record_served(load=run.load, result={**partial("length"), "final": False})
+        try:
+            for event in run.stream:
+                kind = event.get("type")
+                if kind == "error":
+                    _finish(run, partial("error"))
+                    finished = True
+                    yield event
+                    return
+                if kind == "final":
+                    run.phases.from_worker(event.get("timings") or {})
+                    _finish(run, _result_of(event))
+                    finished = True
+                    yield event
+                    return
+                note(event)
+                yield event
+            raise WorkerLost("the stream ended without a result")
+        except WorkerLost as exc:
+            log.warning("Load %s: worker lost mid-stream (%s)", run.load.pk, exc)
+            _finish(run, partial("error"))
+            finished = True
+            yield {"type": "error", "code": "worker_lost",
+                   "message": "The GPU worker was lost mid-stream; charged for what was sent."}
+    finally:
+        if run.stream is not None:
+            run.stream.close()  # stops the generation on the worker if it still runs
+        if not finished:  # the client went away mid-stream: charge what was produced
+            _finish(run, partial("disconnected"))
 
 
 def _precheck_compute_funds(
@@ -434,7 +721,6 @@ def _precheck_compute_funds(
     worst = int(tariff_for(document.model_slug).compute_price_nano(0, int(params.get("max_tokens")
                                                                           or 0)))
     if worst > 0 and wallet_balance(agent) < worst:
-        fail_load(load=load, code="insufficient_funds", message="Wallet too low for compute.")
         raise MarketplaceError(
             code="insufficient_funds",
             message="Your wallet cannot pay for this request's output tokens; top it up.",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -10,7 +12,14 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace.models import Document, DocumentStatus, LicenseStatus, Role, User
+from marketplace.models import (
+    Document,
+    DocumentStatus,
+    LicenseStatus,
+    PrecomputeStep,
+    Role,
+    User,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +63,66 @@ def _validate(*, title: str, text: str, model_slug: str, price_per_load_nano: in
         errors["text"] = "The text contains NUL characters."
     if model_slug not in settings.KVMARKET_MODELS:
         errors["model"] = f"Unknown model {model_slug!r}."
+    elif problem := _model_unavailable(model_slug):
+        errors["model"] = problem
     if price_per_load_nano is not None and price_per_load_nano < 0:
         errors["price_per_load_nano"] = "The price cannot be negative."
     if errors:
         raise ValidationError(errors)
+
+
+def _model_unavailable(model_slug: str) -> str | None:
+    """Why the registry's model cannot be loaded on this server (e.g. a Hugging Face id that is
+    not downloaded, a GGUF package not installed), or None. Checks files only: no loading."""
+    from inference.errors import ModelNotFound
+    from inference.models import locate_model
+
+    try:
+        locate_model(settings.KVMARKET_MODELS[model_slug].get("ref", ""))
+    except ModelNotFound as exc:
+        return f"Model {model_slug!r} is not available on this server: {exc.message}"
+    return None
+
+
+def _check_context(*, text: str, model_slug: str) -> int | None:
+    """The document's token count as the cached prefix; ValidationError when it leaves the
+    model no room to answer. None when this process cannot load the model's tokenizer (the
+    worker still refuses a document that is too long, with document_too_long)."""
+    from inference.tokenizer import get_token_counter
+    from marketplace import engine
+
+    try:
+        counter = get_token_counter(engine.model_config(model_slug)["ref"],
+                                    cache_dir=settings.MODEL_CACHE_DIR)
+    except Exception:  # noqa: BLE001 - e.g. weights that only the GPU hosts have
+        log.warning("No tokenizer for %s here; context length not checked", model_slug,
+                    exc_info=True)
+        return None
+    try:
+        n_tokens = counter.document_tokens(text)
+    except (ValueError, UnicodeError) as exc:
+        raise ValidationError({"text": f"The tokenizer cannot take this text: {exc}"}) from exc
+    if n_tokens >= counter.max_context:
+        raise ValidationError(
+            {
+                "text": (
+                    f"The document is {n_tokens} tokens; the model {model_slug} has a "
+                    f"{counter.max_context}-token context, so it must be under "
+                    f"{counter.max_context} tokens."
+                )
+            }
+        )
+    return n_tokens
+
+
+DESCRIPTION_MAX = 2000
+
+
+def _clean_description(description: str) -> str:
+    description = (description or "").strip()
+    if len(description) > DESCRIPTION_MAX:
+        raise ValidationError({"description": f"At most {DESCRIPTION_MAX} characters."})
+    return description
 
 
 def _require_publisher(user: User) -> None:
@@ -74,21 +139,39 @@ def create_document(
     model_slug: str,
     price_per_load_nano: int | None = None,
     submit: bool = True,
+    description: str = "",
+    example_questions: list[str] | None = None,
 ) -> Document:
     """Create a document; with ``submit`` it is queued for precompute once the commit lands."""
     _require_publisher(publisher)
     _validate(
         title=title, text=text, model_slug=model_slug, price_per_load_nano=price_per_load_nano
     )
+    _check_context(text=text, model_slug=model_slug)
     document = Document.objects.create(
         publisher=publisher,
         title=title.strip(),
         text=text,
         model_slug=model_slug,
         price_per_load_nano=price_per_load_nano,
+        description=_clean_description(description),
+        example_questions=_clean_questions(example_questions),
     )
     if submit:
         queue_precompute(document=document)
+    return document
+
+
+def _clean_questions(questions: list[str] | None) -> list[str]:
+    return [q.strip() for q in questions or [] if q.strip()]
+
+
+@transaction.atomic
+def set_example_questions(*, document: Document, questions: list[str]) -> Document:
+    """Replace the document's example questions (shown with it; they do not change the KV)."""
+    document = Document.objects.select_for_update().get(pk=document.pk)
+    document.example_questions = _clean_questions(questions)
+    document.save(update_fields=["example_questions", "updated_at"])
     return document
 
 
@@ -98,10 +181,13 @@ def update_document(
     document: Document,
     publisher: User,
     title: str | None = None,
+    description: str | None = None,
     price_per_load_nano: int | None = None,
     clear_price: bool = False,
 ) -> Document:
-    """Edit title and price. The text and model are fixed once listed (they define the KV)."""
+    """Edit title, description and price. The text and model are fixed once listed (they
+    define the KV). A new price applies to licenses bought from now on (a license keeps the
+    price it was bought at)."""
     document = _own_locked(document=document, publisher=publisher)
     if title is not None:
         _validate(
@@ -109,13 +195,15 @@ def update_document(
             price_per_load_nano=price_per_load_nano,
         )
         document.title = title.strip()
+    if description is not None:
+        document.description = _clean_description(description)
     if price_per_load_nano is not None:
         if price_per_load_nano < 0:
             raise ValidationError({"price_per_load_nano": "The price cannot be negative."})
         document.price_per_load_nano = price_per_load_nano
     elif clear_price:
         document.price_per_load_nano = None
-    document.save(update_fields=["title", "price_per_load_nano", "updated_at"])
+    document.save(update_fields=["title", "description", "price_per_load_nano", "updated_at"])
     return document
 
 
@@ -126,37 +214,147 @@ def _own_locked(*, document: Document, publisher: User) -> Document:
     return locked
 
 
+def _stale_before() -> datetime:
+    return timezone.now() - timedelta(seconds=settings.PRECOMPUTE_STALE_SECONDS)
+
+
+def precompute_stalled(document: Document) -> bool:
+    """A precompute whose worker stopped beating: its worker died (or hangs).
+
+    A running precompute touches the document's ``updated_at`` every
+    PRECOMPUTE_HEARTBEAT_SECONDS (marketplace.tasks), so one untouched for
+    PRECOMPUTE_STALE_SECONDS has lost its worker.
+    """
+    return document.status == DocumentStatus.PRECOMPUTING and document.updated_at < _stale_before()
+
+
 @transaction.atomic
 def queue_precompute(*, document: Document) -> Document:
-    """Queue (or re-queue after a failure) the precompute on the model's GPU queue.
+    """Queue (or re-queue after a failure or a lost worker) the precompute on the model's GPU
+    queue.
 
-    A ready document is left alone; a document already queued or precomputing is not queued
-    twice. The task is sent after the transaction commits so the worker sees the row.
+    A ready document is left alone; a document already queued or precomputing (with a live
+    worker) is not queued twice. The task is sent after the transaction commits so the worker
+    sees the row. A broker that is down at that moment fails nothing: the document stays
+    queued without a task id, and recover_stalled_precomputes sends it once the broker is back.
     """
     document = Document.objects.select_for_update().get(pk=document.pk)
-    busy = (DocumentStatus.READY, DocumentStatus.QUEUED, DocumentStatus.PRECOMPUTING)
-    if document.status in busy:
+    if document.status in (DocumentStatus.READY, DocumentStatus.QUEUED) or (
+        document.status == DocumentStatus.PRECOMPUTING and not precompute_stalled(document)
+    ):
         return document
     document.status = DocumentStatus.QUEUED
     document.error = ""
     document.error_code = ""
     document.tokens_done = 0
-    document.save(update_fields=["status", "error", "error_code", "tokens_done", "updated_at"])
-
-    def send() -> None:
-        from marketplace.tasks import enqueue_precompute
-
-        task_id = enqueue_precompute(document_id=document.pk, model_slug=document.model_slug)
-        Document.objects.filter(pk=document.pk).update(celery_task_id=task_id)
-
-    transaction.on_commit(send)
+    document.celery_task_id = ""
+    document.save(
+        update_fields=[
+            "status", "error", "error_code", "tokens_done", "celery_task_id", "updated_at"
+        ]
+    )
+    transaction.on_commit(lambda: _send_precompute(document_id=document.pk,
+                                                   model_slug=document.model_slug))
     return document
+
+
+def _send_precompute(*, document_id: int, model_slug: str) -> None:
+    from marketplace.tasks import enqueue_precompute
+
+    try:
+        task_id = enqueue_precompute(document_id=document_id, model_slug=model_slug)
+    except Exception as exc:  # noqa: BLE001 - the broker's connection errors, whatever transport
+        log.warning("Precompute of document %s not sent (%s: %s); it is sent again when "
+                    "the broker answers", document_id, type(exc).__name__, exc)
+        return
+    Document.objects.filter(pk=document_id, status=DocumentStatus.QUEUED).update(
+        celery_task_id=task_id
+    )
+
+
+def recover_stalled_precomputes() -> dict[str, list[int]]:
+    """Find precomputes that lost their worker and queue them again (or fail them).
+
+    Run every PRECOMPUTE_SWEEP_SECONDS by beat. A precompute stalled (no heartbeat for
+    PRECOMPUTE_STALE_SECONDS) is queued again while it has had fewer than
+    PRECOMPUTE_MAX_ATTEMPTS attempts, else marked failed (``worker_lost``; the retry button and
+    API queue it again). The next attempt adopts an artifact the dead worker had already
+    written, once its hash checks out. A queued document whose task was never sent (the broker
+    was down) is sent now.
+    """
+    stale_before = _stale_before()
+    requeued: list[int] = []
+    failed: list[int] = []
+    stalled = list(
+        Document.objects.filter(status=DocumentStatus.PRECOMPUTING, updated_at__lt=stale_before)
+        .values_list("pk", flat=True)
+    )
+    for document_id in stalled:
+        with transaction.atomic():
+            document = (
+                Document.objects.select_for_update(skip_locked=True)
+                .filter(pk=document_id).first()
+            )
+            if document is None or not precompute_stalled(document):
+                continue  # taken by someone else, or it beat again meanwhile
+            if document.precompute_attempts >= settings.PRECOMPUTE_MAX_ATTEMPTS:
+                record_precompute_failure(
+                    document_id=document_id, code="worker_lost",
+                    message=(
+                        f"The worker stopped responding during {document.precompute_attempts} "
+                        "attempts; retry the precompute."
+                    ),
+                )
+                failed.append(document_id)
+            else:
+                log.warning("Precompute of document %s lost its worker (attempt %s); queued "
+                            "again", document_id, document.precompute_attempts)
+                queue_precompute(document=document)
+                requeued.append(document_id)
+    unsent = Document.objects.filter(
+        status=DocumentStatus.QUEUED, celery_task_id="", updated_at__lt=stale_before
+    ).values_list("pk", "model_slug")
+    for document_id, model_slug in unsent:
+        _send_precompute(document_id=document_id, model_slug=model_slug)
+        requeued.append(document_id)
+    return {"requeued": requeued, "failed": failed}
+
+
+def precompute_alive_elsewhere(*, document_id: int) -> bool:
+    """Whether another worker is precomputing this document right now.
+
+    Asked by a precompute task before it starts. A document precomputing with a fresh
+    heartbeat is either run by a live worker (a duplicate delivery: the broker's visibility
+    timeout ran out under a long task) or was run by a worker that just died (its task
+    rejected and requeued at once). Only the heartbeat tells them apart: this waits until it
+    advances (alive: True) or goes stale (dead: False), at most PRECOMPUTE_STALE_SECONDS.
+    """
+    first_seen = None
+    while True:
+        row = Document.objects.filter(pk=document_id).values("status", "updated_at").first()
+        if row is None or row["status"] != DocumentStatus.PRECOMPUTING:
+            return False
+        if row["updated_at"] < _stale_before():
+            return False
+        if first_seen is None:
+            first_seen = row["updated_at"]
+        elif row["updated_at"] > first_seen:
+            return True
+        time.sleep(min(1.0, settings.PRECOMPUTE_HEARTBEAT_SECONDS / 2))
+
+
+def touch_precompute(*, document_id: int) -> None:
+    """The running precompute's heartbeat (a single UPDATE, no lock)."""
+    Document.objects.filter(pk=document_id, status=DocumentStatus.PRECOMPUTING).update(
+        updated_at=timezone.now()
+    )
 
 
 @transaction.atomic
 def retry_precompute(*, document: Document, publisher: User) -> Document:
     document = _own_locked(document=document, publisher=publisher)
-    if document.status != DocumentStatus.FAILED:
+    # A stalled precompute (its worker died) counts as failed: it can be retried at once.
+    if document.status != DocumentStatus.FAILED and not precompute_stalled(document):
         raise ValidationError("Only a failed precompute can be retried.", code="not_failed")
     return queue_precompute(document=document)
 
@@ -195,24 +393,39 @@ def start_precompute(*, document_id: int, task_id: str) -> Document | None:
         return None
     if document.status == DocumentStatus.READY and document.artifact_key:
         return None
+    if document.status == DocumentStatus.PRECOMPUTING and not precompute_stalled(document):
+        # A duplicate delivery (the broker redelivered, or a sweep re-sent) while a live
+        # worker is on it: that worker finishes; this message is done.
+        log.info("Precompute of document %s is running elsewhere; task %s skipped",
+                 document_id, task_id)
+        return None
     document.status = DocumentStatus.PRECOMPUTING
     document.celery_task_id = task_id or document.celery_task_id
     document.precompute_attempts += 1
     document.error = ""
     document.error_code = ""
+    document.progress_step = PrecomputeStep.TOKENIZING
+    document.precompute_started_at = timezone.now()
     document.save(
         update_fields=[
-            "status", "celery_task_id", "precompute_attempts", "error", "error_code", "updated_at"
+            "status", "celery_task_id", "precompute_attempts", "error", "error_code",
+            "progress_step", "precompute_started_at", "updated_at",
         ]
     )
     return document
 
 
 def record_progress(*, document_id: int, tokens_done: int, tokens_total: int) -> None:
-    """A single UPDATE (no lock): progress is advisory and written throttled by the task."""
+    """A single UPDATE (no lock): progress is advisory and written throttled by the task.
+
+    The step follows the tokens: prefilling until every token is in, then writing and
+    verifying the artifact (updated_at then marks when that step began: the estimate uses it).
+    """
     tokens_done = min(tokens_done, tokens_total)
+    step = PrecomputeStep.VERIFYING if tokens_done >= tokens_total else PrecomputeStep.PREFILLING
     Document.objects.filter(pk=document_id, status=DocumentStatus.PRECOMPUTING).update(
-        tokens_done=tokens_done, tokens_total=tokens_total, updated_at=timezone.now()
+        tokens_done=tokens_done, tokens_total=tokens_total, progress_step=step,
+        updated_at=timezone.now(),
     )
 
 
@@ -235,6 +448,7 @@ def record_precompute_success(*, document_id: int, result: dict[str, Any]) -> Do
     document.error = ""
     document.error_code = ""
     document.ready_at = document.ready_at or timezone.now()
+    document.progress_step = ""
     document.save()
     return document
 
@@ -248,7 +462,10 @@ def record_precompute_failure(*, document_id: int, code: str, message: str) -> D
     document.error_code = code[:64]
     document.error = message
     document.tokens_done = 0
-    document.save(update_fields=["status", "error_code", "error", "tokens_done", "updated_at"])
+    document.progress_step = ""
+    document.save(update_fields=[
+        "status", "error_code", "error", "tokens_done", "progress_step", "updated_at"
+    ])
     return document
 
 

@@ -1,4 +1,4 @@
-"""Template filters for the pages: money in nano-USD, token counts, FLOPs, bytes."""
+"""Template filters for the pages: money (through ledger.money), token counts, FLOPs, bytes."""
 
 from __future__ import annotations
 
@@ -6,25 +6,52 @@ from decimal import Decimal
 
 from django import template
 
-register = template.Library()
+from ledger.money import usd_amount, usd_large, usd_price
 
-NANO_PER_USD = Decimal(10**9)
+register = template.Library()
 
 
 @register.filter
 def usd(amount_nano: int | None) -> str:
-    """nano-USD as dollars with enough decimals: 37740 -> "$0.00003774", 12.5e9 -> "$12.50".
+    """An amount (wallet, total, payout) in dollars and cents: see ledger.money.usd_amount."""
+    return usd_amount(amount_nano)
 
-    Exact (no float): at least 2 decimals, at most 9, trailing zeros trimmed beyond the cents.
-    """
+
+@register.filter
+def price(amount_nano: int | None) -> str:
+    """A unit price (one load) with three significant digits: see ledger.money.usd_price."""
+    return usd_price(amount_nano)
+
+
+@register.filter
+def price_per_1k(amount_nano: int | None) -> str:
+    """The price of 1,000 units at ``amount_nano`` each, in dollars and cents."""
     if amount_nano is None or amount_nano == "":
         return "—"
-    value = Decimal(int(amount_nano)) / NANO_PER_USD
-    sign = "-" if value < 0 else ""
-    text = f"{abs(value):.9f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    frac = frac.ljust(2, "0")
-    return f"{sign}${int(whole):,}.{frac}"
+    return usd_price(int(amount_nano) * 1000)
+
+
+@register.filter
+def price_per_mtok(amount_nano: int | None, n_tokens: int | None) -> str:
+    """A load's price per 1M document tokens: what it costs to read a million cached tokens."""
+    if amount_nano is None or amount_nano == "" or not n_tokens:
+        return "—"
+    return usd_price(Decimal(int(amount_nano)) * 1_000_000 / int(n_tokens))
+
+
+@register.filter
+def big_usd(amount_usd: float | None) -> str:
+    """Large dollar sums, compact: $1.51M."""
+    if amount_usd is None or amount_usd == "":
+        return "—"
+    return usd_large(amount_usd)
+
+
+@register.filter
+def mul(value: int | None, factor: int) -> int | None:
+    if value is None or value == "":
+        return None
+    return int(value) * int(factor)
 
 
 def _scaled(value: float, units: list[tuple[float, str]], suffix: str) -> str:
@@ -79,3 +106,17 @@ def sci(value: float | None) -> str:
     if abs(value) < 1e-3 or abs(value) >= 1e6:
         return f"{value:.3g}" if "e" in f"{value:.3g}" else f"{value:.2e}"
     return f"{value:.4g}"
+
+
+@register.filter
+def json_str(value: str) -> str:
+    """A string as a JSON literal (also a valid Python literal), for code snippets."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+@register.filter
+def shell_sq(value: str) -> str:
+    """Text to put inside a single-quoted shell string: each ' becomes '\\''."""
+    return str(value).replace("'", "'\\''")

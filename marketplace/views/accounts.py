@@ -8,7 +8,12 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponsePermanentRedirect,
+    HttpResponseRedirect,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import NoReverseMatch, reverse, reverse_lazy
 from django.views.decorators.http import require_http_methods, require_POST
@@ -51,7 +56,15 @@ def agent_required(view):  # noqa: ANN001, ANN201
 
 
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "home.html")
+    from marketplace.selectors.economics import headline
+
+    return render(request, "home.html", {"headline": headline()})
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    from django.templatetags.static import static
+
+    return HttpResponsePermanentRedirect(static("kvmarket/favicon.svg"))
 
 
 @require_http_methods(["GET", "POST"])

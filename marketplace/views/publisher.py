@@ -8,6 +8,7 @@ Another publisher's document is a 404 (indistinguishable from a missing one).
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from functools import wraps
 
 from django.contrib import messages
@@ -18,10 +19,13 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from marketplace.forms.documents import DocumentCreateForm
+from marketplace.economics import cost_plot
+from marketplace.forms.documents import DocumentCreateForm, DocumentEditForm
 from marketplace.models import Document, DocumentStatus, Role
+from marketplace.selectors import ops as ops_selectors
 from marketplace.selectors import pages as page_selectors
 from marketplace.selectors.documents import model_label
+from marketplace.selectors.economics import document_economics
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,13 @@ def _dashboard_context(request: HttpRequest) -> dict:
 def dashboard(request: HttpRequest) -> HttpResponse:
     context = _dashboard_context(request)
     context["connect"] = page_selectors.connect_account_of(request.user)
+    context["payouts"] = ops_selectors.publisher_payouts(request.user)
+    ready = [r for r in context["rows"] if r.document.n_tokens]
+    if ready:
+        top = max(ready, key=lambda r: (r.loads, r.document.pk))
+        econ = document_economics(top.document)
+        context.update(econ_document=top.document, econ=econ,
+                       plot=cost_plot(econ) if econ else None)
     return render(request, "marketplace/publisher_dashboard.html", context)
 
 
@@ -94,6 +105,7 @@ def document_create(request: HttpRequest) -> HttpResponse:
                 text=data["document_text"],
                 model_slug=data["model"],
                 price_per_load_nano=data["price_per_load"],
+                description=data.get("description") or "",
             )
         except ValidationError as exc:
             _errors_to_form(form, exc)
@@ -110,10 +122,10 @@ def document_create(request: HttpRequest) -> HttpResponse:
 
 
 _SERVICE_FIELDS = {"title": "title", "text": "text", "model": "model",
-                   "price_per_load_nano": "price_per_load"}
+                   "price_per_load_nano": "price_per_load", "description": "description"}
 
 
-def _errors_to_form(form: DocumentCreateForm, exc: ValidationError) -> None:
+def _errors_to_form(form: DocumentCreateForm | DocumentEditForm, exc: ValidationError) -> None:
     if hasattr(exc, "error_dict"):
         for field, errors in exc.error_dict.items():
             target = _SERVICE_FIELDS.get(field)
@@ -132,6 +144,7 @@ def _detail_context(request: HttpRequest, row: page_selectors.DocumentRow) -> di
         "polling": row.is_active,
         "poll_seconds": POLL_SECONDS,
         "verification": document.verification or None,
+        "progress": page_selectors.precompute_progress(document),
     }
 
 
@@ -144,7 +157,37 @@ def document_detail(request: HttpRequest, document_id: int) -> HttpResponse:
         publisher=request.user, document=row.document, days=CHART_DAYS
     )
     context["chart"] = daily_chart(days)
+    context["econ"] = econ = document_economics(row.document)
+    context["plot"] = cost_plot(econ) if econ else None
     return render(request, "marketplace/document_detail.html", context)
+
+
+@publisher_required
+@require_http_methods(["GET", "POST"])
+def document_edit(request: HttpRequest, document_id: int) -> HttpResponse:
+    """Title, description and price; the text and model stay fixed."""
+    document = _own_row(request, document_id).document
+    initial = {
+        "title": document.title, "description": document.description,
+        "price_per_load": (Decimal(document.price_per_load_nano) / 10**9
+                           if document.price_per_load_nano is not None else None),
+    }
+    form = DocumentEditForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            document_services.update_document(
+                document=document, publisher=request.user, title=data["title"],
+                description=data["description"], price_per_load_nano=data["price_per_load"],
+                clear_price=data["price_per_load"] is None,
+            )
+        except ValidationError as exc:
+            _errors_to_form(form, exc)
+        else:
+            messages.success(request, "Saved. A new price applies to licenses bought from now "
+                                      "on; licenses already sold keep theirs.")
+            return redirect("document-detail", document_id=document.pk)
+    return render(request, "marketplace/document_edit.html", {"form": form, "document": document})
 
 
 @publisher_required
@@ -221,11 +264,12 @@ def stripe_connect(request: HttpRequest) -> HttpResponse:
 
 
 def _stripe_message(exc: Exception) -> str:
+    # The reason is for the operator (logged); the publisher gets what it means for them.
+    log.warning("Stripe Connect onboarding refused: %s", getattr(exc, "message", exc))
     if getattr(exc, "code", "") == "stripe_unavailable":
-        return ("Payouts are not available yet: Stripe is not configured on this kvmarket "
-                "instance (an operator must set STRIPE_SECRET_KEY). Your earnings keep "
-                "accruing and stay payable.")
-    return f"Stripe refused the request: {getattr(exc, 'message', exc)}"
+        return ("Payouts cannot be set up right now. Your earnings keep accruing and stay "
+                "payable.")
+    return "Stripe could not start the onboarding right now; try again later."
 
 
 # --- chart -----------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ def test_embedded_defaults_use_sqlite_and_the_filesystem_broker(tmp_path) -> Non
     assert (tmp_path / "broker" / "queue").is_dir()
     assert s["result_backend"] == f"db+sqlite:///{tmp_path / 'celery-results.sqlite3'}"
     assert s["debug"] is True
-    assert s["models"] == ["tiny-qwen3"]
-    assert s["queues"] == ["default", "gpu.tiny-qwen3"]
+    assert s["models"] == ["smollm2-135m", "tiny-qwen3"]
+    assert s["queues"] == ["default", "gpu.smollm2-135m", "gpu.tiny-qwen3"]
     assert s["kv_store_dir"] == str(tmp_path / "kv")
 
 

@@ -70,17 +70,48 @@ FAKE_RESULT = {
 }
 
 
+class FakeStream:
+    """A worker's event stream built from a canned result: its deltas, then the final event."""
+
+    def __init__(self, result: dict[str, Any], worker: str = "fake@worker") -> None:
+        self.worker = result.get("worker", worker)
+        self.connect_s = 0.0
+        self.closed = False
+        usage = result.get("usage") or {}
+        events: list[dict[str, Any]] = []
+        for n, text in enumerate(result.get("deltas") or [], start=1):
+            event = {"type": "delta", "text": text, "n": n}
+            if n == 1:
+                event["usage"] = {"cached_tokens": usage.get("cached_tokens", 0),
+                                  "suffix_tokens": usage.get("suffix_tokens", 0)}
+            events.append(event)
+        final = {k: v for k, v in result.items() if k not in ("deltas", "ok")}
+        events.append({"type": "final", **final, "worker": self.worker})
+        self.events = events
+
+    def __iter__(self):  # noqa: ANN204 - one iterator: iterating again resumes
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.closed or not self.events:
+            raise StopIteration
+        return self.events.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeWorker:
-    """Replaces the dispatch to a GPU worker: returns a canned result or raises."""
+    """Replaces the dispatch to a GPU worker: streams a canned result or raises."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self.behaviour: Callable[[dict[str, Any]], dict[str, Any]] = lambda call: dict(FAKE_RESULT)
 
-    def __call__(self, *, load, document, params, timeout):  # noqa: ANN001, ANN204
+    def __call__(self, *, load, document, params, timeout, exclude=frozenset()):  # noqa: ANN001, ANN204
         call = {"load": load, "document": document, "params": params, "timeout": timeout}
         self.calls.append(call)
-        return self.behaviour(call)
+        return FakeStream(self.behaviour(call))
 
 
 @pytest.fixture

@@ -56,24 +56,18 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
         time.sleep(interval)
 
 
-def task_left_the_broker(task_id: str, queue: str) -> bool:
-    """Whether a worker has dealt with the task: it finished, or it is neither waiting in its
-    queue nor held by a worker (a revoked or expired task is dropped on receipt)."""
-    from kombu.exceptions import ChannelError
+def wait_for_live_worker(name: str | None = None, *, timeout: float = 30.0) -> None:
+    """Wait until a GPU worker (this one, if named) is in the registry: its row is written by
+    its heartbeat, so after a transactional test emptied the tables it comes back in seconds."""
+    from marketplace import registry
+    from marketplace.models import GpuWorker
 
-    from kvmarket.celery import app
+    def live() -> bool:
+        rows = GpuWorker.objects.all()
+        return rows.filter(name=name).exists() if name else rows.exists()
 
-    if app.AsyncResult(task_id).ready():
-        return True
-    with app.connection_for_read() as conn:
-        try:
-            if conn.default_channel.queue_declare(queue, passive=True).message_count:
-                return False
-        except ChannelError:  # no such queue: nothing waits in it
-            pass
-    inspect = app.control.inspect(timeout=1.0)
-    held = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
-    return not any(task["id"] == task_id for tasks in held for task in tasks)
+    wait_for(live, timeout=timeout, what="a GPU worker in the registry", interval=0.1)
+    registry.forget()
 
 
 def wait_until_ready(document_id: int, *, timeout: float = 180.0) -> tuple[Document, list]:

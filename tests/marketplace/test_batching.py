@@ -1,13 +1,13 @@
-"""Concurrent completions of one artifact, gathered by the worker's batching window.
+"""The GPU worker's scheduler: dynamic batching, per-row streaming, back-pressure.
 
-Runs the real engine (built-in model, CPU) through marketplace.engine in several threads, as a
-GPU worker with a thread pool would: the requests that arrive within the window are served by
-one inference.generate_batch call, and each gets exactly what it would get alone.
+Runs the real engine (built-in model, CPU, the fast path forced on so batches really share
+their steps) through marketplace.engine.Scheduler, as the worker's HTTP endpoint does.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -34,51 +34,80 @@ def _request(i: int) -> dict:
     return dict(messages=[{"role": "user", "content": questions[i]}], max_tokens=8 + 4 * i)
 
 
-def test_requests_in_one_window_run_as_one_batch_with_their_own_results(settings, artifact_key):
-    settings.COMPLETION_BATCH_WINDOW_MS = 0
-    alone = [engine.generate(slug=SLUG, artifact_key=artifact_key, **_request(i)) for i in range(4)]
+class Collector:
+    """A job's events, and an event set when its last one arrived."""
 
-    settings.COMPLETION_BATCH_WINDOW_MS = 500
-    batches, served = engine.batcher.batches, engine.batcher.requests
-    results: list[dict | None] = [None] * 4
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.done = threading.Event()
 
-    def call(i: int) -> None:
-        results[i] = engine.generate(slug=SLUG, artifact_key=artifact_key, **_request(i))
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        if event["type"] in ("final", "error"):
+            self.done.set()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    @property
+    def last(self) -> dict:
+        assert self.done.wait(60), self.events
+        return self.events[-1]
 
-    assert engine.batcher.batches == batches + 1  # one window, one batch
-    assert engine.batcher.requests == served + 4
-    for got, expected in zip(results, alone, strict=True):
-        assert got["text"] == expected["text"]
-        assert got["usage"] == expected["usage"]
-        assert got["finish_reason"] == expected["finish_reason"]
+    @property
+    def streamed_text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "delta")
 
 
-def test_an_invalid_request_in_a_batch_fails_alone(settings, artifact_key):
-    from inference.errors import InvalidRequest
+def _job(key: str, request: dict) -> tuple[engine.Job, Collector]:
+    out = Collector()
+    return engine.Job(slug=SLUG, artifact_key=key, request=request, emit=out), out
 
-    settings.COMPLETION_BATCH_WINDOW_MS = 300
-    results: list = [None] * 2
+
+def test_waiting_requests_run_as_one_batch_each_streamed_with_its_own_result(artifact_key):
+    alone = [engine.generate(slug=SLUG, artifact_key=artifact_key, **_request(i))
+             for i in range(4)]
+    scheduler = engine.Scheduler(max_batch=8, max_queue=16)
+    jobs = [_job(artifact_key, _request(i)) for i in range(4)]
+    with scheduler._cond:  # the engine thread cannot take any before all four wait
+        for job, _ in jobs:
+            scheduler.submit(job)
+    for (_, out), expected in zip(jobs, alone, strict=True):
+        final = out.last
+        assert final["type"] == "final" and final["batch"] == 4
+        assert final["text"] == expected["text"] == out.streamed_text
+        assert final["usage"] == expected["usage"]
+        deltas = [e for e in out.events if e["type"] == "delta"]
+        assert [e["n"] for e in deltas] == sorted(e["n"] for e in deltas)  # tokens so far
+        assert deltas[0]["usage"]["cached_tokens"] == expected["usage"]["cached_tokens"]
+    assert scheduler.batches == 1
+
+
+def test_a_lone_request_runs_at_once_and_an_invalid_one_in_a_batch_fails_alone(artifact_key):
+    scheduler = engine.Scheduler(max_batch=8, max_queue=16)
+    job, out = _job(artifact_key, _request(0))
+    scheduler.submit(job)
+    assert out.last["type"] == "final" and out.last["batch"] == 1
+
     bad = dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, top_p=7.0)
+    (good_job, good), (bad_job, bad_out) = _job(artifact_key, _request(1)), _job(artifact_key, bad)
+    with scheduler._cond:
+        scheduler.submit(good_job)
+        scheduler.submit(bad_job)
+    assert bad_out.last == {"type": "error", "code": "invalid_request",
+                            "message": bad_out.last["message"]}
+    assert good.last["type"] == "final" and good.last["usage"]["output_tokens"] > 0
 
-    def call(i: int, request: dict) -> None:
-        try:
-            results[i] = engine.generate(slug=SLUG, artifact_key=artifact_key, **request)
-        except InvalidRequest as exc:
-            results[i] = exc
 
-    threads = [
-        threading.Thread(target=call, args=(0, _request(0))),
-        threading.Thread(target=call, args=(1, bad)),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert isinstance(results[1], InvalidRequest)
-    assert isinstance(results[0], dict) and results[0]["usage"]["output_tokens"] > 0
+def test_a_full_queue_answers_busy_and_a_cancelled_job_stops(artifact_key):
+    scheduler = engine.Scheduler(max_batch=1, max_queue=2)
+    jobs = [_job(artifact_key, dict(_request(3), max_tokens=40)) for _ in range(3)]
+    with scheduler._cond:
+        scheduler.submit(jobs[0][0])
+        scheduler.submit(jobs[1][0])
+        with pytest.raises(engine.Busy):
+            scheduler.submit(jobs[2][0])
+        jobs[1][0].cancel()  # its client left while it waited: it never runs
+    assert jobs[0][1].last["type"] == "final"
+    assert jobs[1][1].events == []
+    deadline = time.monotonic() + 10
+    while scheduler.in_flight() and time.monotonic() < deadline:  # the thread's bookkeeping
+        time.sleep(0.01)
+    assert scheduler.in_flight() == 0

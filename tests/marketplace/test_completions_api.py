@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace.models import License, Load
+from marketplace.models import License, Load, LoadKind
 from marketplace.services.errors import MarketplaceError
 from tests.marketplace.conftest import FAKE_RESULT, NANO, fund, make_ready_document, wallet
 
@@ -162,7 +162,7 @@ def test_in_progress_retry_is_409(api_client, funded_agent, ready_document, fake
     r = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="busy")
     assert r.status_code == 409 and r.json()["error"]["code"] == "request_in_progress"
     # Once it is stale (the API process died), it is failed uncharged and the retry runs.
-    Load.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    Load.objects.update(heartbeat_at=timezone.now() - timedelta(hours=1))
     r = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="busy")
     assert r.status_code == 200, r.content
     assert License.objects.get(pk=lic["id"]).loads_used == 1
@@ -361,15 +361,24 @@ def test_loads_history(api_client, funded_agent, ready_document, fake_worker):
     assert len(rows) == 1 and rows[0]["status"] == "succeeded" and rows[0]["cached_tokens"] == 1000
 
 
-def test_too_many_pending_loads_is_429(api_client, funded_agent, ready_document, fake_worker,
-                                       monkeypatch):
-    from marketplace.services import completions
+def test_too_many_in_flight_loads_is_429_with_retry_after(
+    api_client, funded_agent, ready_document, fake_worker, settings
+):
+    from marketplace.services.completions import reserve_load
 
-    lic = buy(api_client, ready_document)
-    monkeypatch.setattr(completions, "MAX_PENDING_LOADS_PER_AGENT", 0)
+    lic = buy(api_client, ready_document, loads=5)
+    settings.MAX_IN_FLIGHT_LOADS_PER_AGENT = 1
+    # One load in flight (reserved, its web process alive): the next one is refused.
+    held = reserve_load(agent=funded_agent, license_id=lic["id"], document_id=ready_document.pk,
+                        kind=LoadKind.CHAT, idempotency_key="held", payload={})
     r = api_client.post(CHAT, chat_body(ready_document, lic), format="json")
     assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
-    assert License.objects.get(pk=lic["id"]).loads_used == 0
+    assert r["Retry-After"] == "1"
+    assert License.objects.get(pk=lic["id"]).loads_used == 1
+    # A load whose web process died (stale heartbeat) no longer counts.
+    Load.objects.filter(pk=held.load.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    r = api_client.post(CHAT, chat_body(ready_document, lic), format="json")
+    assert r.status_code == 200, r.content
 
 
 def test_concurrent_requests_never_overdraw_a_license(transactional_db, publisher_user,

@@ -9,6 +9,8 @@ settlement; a timed-out load is not charged.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from marketplace.models import Document, License, Load
@@ -18,8 +20,8 @@ from tests.marketplace.integration import (
     GPU_QUEUES,
     partial_files,
     skip_module_unless_worker_can_run,
-    task_left_the_broker,
     wait_for,
+    wait_for_live_worker,
     wait_until_ready,
 )
 from tests.support.celery_worker import start_celery_worker
@@ -45,11 +47,11 @@ def gpu_worker(django_db_setup, django_db_blocker, kv_dir):  # noqa: ANN001, ANN
 @pytest.fixture(autouse=True)
 def _same_store(settings, kv_dir):  # noqa: ANN001
     """This process (KV downloads, direct engine calls) reads the worker's store."""
-    from marketplace import engine, workers
+    from marketplace import engine, registry
 
     settings.KV_STORE_DIR = kv_dir
     engine.reset_store()
-    workers.forget_workers()
+    registry.forget()
     yield
     engine.reset_store()
 
@@ -61,6 +63,7 @@ def _publish(publisher_client, text: str = DOCUMENT_TEXT) -> Document:  # noqa: 
     )
     assert r.status_code == 201, r.content
     doc, _ = wait_until_ready(r.json()["id"])
+    wait_for_live_worker()
     return doc
 
 
@@ -84,6 +87,7 @@ def test_publish_precompute_license_complete_ledger(
     assert doc.verification["passed"] is True
     assert doc.verification["greedy_matched"] == doc.verification["greedy_total"]
     assert not partial_files(kv_dir)
+    wait_for_live_worker(gpu_worker.hostname)
 
     # Same content, same artifact: a second listing reuses the KV.
     twin = _publish(publisher_client)
@@ -98,7 +102,7 @@ def test_publish_precompute_license_complete_ledger(
     assert price == doc.n_tokens * 10  # cache-read tariff: $0.10/Mtok x 0.1
     assert escrow_balance(f"license:{lic['id']}") == 3 * price
 
-    # Complete on the worker, routed to its direct queue.
+    # Complete on the worker, over its HTTP endpoint.
     r = api_client.post(
         "/api/v1/chat/completions",
         {"model": "tiny-qwen3", "document": doc.pk, "license": lic["id"], "max_tokens": 12,
@@ -166,14 +170,15 @@ def test_timed_out_load_is_not_charged(
                         HTTP_IDEMPOTENCY_KEY="slow")
     assert r.status_code == 504, r.content
     assert r.json()["error"]["code"] == "timeout"
-    # The worker drops the expired task (or finishes it unread): no charge either way.
-    from marketplace.workers import direct_queue_name, gpu_queue_name
+    # The worker drops the request (or finishes it unread): no charge either way. Wait for a
+    # heartbeat a whole interval after the timeout that reports nothing in flight.
+    from django.utils import timezone
 
-    load = Load.objects.get()
-    assert load.celery_task_id
-    queue = direct_queue_name(load.worker) if load.worker else gpu_queue_name("tiny-qwen3")
-    wait_for(lambda: task_left_the_broker(load.celery_task_id, queue), timeout=60,
-             what="the worker to drop or finish the timed-out task")
+    from marketplace.models import GpuWorker
+
+    after = timezone.now() + timedelta(seconds=settings.GPU_WORKER_HEARTBEAT_SECONDS)
+    wait_for(lambda: GpuWorker.objects.filter(heartbeat_at__gt=after, in_flight=0).exists(),
+             timeout=60, what="a heartbeat of an idle worker after the timeout")
     assert Load.objects.get().status == "failed"
     assert not Transaction.objects.filter(kind="load_settlement").exists()
     assert payable_balance(publisher_user) == 0

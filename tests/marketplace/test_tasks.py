@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import workers
+from marketplace import registry, workers
 from marketplace.models import Document, DocumentStatus, License, Load
 from tests.marketplace.conftest import make_ready_document
 
@@ -96,10 +96,9 @@ def test_unexpected_precompute_error_is_recorded_and_raised(queued_document, mon
 
 
 def test_precompute_task_options():
-    from marketplace.tasks import precompute_document, run_completion
+    from marketplace.tasks import precompute_document
 
     assert precompute_document.acks_late and precompute_document.reject_on_worker_lost
-    assert not run_completion.acks_late
 
 
 def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
@@ -122,55 +121,59 @@ def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
 # --- routing -------------------------------------------------------------------------------
 
 
+def _info(name: str, *, models=("tiny-qwen3",), hot=()) -> registry.WorkerInfo:  # noqa: ANN001
+    return registry.WorkerInfo(name=name, url=f"http://{name}", model_slugs=tuple(models),
+                               hot_keys=frozenset(hot), in_flight=0)
+
+
+def _first(key: str, names: list[str]) -> str:
+    return registry.rank([_info(n) for n in names], slug="tiny-qwen3", artifact_key=key)[0].name
+
+
 def test_rendezvous_is_stable_and_moves_little():
     hosts = [f"w{i}@h" for i in range(5)]
     keys = [f"{i:064x}" for i in range(400)]
-    before = {k: workers.rendezvous_pick(k, hosts) for k in keys}
-    assert before == {k: workers.rendezvous_pick(k, list(reversed(hosts))) for k in keys}
+    before = {k: _first(k, hosts) for k in keys}
+    assert before == {k: _first(k, list(reversed(hosts))) for k in keys}
     assert len(set(before.values())) == 5  # spread over all workers
-    after = {k: workers.rendezvous_pick(k, hosts[:-1]) for k in keys}
+    after = {k: _first(k, hosts[:-1]) for k in keys}
     moved = [k for k in keys if before[k] != after[k]]
     assert all(before[k] == "w4@h" for k in moved)  # only the departed worker's keys move
-    assert workers.rendezvous_pick("k", []) is None
 
 
-def test_completion_queue_prefers_direct_queue(monkeypatch):
-    monkeypatch.setattr(workers, "_active_queues", lambda: {
-        "a@h": ["gpu.tiny-qwen3", "worker.a@h"],
-        "b@h": ["gpu.tiny-qwen3", "worker.b@h"],
-        "c@h": ["default", "worker.c@h"],  # not a GPU worker of this model
-        "d@h": ["gpu.tiny-qwen3"],  # no direct queue
-    })
-    assert workers.workers_for_model("tiny-qwen3") == ["a@h", "b@h"]
-    queue, host = workers.completion_queue("tiny-qwen3", "f" * 64)
-    assert host in ("a@h", "b@h") and queue == f"worker.{host}"
-    monkeypatch.setattr(workers, "_active_queues", lambda: {})
-    assert workers.completion_queue("tiny-qwen3", "f" * 64) == ("gpu.tiny-qwen3", None)
+def test_ranking_prefers_the_worker_holding_the_artifact_and_skips_other_models():
+    key = "f" * 64
+    names = [f"w{i}@h" for i in range(4)]
+    plain = registry.rank([_info(n) for n in names], slug="tiny-qwen3", artifact_key=key)
+    hot_name = plain[-1].name  # the rendezvous order's last choice holds it in memory
+    ranked = registry.rank(
+        [_info(n, hot=[key] if n == hot_name else []) for n in names]
+        + [_info("other@h", models=("big",))],
+        slug="tiny-qwen3", artifact_key=key,
+    )
+    assert ranked[0].name == hot_name
+    assert [w.name for w in ranked[1:]] == [w.name for w in plain[:-1]]
+    assert "other@h" not in {w.name for w in ranked}
 
 
-def test_active_queues_is_cached_and_survives_broker_errors(monkeypatch):
-    from kvmarket.celery import app
+def test_live_workers_are_those_with_a_fresh_heartbeat(db, settings):
+    from datetime import timedelta
 
-    calls = []
+    from django.utils import timezone
 
-    class Inspect:
-        def active_queues(self):  # noqa: ANN202
-            calls.append(1)
-            return {"a@h": [{"name": "gpu.tiny-qwen3"}, {"name": "worker.a@h"}]}
+    from marketplace.models import GpuWorker
 
-    workers.forget_workers()
-    monkeypatch.setattr(app.control, "inspect", lambda timeout: Inspect())
-    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
-    assert workers._active_queues() == {"a@h": ["gpu.tiny-qwen3", "worker.a@h"]}
-    assert len(calls) == 1
-    workers.forget_workers()
-
-    def broken(timeout):  # noqa: ANN001, ANN202
-        raise ConnectionError("no broker")
-
-    monkeypatch.setattr(app.control, "inspect", broken)
-    assert workers._active_queues() == {}
-    workers.forget_workers()
+    now = timezone.now()
+    registry.announce(name="live@h", url="http://a", model_slugs=["tiny-qwen3"], hot_keys=[],
+                      in_flight=0, started_at=now)
+    GpuWorker.objects.create(name="dead@h", url="http://b", model_slugs=["tiny-qwen3"],
+                             started_at=now, heartbeat_at=now - timedelta(seconds=60))
+    registry.forget()
+    assert [w.name for w in registry.live_workers()] == ["live@h"]
+    registry.withdraw(name="live@h")
+    registry.forget()
+    assert registry.live_workers() == []
+    registry.forget()
 
 
 # --- housekeeping ----------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_stale_pending_loads_are_failed_uncharged(publisher_user, funded_agent):
                  idempotency_key=None, payload={})
     assert License.objects.get(pk=lic.pk).loads_used == 1
     assert expire_stale_loads() == 0
-    Load.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    Load.objects.update(heartbeat_at=timezone.now() - timedelta(seconds=31))
     assert expire_stale_loads() == 1
     load = Load.objects.get()
     assert load.status == "failed" and load.amount_nano == 0
@@ -233,7 +236,7 @@ def test_loads_used_constraint_is_enforced_by_the_database(publisher_user, funde
 # --- seed_demo and schema --------------------------------------------------------------------
 
 
-def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks):
+def test_seed_demo_is_idempotent(monkeypatch, settings, django_capture_on_commit_callbacks):
     from io import StringIO
 
     from django.core.management import call_command
@@ -255,11 +258,38 @@ def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks
     agent = User.objects.get(email="agent@demo.kvmarket")
     assert User.objects.get(email="publisher@demo.kvmarket").role == "publisher"
     assert wallet_balance(agent) == 20 * 10**9
-    doc = Document.objects.get()
-    assert doc.status == "queued" and "Call me Ishmael" in doc.text
-    assert queued == [doc.pk]
+    from marketplace.management.commands.seed_demo import demo_documents
+
+    specs = demo_documents()
+    docs = list(Document.objects.order_by("pk"))
+    assert [d.title for d in docs] == [s["title"] for s in specs]  # created once
+    assert all(d.status == "queued" for d in docs) and queued == [d.pk for d in docs]
+    assert "Call me Ishmael" in docs[0].text
+    assert docs[0].example_questions == ["Who is the narrator?"]
+    assert all(d.example_questions == [q["question"] for q in s["questions"]]
+               for d, s in zip(docs, specs, strict=True))
+    assert {d.model_slug for d in docs} == {next(iter(settings.KVMARKET_MODELS))}
     assert "kvm_" in outs[0] and "kvmarket-demo-2026" in outs[0]
+    assert "ask: Who is the narrator?" in outs[0]
     assert agent.api_keys.count() == 2
+
+
+def test_demo_documents_are_real_texts_of_the_right_size():
+    """Two or more of 1-4k tokens besides the Moby-Dick opening; every question's expected
+    answer is written in the text itself."""
+    import re
+
+    from marketplace.management.commands.seed_demo import DEMO_DIR, demo_documents
+
+    specs = demo_documents()
+    words = {s["title"]: len((DEMO_DIR / s["file"]).read_text().split()) for s in specs}
+    assert sum(700 <= n <= 3000 for n in words.values()) >= 2, words  # about 1-4k tokens
+    for spec in specs:
+        text = " ".join((DEMO_DIR / spec["file"]).read_text().split()).lower()
+        assert spec["licence"] and spec["source"] and 1 <= len(spec["questions"]) <= 3
+        for item in spec["questions"]:
+            answer = re.sub(r"\s+", " ", item["answer_contains"].lower())
+            assert answer in text, (spec["title"], answer)
 
 
 def test_schema_generates_without_warnings():
@@ -284,7 +314,7 @@ def test_schema_and_docs_pages(client):
     assert client.get("/api/docs/").status_code == 200
 
 
-def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
+def test_worker_loads_its_models_and_warms_up_the_cuda_ones(settings, monkeypatch):
     from types import SimpleNamespace
 
     import inference
@@ -297,9 +327,10 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     }
     queues = ["default", "gpu.big", "gpu.tiny", "worker.host"]
     assert workers.cuda_models_served(queues) == ["big"]
+    assert workers.models_served(queues) == ["big", "tiny"]
 
-    warmed, pinned = [], []
-    monkeypatch.setattr(engine, "get_loaded", lambda slug: f"loaded:{slug}")
+    loaded, warmed, pinned = [], [], []
+    monkeypatch.setattr(engine, "get_loaded", lambda slug: loaded.append(slug) or f"loaded:{slug}")
     monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
     store = SimpleNamespace(pin_host_memory=lambda: pinned.append(True))
     monkeypatch.setattr(engine, "get_store", lambda: store)
@@ -312,11 +343,13 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         )
 
     consumer = consumer_of(queues)
-    workers.warm_up_cuda_models(consumer)
+    workers.prepare_models(consumer)
+    assert loaded == ["big", "tiny"]  # every model served, CPU ones too, before any task
     assert warmed == ["loaded:big"]
     assert pinned == [True]  # the store's host memory for disk reads, pinned at start
     assert frozen == [True]  # then start-up's garbage collected and the rest frozen
-    workers.warm_up_cuda_models(consumer_of(["default", "gpu.tiny"]))
+    workers.prepare_models(consumer_of(["default", "gpu.tiny"]))
+    assert loaded[-1] == "tiny"
     assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
     assert frozen == [True]  # nor freezes anything
 
@@ -324,5 +357,5 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(inference, "warm_up", broken)
-    workers.warm_up_cuda_models(consumer)  # logged, never raised: the worker still starts
+    workers.prepare_models(consumer)  # logged, never raised: the worker still starts
     assert frozen == [True, True]

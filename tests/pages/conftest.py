@@ -106,7 +106,7 @@ def make_document(publisher, *, status: str = "ready", n_tokens: int = 1000,  # 
         artifact_bytes=150_000 * n_tokens if ready else None,
         precompute_flops=2.5e9 * n_tokens if ready else None,
         precompute_seconds=0.42 if ready else None,
-        verification=dict(VERIFICATION) if ready else None,
+        verification=fields.pop("verification", dict(VERIFICATION) if ready else None),
         **fields,
     )
 

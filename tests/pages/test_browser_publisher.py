@@ -32,11 +32,11 @@ PASSWORD = "a-Long-enough-passw0rd"
 @pytest.fixture
 def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
     """The worker's KV store; this process (and its live server thread) reads the same one."""
-    from marketplace import engine, workers
+    from marketplace import engine, registry
 
     settings.KV_STORE_DIR = tmp_path / "kv"
     engine.reset_store()
-    workers.forget_workers()
+    registry.forget()
     yield settings.KV_STORE_DIR
     engine.reset_store()
 

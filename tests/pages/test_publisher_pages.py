@@ -88,6 +88,20 @@ def test_create_form_errors(publisher_client, sent_tasks, data, message) -> None
     assert not Document.objects.exists() and sent_tasks.calls == []
 
 
+def test_a_registry_model_missing_on_this_server_is_a_form_error(
+    publisher_client, settings, sent_tasks
+) -> None:
+    # An unknown Hugging Face id, offline: an error on the form, not a hub traceback.
+    tiny = settings.KVMARKET_MODELS["tiny-qwen3"]
+    settings.KVMARKET_MODELS = {
+        **settings.KVMARKET_MODELS, "ghost": {**tiny, "ref": "nobody-here/no-such-model-1b"},
+    }
+    html = _errors(_post_create(publisher_client, text=TEXT, model="ghost"))
+    assert "Model &#x27;ghost&#x27; is not available on this server" in html
+    assert "nobody-here/no-such-model-1b" in html and "Traceback" not in html
+    assert not Document.objects.exists() and sent_tasks.calls == []
+
+
 def test_both_text_and_file_is_an_error(publisher_client, sent_tasks) -> None:
     upload = SimpleUploadedFile("a.txt", b"hello")
     html = _errors(_post_create(publisher_client, text=TEXT, file=upload))
@@ -259,7 +273,9 @@ def test_unlist_explains_live_licenses_and_relist(
 def test_connect_without_stripe_shows_a_message(publisher_client, stripe_off) -> None:
     r = publisher_client.post(reverse("publisher-connect"), follow=True)
     assert r.redirect_chain[-1][0] == reverse("publisher-dashboard")
-    assert "Stripe is not configured" in r.content.decode()
+    html = r.content.decode()
+    assert "Payouts cannot be set up right now" in html
+    assert "STRIPE_SECRET_KEY" not in html and "operator must" not in html
 
 
 def test_connect_redirects_to_the_onboarding_link(publisher_client, stripe_on) -> None:
@@ -273,3 +289,13 @@ def test_connect_redirects_to_the_onboarding_link(publisher_client, stripe_on) -
     assert r.status_code == 302 and r["Location"] == link
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     assert "Finish Stripe onboarding" in html
+
+
+def test_detail_shows_the_example_questions(publisher_client, publisher_user) -> None:
+    doc = make_document(publisher_user, example_questions=["Who is the narrator?", "Why <b>?"])
+    html = publisher_client.get(reverse("document-detail", args=[doc.pk])).content.decode()
+    assert 'id="example-questions"' in html
+    assert "<li>Who is the narrator?</li>" in html and "<li>Why &lt;b&gt;?</li>" in html
+    plain = make_document(publisher_user)
+    html = publisher_client.get(reverse("document-detail", args=[plain.pk])).content.decode()
+    assert 'id="example-questions"' not in html

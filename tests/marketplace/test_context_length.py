@@ -1,0 +1,69 @@
+"""A document longer than the model's context is refused when it is submitted (422 in the API),
+not accepted and failed later on the worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from marketplace.models import Document
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch) -> list[int]:  # noqa: ANN001
+    """Precompute tasks sent (recorded at the enqueue boundary, never run)."""
+    sent: list[int] = []
+
+    def enqueue(*, document_id: int, model_slug: str) -> str:
+        sent.append(document_id)
+        return f"task-{document_id}"
+
+    monkeypatch.setattr("marketplace.tasks.enqueue_precompute", enqueue)
+    return sent
+
+# The built-in tiny-qwen3 has a 4096-token context; "hello world " takes five of its tokens.
+TOO_LONG = "hello world " * 2100
+FITS = "hello world " * 500
+
+
+def _post(publisher_client, text: str):  # noqa: ANN001, ANN202
+    body = json.dumps({"title": "Long", "text": text, "model": "tiny-qwen3"})
+    return publisher_client.post("/api/v1/documents", body, content_type="application/json")
+
+
+def test_document_over_the_context_is_422(publisher_client, sent_tasks) -> None:
+    response = _post(publisher_client, TOO_LONG)
+    assert response.status_code == 422, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    message = error["fields"]["text"][0]
+    assert "4096-token context" in message and "must be under 4096 tokens" in message
+    assert not Document.objects.exists() and sent_tasks == []
+
+
+def test_document_that_fits_is_accepted(
+    publisher_client, sent_tasks, django_capture_on_commit_callbacks
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _post(publisher_client, FITS)
+    assert response.status_code == 201, response.content
+    document = Document.objects.get()
+    assert document.status == "queued"
+    assert len(sent_tasks) == 1
+
+
+def test_unknown_tokenizer_does_not_block_submission(
+    publisher_client, sent_tasks, settings, django_capture_on_commit_callbacks
+) -> None:
+    settings.KVMARKET_MODELS = {
+        **settings.KVMARKET_MODELS,
+        "gpu-only": {"ref": "/nonexistent/weights", "device": "cuda"},
+    }
+    body = json.dumps({"title": "t", "text": TOO_LONG, "model": "gpu-only"})
+    with django_capture_on_commit_callbacks(execute=True):
+        response = publisher_client.post("/api/v1/documents", body,
+                                         content_type="application/json")
+    assert response.status_code == 201  # the worker checks it (document_too_long)
