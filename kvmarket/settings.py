@@ -190,11 +190,6 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": 0.02,  # kombu's default (1 s) would add up to a second a task
         "store_processed": False,
     }
-# A prefix for every broker key and channel on Redis, so several deployments (or parallel test
-# processes) can share one Redis database without consuming each other's tasks.
-BROKER_KEY_PREFIX = env("CELERY_BROKER_KEY_PREFIX", default="")
-if BROKER_KEY_PREFIX and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": BROKER_KEY_PREFIX}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -218,6 +213,13 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # precomputing with a fresh heartbeat), and the heartbeat sweep recovers sooner anyway.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=300),
+    }
+# A prefix for every broker key and channel on Redis, so several deployments (or parallel test
+# processes) can share one Redis database without consuming each other's tasks.
+BROKER_KEY_PREFIX = env("CELERY_BROKER_KEY_PREFIX", default="")
+if BROKER_KEY_PREFIX and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        **CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": BROKER_KEY_PREFIX
     }
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)

@@ -29,7 +29,7 @@ def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = 
 
 @pytest.fixture
 def funded_agent(agent_user):  # noqa: ANN001, ANN201
-    fund(agent_user, 10 * NANO)
+    fund(agent_user, amount_nano=10 * NANO)
     return agent_user
 
 
@@ -43,7 +43,7 @@ def other_agent_client(db):  # noqa: ANN001, ANN201
     from rest_framework.test import APIClient
 
     agent = make_user(role=Role.AGENT)
-    fund(agent, 10 * NANO)
+    fund(agent, amount_nano=10 * NANO)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key(agent)}")
     client.user = agent

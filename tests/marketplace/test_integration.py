@@ -94,7 +94,7 @@ def test_publish_precompute_license_complete_ledger(
     assert twin.artifact_key == doc.artifact_key
 
     # Buy a license (wallet -> escrow).
-    fund(agent_user, NANO)
+    fund(agent_user, amount_nano=NANO)
     r = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 3}, format="json")
     assert r.status_code == 201, r.content
     lic = r.json()
@@ -160,7 +160,7 @@ def test_timed_out_load_is_not_charged(
     from ledger.selectors import payable_balance
 
     doc = _publish(publisher_client)
-    fund(agent_user, NANO)
+    fund(agent_user, amount_nano=NANO)
     lic = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 1},
                           format="json").json()
     settings.COMPLETION_TIMEOUT_SECONDS = 0.001  # no round trip is that fast
@@ -199,7 +199,7 @@ def test_openai_client_against_live_server(
     import openai
 
     doc = _publish(publisher_client)
-    fund(agent_user, NANO)
+    fund(agent_user, amount_nano=NANO)
     from marketplace.services.licenses import purchase_license
 
     lic, _ = purchase_license(agent=agent_user, document_id=doc.pk, loads=5)

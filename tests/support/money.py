@@ -7,8 +7,9 @@ import uuid
 NANO = 10**9  # nano-USD per USD
 
 
-def fund(agent, amount_nano: int = 10 * NANO) -> None:  # noqa: ANN001
-    """Credit the agent's wallet with amount_nano (a top-up with a fresh idempotency key)."""
+def fund(agent, *, amount_nano: int = 10 * NANO) -> None:  # noqa: ANN001
+    """Credit the agent's wallet with amount_nano (a top-up with a fresh idempotency key).
+    Keyword-only, so that no call passes dollars where nano-USD are meant."""
     from ledger.services import credit_topup
 
     if not isinstance(amount_nano, int) or isinstance(amount_nano, bool):
