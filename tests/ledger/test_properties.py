@@ -2,8 +2,7 @@
 the same idempotency key, keep every invariant, and balances match a simple Python model.
 
 Each example runs inside a savepoint that is rolled back; at its end SET CONSTRAINTS ALL
-IMMEDIATE fires PostgreSQL's deferred zero-sum checks for everything it posted. Both the
-PostgreSQL fast path and the portable ORM path are exercised.
+IMMEDIATE fires PostgreSQL's deferred zero-sum checks for everything it posted.
 """
 
 import os
@@ -143,7 +142,6 @@ def _run(sequence) -> None:
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # fire the deferred zero-sum triggers
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["pg-fast-path", "orm-path"])
 @settings(
     max_examples=int(os.environ.get("LEDGER_HYPOTHESIS_EXAMPLES", "25")),
     deadline=None,
@@ -163,8 +161,7 @@ def _run(sequence) -> None:
     ("topup", 1, 10**7), ("purchase", 1, 10**7), ("settle", 1, 0, 10**7, Decimal("0.8"), 5),
     ("settle", 1, 0, 1, Decimal("0.8"), 0), ("egress", 1, 1), ("retry", 1),
 ])
-def test_random_operation_sequences_keep_invariants(fast_path, sequence, monkeypatch):
-    monkeypatch.setattr(services, "USE_PG_FAST_PATH", fast_path)
+def test_random_operation_sequences_keep_invariants(sequence):
     try:
         with transaction.atomic():
             _run(sequence)

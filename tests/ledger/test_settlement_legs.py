@@ -1,4 +1,4 @@
-"""Every leg of a load settlement, on both posting paths, for amounts and shares that round.
+"""Every leg of a load settlement, for amounts and shares that round.
 
 Deterministic on purpose: the property test (test_properties.py) reaches a paid settlement
 only when its random sequence happens to top up, buy and settle in that order.
@@ -29,12 +29,6 @@ CASES = [  # (amount, publisher share, compute)
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["pg-fast-path", "orm-path"])
-def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(services, "USE_PG_FAST_PATH", request.param)
-    return request.param
-
-
 def _legs(tx: Transaction) -> dict[str, int]:
     return {p.account.key: p.amount for p in Posting.objects.filter(transaction=tx)
             .select_related("account")}  # fmt: skip
@@ -42,7 +36,7 @@ def _legs(tx: Transaction) -> dict[str, int]:
 
 @pytest.mark.parametrize(("amount", "share", "compute"), CASES)
 def test_settlement_posts_each_leg_once_and_balances(
-    fast_path: bool, amount: int, share: Decimal, compute: int
+    amount: int, share: Decimal, compute: int
 ) -> None:
     agent: User = make_user(Role.AGENT)
     publisher: User = make_user(Role.PUBLISHER)

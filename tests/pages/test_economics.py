@@ -122,6 +122,13 @@ def test_precompute_shows_its_steps_and_an_estimate(publisher_client, publisher_
     assert "s left" in html
     record_progress(document_id=doc.pk, tokens_done=40, tokens_total=40)
     doc.refresh_from_db()
-    assert precompute_progress(doc)["current"] == "verifying"
+    verifying_since = doc.step_started_at
+    record_progress(document_id=doc.pk, tokens_done=40, tokens_total=40)  # later writes
+    doc.refresh_from_db()
+    assert doc.step_started_at == verifying_since  # the step's start stays put
+    doc.precompute_started_at = verifying_since - timedelta(seconds=3)
+    progress = precompute_progress(doc, now=verifying_since + timedelta(seconds=1))
+    assert progress["current"] == "verifying"
+    assert progress["remaining_seconds"] == pytest.approx(5)  # 2 x 3 s of prefill, 1 s gone
     html = publisher_client.get(reverse("document-status", args=[doc.pk])).content.decode()
     assert "Writing and verifying" in html

@@ -1,4 +1,5 @@
-"""The Stripe webhook endpoint (CSRF-exempt; authenticity comes from the signature)."""
+"""The Stripe webhook endpoint, mounted at /stripe/webhook (CSRF-exempt; authenticity comes from
+the signature). The ledger applies each verified event once."""
 
 import json
 import logging
@@ -11,7 +12,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from kvmarket.api_errors import error_body
-from ledger import services, stripe_gateway
+from ledger import services as ledger_services
+from ledger import stripe_gateway
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
             status=400,
         )
     try:
-        result = services.handle_stripe_event(
+        result = ledger_services.handle_stripe_event(
             event_id=event_id, event_type=event_type, data_object=data_object
         )
     except (KeyError, TypeError, ValueError, ObjectDoesNotExist) as exc:

@@ -1,4 +1,4 @@
-"""Wallet and earnings API (thin views over ledger selectors/services).
+"""Wallet and earnings API (thin views over ledger selectors/services), mounted at /api/v1/.
 
 Units: amounts are integers in nano-USD ("*_nano" fields; 1 USD = 1,000,000,000 nano-USD),
 with an exact decimal USD string beside them ("*_usd"). Agents authenticate with their API key
@@ -17,19 +17,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from kvmarket.api_errors import ApiError
-from ledger import selectors, stripe_gateway
+from ledger import selectors
+from ledger import services as ledger_services
 from ledger.errors import LedgerError
 from ledger.models import NANO_PER_USD
+from marketplace.api.common import to_api_error
 from marketplace.authentication import ApiKeyAuthentication
 from marketplace.models import Role
 
 MIN_TOPUP_CENTS = 100  # 1 USD (Stripe's minimum charge is 0.50 USD)
 MAX_TOPUP_CENTS = 1_000_000  # 10,000 USD
-
-
-def as_api_error(exc: LedgerError) -> ApiError:
-    """Map a ledger error to the API's JSON error (InsufficientFunds -> 402, conflict -> 409)."""
-    return ApiError(status_code=exc.http_status, code=exc.code, message=exc.message)
 
 
 class _LedgerView(APIView):
@@ -94,14 +91,14 @@ class TopUpView(_LedgerView):
         body.is_valid(raise_exception=True)
         base = settings.PUBLIC_BASE_URL.rstrip("/")
         try:
-            url = stripe_gateway.create_topup_checkout(
+            url = ledger_services.create_topup_checkout(
                 agent=request.user,
                 amount_cents=body.validated_data["amount_cents"],
                 success_url=f"{base}/?topup=success",
                 cancel_url=f"{base}/?topup=cancelled",
             )
         except LedgerError as exc:
-            raise as_api_error(exc) from exc
+            raise to_api_error(exc) from exc
         except stripe.StripeError as exc:
             raise ApiError(
                 status_code=status.HTTP_502_BAD_GATEWAY,
