@@ -214,6 +214,13 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://", "redis+socket://")):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=300),
     }
+# A prefix for every broker key and channel on Redis, so several deployments (or parallel test
+# processes) can share one Redis database without consuming each other's tasks.
+BROKER_KEY_PREFIX = env("CELERY_BROKER_KEY_PREFIX", default="")
+if BROKER_KEY_PREFIX and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        **CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": BROKER_KEY_PREFIX
+    }
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)
 CELERY_BEAT_SCHEDULE = {

@@ -13,6 +13,7 @@ from django.db import transaction
 from django.db.models import Case, F, When
 from django.utils import timezone
 
+from ledger import services as ledger_services
 from marketplace.models import (
     Document,
     DocumentStatus,
@@ -158,6 +159,7 @@ def create_document(
         description=_clean_description(description),
         example_questions=_clean_questions(example_questions),
     )
+    ledger_services.ensure_tariff(model_slug=model_slug)  # stored, so staff can edit it
     if submit:
         queue_precompute(document=document)
     return document
