@@ -43,7 +43,7 @@ def test_database_url_and_redis_select_postgres_and_redis(tmp_path) -> None:
     )  # fmt: skip
     assert s["broker"] == "redis://redis.internal:6379/2"
     assert s["result_backend"] == "redis://redis.internal:6379/3"
-    assert s["broker_options"] == {}
+    assert s["broker_options"] == {"visibility_timeout": 300}  # not kombu's hour
     assert s["models"] == ["qwen3-4b"]
     assert s["queues"] == ["default", "gpu.qwen3-4b"]
     assert s["stripe_secret_key"] == "sk_test_123"
