@@ -1,6 +1,7 @@
 """Cold prefill vs KV reuse from each store tier, for a list of document lengths. Prints JSON.
 
 CPU:  python bench/kv_reuse.py --model builtin --lengths 256,1024,3000
+      python bench/kv_reuse.py --model smollm2-135m --lengths 2048 --load-times
 GPU:  python bench/kv_reuse.py --device cuda --model-config qwen3-4b \
           --lengths 1024,3774,8192,32768
 The qwen3-4b path builds Qwen3-4B from its config with random bf16 weights (prefill and reuse
@@ -21,58 +22,7 @@ from typing import Any
 
 import torch
 
-QWEN3_4B_CONFIG: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 2560,
-    "intermediate_size": 9728,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 40960,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "hidden_act": "silu",
-    "use_sliding_window": False,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
-# A few-layer stand-in that exercises the random-weights path on CPU (tests).
-QWEN3_TEST_CONFIG: dict[str, Any] = {
-    **QWEN3_4B_CONFIG,
-    "vocab_size": 1024,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 2048,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
-MODEL_CONFIGS = {"qwen3-4b": QWEN3_4B_CONFIG, "qwen3-test": QWEN3_TEST_CONFIG}
-
-
-def build_random_model(name: str, *, dtype: str, device: str) -> Any:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from .models import resolve_dtype, wrap_model
-
-    _, torch_dtype = resolve_dtype(dtype)
-    config = Qwen3Config(**MODEL_CONFIGS[name])
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval().requires_grad_(False)
-    return wrap_model(model, None, model_id=f"random/{name}", device=device)
+from .random_models import MODEL_CONFIGS, build_random_model
 
 
 def _sync(device: str) -> None:
@@ -141,11 +91,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .store import KVStore
 
     device = args.device
+    load_times = None
     if args.model_config:
         dtype = args.dtype or "bfloat16"
         loaded = build_random_model(args.model_config, dtype=dtype, device=device)
+    elif args.load_times:
+        load_times, loaded = _load_times(args.model, dtype=args.dtype or "float32", device=device)
     else:
-        loaded = get_model(args.model, dtype=args.dtype or "float32", device=device)
+        loaded = get_model(args.model, dtype=args.dtype or "float32", device=device,
+                           cache_dir=args.model_cache)
     # One-shot prefill on GPU up to 32k tokens: chunks there only add masked attention calls.
     chunk = args.chunk_size or (32768 if device.startswith("cuda") else 512)
     root = args.store or tempfile.mkdtemp(prefix="kv-bench-")
@@ -252,12 +206,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "chunk_size": chunk,
         "repeats": args.repeats,
+        "model_load": load_times,
         "warm_up": warm_up_report,
         "pinned_arena": {"bytes": store.pinned_bytes,
                          "seconds": round(pinned_s, 3)},
         "note": "ttft = time to first token incl. store load; disk reads may hit the OS page cache",
         "results": results,
     }
+
+
+def _load_times(model_ref: str, *, dtype: str, device: str) -> tuple[dict[str, Any], Any]:
+    """Seconds to load the model cold (a GGUF file converted into an empty model cache) and
+    from the cache that conversion left (a later start), in this process."""
+    from .models import gguf_path, load_model
+
+    cache = tempfile.mkdtemp(prefix="model-cache-bench-")
+    try:
+        times = {}
+        for name in ("cold", "cached"):
+            _sync(device)
+            start = time.perf_counter()
+            loaded = load_model(model_ref, dtype=dtype, device=device, cache_dir=cache)
+            _sync(device)
+            times[f"{name}_s"] = round(time.perf_counter() - start, 3)
+            if name == "cold":
+                del loaded
+        times["gguf"] = gguf_path(model_ref) is not None
+        return times, loaded
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _batched(
@@ -288,7 +265,14 @@ def _batched(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kv_reuse", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin", help="hub id, local path or 'builtin'")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin', 'smollm2-135m', a local folder, a .gguf file, "
+                        "pkg:<package>/<file>.gguf or a cached hub id")
+    p.add_argument("--model-cache", help="folder of converted GGUF models (default "
+                                         "$KVMARKET_MODEL_CACHE or ~/.cache/kvmarket/models)")
+    p.add_argument("--load-times", action="store_true",
+                   help="also time loading the model cold (GGUF converted into an empty "
+                        "cache) and cached")
     p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS),
                    help="build this architecture with random weights instead of --model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-gib", type=int, default=32)
     p.add_argument("--pinned-gib", type=int, default=8,
                    help="host memory the store pins at its start for reads from disk (CUDA)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default, one per core)")
     p.add_argument("--store", help="store root (default: a temp folder, removed afterwards)")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("--no-warm-up", action="store_true",
@@ -316,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args)
     text = json.dumps(report, indent=2)
     print(text)

@@ -19,10 +19,15 @@ def _print(data: Any) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="builtin", help="hub id, local path or 'builtin'")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin', 'smollm2-135m', a local folder, a .gguf file, "
+                        "pkg:<package>/<file>.gguf or a Hugging Face id in the local cache")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--store", default=DEFAULT_STORE, help="KV store root folder")
+    p.add_argument("--model-cache", default=None,
+                   help="folder of converted GGUF models (default $KVMARKET_MODEL_CACHE or "
+                        "~/.cache/kvmarket/models)")
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -34,7 +39,8 @@ def _store(args: argparse.Namespace) -> Any:
 def _loaded(args: argparse.Namespace) -> Any:
     from .models import get_model
 
-    return get_model(args.model, dtype=args.dtype, device=args.device)
+    return get_model(args.model, dtype=args.dtype, device=args.device,
+                     cache_dir=args.model_cache)
 
 
 def cmd_precompute(args: argparse.Namespace) -> Any:

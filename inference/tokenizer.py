@@ -2,16 +2,28 @@
 
 A web process checks that a submitted document fits the model's context before queueing its
 precompute; it must not load the weights for that. ``get_token_counter`` reuses the tokenizer of
-a model this process already loaded (a worker), otherwise loads only the tokenizer and config.
+a model this process already loaded (a worker), otherwise loads only the tokenizer and config
+(for a GGUF model: from its converted folder when a worker on this machine made one, else from
+the GGUF file's metadata, without dequantising anything).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .models import _MODEL_CACHE, ALIASES, _resolve_ref
+from .errors import ModelNotFound
+from .models import (
+    _MODEL_CACHE,
+    ALIASES,
+    converted_gguf_folder,
+    default_model_cache_dir,
+    gguf_path,
+    resolve_model,
+)
+from .random_models import MODEL_CONFIGS, random_model_name, tokenizer_dir
 
 
 @dataclass(frozen=True)
@@ -34,29 +46,58 @@ _COUNTERS: dict[str, TokenCounter] = {}
 _LOCK = threading.Lock()
 
 
-def get_token_counter(model_ref: str) -> TokenCounter:
-    """The tokenizer and context length of ``model_ref`` (cached per process)."""
+def get_token_counter(model_ref: str, *, cache_dir: str | Path | None = None) -> TokenCounter:
+    """The tokenizer and context length of ``model_ref`` (cached per process); ``cache_dir`` is
+    the model cache where GGUF conversions are looked for."""
     ref = ALIASES.get(model_ref, model_ref)
     with _LOCK:
         counter = _COUNTERS.get(ref)
         if counter is None:
-            counter = _from_loaded(ref) or _load(ref)
+            counter = _from_loaded(ref) or _load(ref, cache_dir)
             _COUNTERS[ref] = counter
         return counter
 
 
 def _from_loaded(ref: str) -> TokenCounter | None:
-    for (loaded_ref, _dtype, _device), loaded in list(_MODEL_CACHE.items()):
-        if loaded_ref == ref and loaded.tokenizer is not None:
+    for key, loaded in list(_MODEL_CACHE.items()):
+        if key[0] == ref and loaded.tokenizer is not None:
             return TokenCounter(loaded.model_id, loaded.tokenizer, loaded.max_context)
     return None
 
 
-def _load(ref: str) -> TokenCounter:
+def _load(ref: str, cache_dir: str | Path | None) -> TokenCounter:
     from transformers import AutoConfig, AutoTokenizer
 
-    model_id, model_dir = _resolve_ref(ref)
+    random_name = random_model_name(ref)
+    if random_name is not None:
+        folder = tokenizer_dir(random_name)
+        if folder is None:
+            raise ModelNotFound(f"model {ref!r} has no tokenizer installed here", ref=ref)
+        context = int(MODEL_CONFIGS[random_name]["max_position_embeddings"])
+        return TokenCounter(ref, AutoTokenizer.from_pretrained(folder, local_files_only=True),
+                            context)
+    source = gguf_path(ref)
+    if source is not None:
+        root = Path(cache_dir) if cache_dir is not None else default_model_cache_dir()
+        model_dir = converted_gguf_folder(source, root)
+        if model_dir is None:  # not converted here: the same tokenizer, read from the file
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            return TokenCounter(ref, tokenizer, _gguf_context_length(source))
+        model_id = ref
+    else:
+        found = resolve_model(ref, cache_dir=cache_dir)
+        model_id, model_dir = found.model_id, found.folder
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     text_config = config.get_text_config(decoder=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return TokenCounter(model_id, tokenizer, int(text_config.max_position_embeddings))
+
+
+def _gguf_context_length(source: Path) -> int:
+    """``<architecture>.context_length`` from the GGUF header (transformers' config maps it to
+    max_position_embeddings)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    architecture = reader.get_field("general.architecture").contents()
+    return int(reader.get_field(f"{architecture}.context_length").contents())

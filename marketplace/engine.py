@@ -77,7 +77,8 @@ def get_loaded(slug: str):  # noqa: ANN201 - inference.LoadedModel
 
     cfg = model_config(slug)
     return inference.get_model(
-        cfg["ref"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "cpu")
+        cfg["ref"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "cpu"),
+        cache_dir=settings.MODEL_CACHE_DIR,
     )
 
 

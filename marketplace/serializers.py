@@ -63,13 +63,15 @@ class DocumentSerializer(serializers.ModelSerializer):
     preview = serializers.SerializerMethodField()
     publisher = serializers.SerializerMethodField()
     owner_details = serializers.SerializerMethodField()
+    example_questions = serializers.ListField(child=serializers.CharField(), read_only=True)
 
     class Meta:
         model = Document
         fields = [
             "id", "title", "model", "publisher", "n_tokens", "price_per_load_nano",
             "price_per_load_usd", "status", "listed", "progress", "verification",
-            "artifact_bytes", "preview", "created_at", "updated_at", "owner_details",
+            "artifact_bytes", "preview", "example_questions", "created_at", "updated_at",
+            "owner_details",
         ]
         read_only_fields = fields
 

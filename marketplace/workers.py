@@ -4,13 +4,15 @@ A worker that consumes a model's queue ``gpu.<slug>`` also serves that model's l
 internal HTTP endpoint (marketplace.worker_server), started once the worker is ready and
 announced in the registry (marketplace.registry), which the web reads to route each load.
 
-A worker that serves CUDA models also loads them and runs their fast path once when it starts,
-so kernel compiles do not land on the first request.
+A worker loads every model it serves when it starts, before it announces itself, and runs
+each CUDA model's fast path once, so model loading and kernel compiles do not land on the first
+request.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from celery.signals import worker_ready, worker_shutdown
@@ -35,34 +37,39 @@ def cuda_models_served(queue_names: Iterable[str]) -> list[str]:
 
 
 @worker_ready.connect(weak=False)
-def warm_up_cuda_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
-    """Load each CUDA model this worker serves and run its fast path once before the first
-    request: model loading, Triton's kernel compiles and cuBLAS's choices take seconds that
-    an agent should not wait for. A failure is logged; the first request then pays instead."""
+def prepare_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
+    """Load every model this worker serves before it takes a task or announces itself, and
+    run each CUDA model's fast path once: loading (a GGUF model's first start also converts
+    it), Triton's kernel compiles and cuBLAS's choices take seconds that an agent should not
+    wait for. A failure is logged; the first task then pays (or reports the error)."""
     import inference
-    from marketplace.engine import get_loaded, get_store
+    from marketplace.engine import get_loaded, get_store, runs_on_cuda
 
-    slugs = cuda_models_served(sender.app.amqp.queues.consume_from)
-    if slugs:  # reads from disk land in memory pinned now, not pinned per document
+    served = models_served(sender.app.amqp.queues.consume_from)
+    cuda = [slug for slug in served if runs_on_cuda(slug)]
+    if cuda:  # reads from disk land in memory pinned now, not pinned per document
         try:
             arena = get_store().pin_host_memory()
             log.info("Pinned %s bytes of host memory for KV reads.", arena and arena.nbytes)
         except Exception:  # noqa: BLE001 - reads then pin their own buffers, as before
             log.exception("Pinning host memory failed.")
-    for slug in slugs:
+    for slug in served:
+        started = time.monotonic()
         try:
-            report = inference.warm_up(get_loaded(slug))
-        except Exception:  # noqa: BLE001 - serving still works, only slower to start
-            log.exception("Warm-up of model %s failed.", slug)
+            loaded = get_loaded(slug)
+            report = inference.warm_up(loaded) if slug in cuda else None
+        except Exception:  # noqa: BLE001 - the worker still starts; tasks report the error
+            log.exception("Loading model %s failed.", slug)
             continue
-        log.info("Model %s warmed up: %s", slug, report)
-    if slugs:  # start-up is over: its garbage collected, its survivors frozen
+        log.info("Model %s ready in %.1f s (warm-up: %s)", slug, time.monotonic() - started,
+                 report)
+    if cuda:  # start-up is over: its garbage collected, its survivors frozen
         inference.freeze_startup_heap()
 
 
 @worker_ready.connect(weak=False)
 def start_load_endpoint(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
-    """Serve this worker's models over HTTP (after the warm-up above: connected in order)."""
+    """Serve this worker's models over HTTP (after prepare_models above: connected in order)."""
     from marketplace import worker_server
 
     slugs = models_served(sender.app.amqp.queues.consume_from)

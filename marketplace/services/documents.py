@@ -10,8 +10,10 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Case, F, When
 from django.utils import timezone
 
+from ledger import services as ledger_services
 from marketplace.models import (
     Document,
     DocumentStatus,
@@ -63,10 +65,25 @@ def _validate(*, title: str, text: str, model_slug: str, price_per_load_nano: in
         errors["text"] = "The text contains NUL characters."
     if model_slug not in settings.KVMARKET_MODELS:
         errors["model"] = f"Unknown model {model_slug!r}."
+    elif problem := _model_unavailable(model_slug):
+        errors["model"] = problem
     if price_per_load_nano is not None and price_per_load_nano < 0:
         errors["price_per_load_nano"] = "The price cannot be negative."
     if errors:
         raise ValidationError(errors)
+
+
+def _model_unavailable(model_slug: str) -> str | None:
+    """Why the registry's model cannot be loaded on this server (e.g. a Hugging Face id that is
+    not downloaded, a GGUF package not installed), or None. Checks files only: no loading."""
+    from inference.errors import ModelNotFound
+    from inference.models import locate_model
+
+    try:
+        locate_model(settings.KVMARKET_MODELS[model_slug].get("ref", ""))
+    except ModelNotFound as exc:
+        return f"Model {model_slug!r} is not available on this server: {exc.message}"
+    return None
 
 
 def _check_context(*, text: str, model_slug: str) -> int | None:
@@ -77,7 +94,8 @@ def _check_context(*, text: str, model_slug: str) -> int | None:
     from marketplace import engine
 
     try:
-        counter = get_token_counter(engine.model_config(model_slug)["ref"])
+        counter = get_token_counter(engine.model_config(model_slug)["ref"],
+                                    cache_dir=settings.MODEL_CACHE_DIR)
     except Exception:  # noqa: BLE001 - e.g. weights that only the GPU hosts have
         log.warning("No tokenizer for %s here; context length not checked", model_slug,
                     exc_info=True)
@@ -139,10 +157,24 @@ def create_document(
         model_slug=model_slug,
         price_per_load_nano=price_per_load_nano,
         description=_clean_description(description),
-        example_questions=[q.strip() for q in example_questions or [] if q.strip()],
+        example_questions=_clean_questions(example_questions),
     )
+    ledger_services.ensure_tariff(model_slug=model_slug)  # stored, so staff can edit it
     if submit:
         queue_precompute(document=document)
+    return document
+
+
+def _clean_questions(questions: list[str] | None) -> list[str]:
+    return [q.strip() for q in questions or [] if q.strip()]
+
+
+@transaction.atomic
+def set_example_questions(*, document: Document, questions: list[str]) -> Document:
+    """Replace the document's example questions (shown with it; they do not change the KV)."""
+    document = Document.objects.select_for_update().get(pk=document.pk)
+    document.example_questions = _clean_questions(questions)
+    document.save(update_fields=["example_questions", "updated_at"])
     return document
 
 
@@ -376,11 +408,11 @@ def start_precompute(*, document_id: int, task_id: str) -> Document | None:
     document.error = ""
     document.error_code = ""
     document.progress_step = PrecomputeStep.TOKENIZING
-    document.precompute_started_at = timezone.now()
+    document.precompute_started_at = document.step_started_at = timezone.now()
     document.save(
         update_fields=[
             "status", "celery_task_id", "precompute_attempts", "error", "error_code",
-            "progress_step", "precompute_started_at", "updated_at",
+            "progress_step", "precompute_started_at", "step_started_at", "updated_at",
         ]
     )
     return document
@@ -390,13 +422,15 @@ def record_progress(*, document_id: int, tokens_done: int, tokens_total: int) ->
     """A single UPDATE (no lock): progress is advisory and written throttled by the task.
 
     The step follows the tokens: prefilling until every token is in, then writing and
-    verifying the artifact (updated_at then marks when that step began: the estimate uses it).
+    verifying the artifact; step_started_at changes with the step (the estimate uses it).
     """
     tokens_done = min(tokens_done, tokens_total)
     step = PrecomputeStep.VERIFYING if tokens_done >= tokens_total else PrecomputeStep.PREFILLING
+    now = timezone.now()
     Document.objects.filter(pk=document_id, status=DocumentStatus.PRECOMPUTING).update(
         tokens_done=tokens_done, tokens_total=tokens_total, progress_step=step,
-        updated_at=timezone.now(),
+        step_started_at=Case(When(progress_step=step, then=F("step_started_at")), default=now),
+        updated_at=now,
     )
 
 

@@ -1,7 +1,7 @@
 """Publisher pages: dashboard (with live precompute progress), new document, document page.
 
 Thin: reads come from marketplace.selectors.pages, writes go through
-marketplace.services.documents, payouts onboarding through ledger.stripe_gateway.
+marketplace.services.documents, payouts onboarding through ledger.services.
 Another publisher's document is a 404 (indistinguishable from a missing one).
 """
 
@@ -245,12 +245,12 @@ def document_relist(request: HttpRequest, document_id: int) -> HttpResponse:
 @require_POST
 def stripe_connect(request: HttpRequest) -> HttpResponse:
     """Start (or resume) Stripe Connect onboarding for payouts."""
-    from ledger import stripe_gateway
+    from ledger import services as ledger_services
     from ledger.errors import LedgerError
 
     back = request.build_absolute_uri(reverse("publisher-dashboard"))
     try:
-        url = stripe_gateway.connect_onboarding_link(
+        url = ledger_services.connect_onboarding_link(
             publisher=request.user, return_url=back, refresh_url=back
         )
     except LedgerError as exc:  # StripeNotConfigured, PaymentProviderError

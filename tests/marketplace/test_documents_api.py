@@ -41,6 +41,7 @@ def test_agent_catalogue_shows_ready_listed_only(api_client, publisher_user):
     assert doc["price_per_load_nano"] == 37_740
     assert doc["verification"]["passed"] is True
     assert doc["owner_details"] is None
+    assert doc["example_questions"] == []
     assert "text" not in doc
 
 
@@ -89,6 +90,23 @@ def test_create_document_validation_is_422(publisher_client):
     assert r.status_code == 422
     fields = r.json()["error"]["fields"]
     assert {"title", "text", "model"} <= set(fields)
+
+
+def test_a_registry_model_missing_on_this_server_is_422(publisher_client, settings):
+    tiny = settings.KVMARKET_MODELS["tiny-qwen3"]
+    settings.KVMARKET_MODELS = {
+        **settings.KVMARKET_MODELS,
+        "ghost": {**tiny, "ref": "nobody-here/no-such-model-1b"},
+        "no-package": {**tiny, "ref": "pkg:no_such_package_kvm/m.gguf"},
+    }
+    for slug in ("ghost", "no-package"):
+        r = publisher_client.post(
+            "/api/v1/documents", {"title": "t", "text": "x", "model": slug}, format="json"
+        )
+        assert r.status_code == 422, r.content
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert "not available on this server" in str(error["fields"]["model"])
 
 
 def test_agent_cannot_create_document(api_client):

@@ -236,7 +236,7 @@ def test_loads_used_constraint_is_enforced_by_the_database(publisher_user, funde
 # --- seed_demo and schema --------------------------------------------------------------------
 
 
-def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks):
+def test_seed_demo_is_idempotent(monkeypatch, settings, django_capture_on_commit_callbacks):
     from io import StringIO
 
     from django.core.management import call_command
@@ -258,11 +258,38 @@ def test_seed_demo_is_idempotent(monkeypatch, django_capture_on_commit_callbacks
     agent = User.objects.get(email="agent@demo.kvmarket")
     assert User.objects.get(email="publisher@demo.kvmarket").role == "publisher"
     assert wallet_balance(agent) == 20 * 10**9
-    doc = Document.objects.get()
-    assert doc.status == "queued" and "Call me Ishmael" in doc.text
-    assert queued == [doc.pk]
+    from marketplace.management.commands.seed_demo import demo_documents
+
+    specs = demo_documents()
+    docs = list(Document.objects.order_by("pk"))
+    assert [d.title for d in docs] == [s["title"] for s in specs]  # created once
+    assert all(d.status == "queued" for d in docs) and queued == [d.pk for d in docs]
+    assert "Call me Ishmael" in docs[0].text
+    assert docs[0].example_questions == ["Who is the narrator?"]
+    assert all(d.example_questions == [q["question"] for q in s["questions"]]
+               for d, s in zip(docs, specs, strict=True))
+    assert {d.model_slug for d in docs} == {next(iter(settings.KVMARKET_MODELS))}
     assert "kvm_" in outs[0] and "kvmarket-demo-2026" in outs[0]
+    assert "ask: Who is the narrator?" in outs[0]
     assert agent.api_keys.count() == 2
+
+
+def test_demo_documents_are_real_texts_of_the_right_size():
+    """Two or more of 1-4k tokens besides the Moby-Dick opening; every question's expected
+    answer is written in the text itself."""
+    import re
+
+    from marketplace.management.commands.seed_demo import DEMO_DIR, demo_documents
+
+    specs = demo_documents()
+    words = {s["title"]: len((DEMO_DIR / s["file"]).read_text().split()) for s in specs}
+    assert sum(700 <= n <= 3000 for n in words.values()) >= 2, words  # about 1-4k tokens
+    for spec in specs:
+        text = " ".join((DEMO_DIR / spec["file"]).read_text().split()).lower()
+        assert spec["licence"] and spec["source"] and 1 <= len(spec["questions"]) <= 3
+        for item in spec["questions"]:
+            answer = re.sub(r"\s+", " ", item["answer_contains"].lower())
+            assert answer in text, (spec["title"], answer)
 
 
 def test_schema_generates_without_warnings():
@@ -287,7 +314,7 @@ def test_schema_and_docs_pages(client):
     assert client.get("/api/docs/").status_code == 200
 
 
-def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
+def test_worker_loads_its_models_and_warms_up_the_cuda_ones(settings, monkeypatch):
     from types import SimpleNamespace
 
     import inference
@@ -300,9 +327,10 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
     }
     queues = ["default", "gpu.big", "gpu.tiny", "worker.host"]
     assert workers.cuda_models_served(queues) == ["big"]
+    assert workers.models_served(queues) == ["big", "tiny"]
 
-    warmed, pinned = [], []
-    monkeypatch.setattr(engine, "get_loaded", lambda slug: f"loaded:{slug}")
+    loaded, warmed, pinned = [], [], []
+    monkeypatch.setattr(engine, "get_loaded", lambda slug: loaded.append(slug) or f"loaded:{slug}")
     monkeypatch.setattr(inference, "warm_up", lambda loaded: warmed.append(loaded) or {})
     store = SimpleNamespace(pin_host_memory=lambda: pinned.append(True))
     monkeypatch.setattr(engine, "get_store", lambda: store)
@@ -315,11 +343,13 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         )
 
     consumer = consumer_of(queues)
-    workers.warm_up_cuda_models(consumer)
+    workers.prepare_models(consumer)
+    assert loaded == ["big", "tiny"]  # every model served, CPU ones too, before any task
     assert warmed == ["loaded:big"]
     assert pinned == [True]  # the store's host memory for disk reads, pinned at start
     assert frozen == [True]  # then start-up's garbage collected and the rest frozen
-    workers.warm_up_cuda_models(consumer_of(["default", "gpu.tiny"]))
+    workers.prepare_models(consumer_of(["default", "gpu.tiny"]))
+    assert loaded[-1] == "tiny"
     assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
     assert frozen == [True]  # nor freezes anything
 
@@ -327,5 +357,5 @@ def test_worker_warms_up_only_the_cuda_models_it_serves(settings, monkeypatch):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(inference, "warm_up", broken)
-    workers.warm_up_cuda_models(consumer)  # logged, never raised: the worker still starts
+    workers.prepare_models(consumer)  # logged, never raised: the worker still starts
     assert frozen == [True, True]

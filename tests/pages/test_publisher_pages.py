@@ -10,7 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from marketplace.models import Document
-from tests.pages.conftest import fund, make_document, settled_load
+from tests.pages.conftest import NANO, fund, make_document, settled_load
 
 TEXT = "Call me Ishmael. Some years ago, never mind how long precisely, I went to sea."
 
@@ -88,6 +88,20 @@ def test_create_form_errors(publisher_client, sent_tasks, data, message) -> None
     assert not Document.objects.exists() and sent_tasks.calls == []
 
 
+def test_a_registry_model_missing_on_this_server_is_a_form_error(
+    publisher_client, settings, sent_tasks
+) -> None:
+    # An unknown Hugging Face id, offline: an error on the form, not a hub traceback.
+    tiny = settings.KVMARKET_MODELS["tiny-qwen3"]
+    settings.KVMARKET_MODELS = {
+        **settings.KVMARKET_MODELS, "ghost": {**tiny, "ref": "nobody-here/no-such-model-1b"},
+    }
+    html = _errors(_post_create(publisher_client, text=TEXT, model="ghost"))
+    assert "Model &#x27;ghost&#x27; is not available on this server" in html
+    assert "nobody-here/no-such-model-1b" in html and "Traceback" not in html
+    assert not Document.objects.exists() and sent_tasks.calls == []
+
+
 def test_both_text_and_file_is_an_error(publisher_client, sent_tasks) -> None:
     upload = SimpleUploadedFile("a.txt", b"hello")
     html = _errors(_post_create(publisher_client, text=TEXT, file=upload))
@@ -162,7 +176,7 @@ def test_dashboard_shows_loads_revenue_and_compute_saved(
     publisher_client, publisher_user, agent_user, other_publisher_client
 ) -> None:
     doc = make_document(publisher_user, n_tokens=1000, price=1_000_000, title="Paid doc")
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, doc)
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     row = re.search(rf'<tr id="document-{doc.pk}".*?</tr>', html, re.S).group(0)
@@ -182,7 +196,7 @@ def test_document_page_numbers_verification_and_chart(
     publisher_client, publisher_user, agent_user
 ) -> None:
     doc = make_document(publisher_user, n_tokens=1000, price=1_000_000)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, doc)
     html = publisher_client.get(reverse("document-detail", args=[doc.pk])).content.decode()
     assert "Ready" in html and "1,000" in html
@@ -238,7 +252,7 @@ def test_unlist_explains_live_licenses_and_relist(
     publisher_client, publisher_user, agent_user
 ) -> None:
     doc = make_document(publisher_user, price=1_000_000)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     license, _ = settled_load(agent_user, doc, loads=3)
     r = publisher_client.post(reverse("document-unlist", args=[doc.pk]), follow=True)
     html = r.content.decode()
@@ -275,3 +289,13 @@ def test_connect_redirects_to_the_onboarding_link(publisher_client, stripe_on) -
     assert r.status_code == 302 and r["Location"] == link
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     assert "Finish Stripe onboarding" in html
+
+
+def test_detail_shows_the_example_questions(publisher_client, publisher_user) -> None:
+    doc = make_document(publisher_user, example_questions=["Who is the narrator?", "Why <b>?"])
+    html = publisher_client.get(reverse("document-detail", args=[doc.pk])).content.decode()
+    assert 'id="example-questions"' in html
+    assert "<li>Who is the narrator?</li>" in html and "<li>Why &lt;b&gt;?</li>" in html
+    plain = make_document(publisher_user)
+    html = publisher_client.get(reverse("document-detail", args=[plain.pk])).content.decode()
+    assert 'id="example-questions"' not in html

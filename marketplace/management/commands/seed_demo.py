@@ -1,13 +1,17 @@
-"""manage.py seed_demo: a demo publisher, a demo agent with an API key and wallet credit, and a
-demo document on the built-in model queued for precompute. Safe to run again: accounts and the
-document are reused, the wallet credit uses a fixed idempotency key (credited once), and a new
-API key is printed on each run (keys are stored hashed, so an old one cannot be shown again).
+"""manage.py seed_demo: a demo publisher, a demo agent with an API key and wallet credit, and the
+demo documents (marketplace/demo/documents.json: public-domain and PSF-licensed texts, each
+with example questions whose answers are in the text) on the default model, queued for
+precompute. Safe to run again: accounts and documents are reused, the wallet credit uses a
+fixed idempotency key (credited once), and a new API key is printed on each run (keys are
+stored hashed, so an old one cannot be shown again).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
@@ -15,16 +19,25 @@ from django.db import transaction
 
 from marketplace.models import Document, Role, User
 from marketplace.services.accounts import create_api_key
-from marketplace.services.documents import create_document, queue_precompute
+from marketplace.services.documents import (
+    create_document,
+    queue_precompute,
+    set_example_questions,
+)
 
 PUBLISHER_EMAIL = "publisher@demo.kvmarket"
 AGENT_EMAIL = "agent@demo.kvmarket"
 STAFF_EMAIL = "staff@demo.kvmarket"
 DEFAULT_PASSWORD = "kvmarket-demo-2026"
-DEMO_TITLE = "Moby-Dick, chapter 1: Loomings (opening)"
-DEMO_TEXT = Path(__file__).resolve().parents[2] / "demo" / "moby_dick_loomings.txt"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 WALLET_CREDIT_NANO = 20 * 10**9  # $20
 TOPUP_KEY = "seed_demo:agent-wallet-credit"
+
+
+def demo_documents() -> list[dict[str, Any]]:
+    """The demo documents: title, file (in marketplace/demo/), source, licence and questions
+    ({question, answer_contains}: a phrase the default model's greedy answer contains)."""
+    return json.loads((DEMO_DIR / "documents.json").read_text())
 
 
 class Command(BaseCommand):
@@ -36,9 +49,9 @@ class Command(BaseCommand):
             help="Password for both demo accounts (env KVMARKET_DEMO_PASSWORD).",
         )
         parser.add_argument("--model", default=next(iter(settings.KVMARKET_MODELS)),
-                            help="Model slug of the demo document.")
+                            help="Model slug of the demo documents.")
         parser.add_argument("--no-precompute", action="store_true",
-                            help="Create the document without queueing its precompute.")
+                            help="Create the documents without queueing their precompute.")
 
     def handle(self, *args, **opts) -> None:  # noqa: ANN002, ANN003
         from ledger.services import credit_topup
@@ -51,15 +64,10 @@ class Command(BaseCommand):
             key = create_api_key(user=agent, name="seed_demo").raw_key
             credit_topup(agent=agent, amount_nano=WALLET_CREDIT_NANO, idempotency_key=TOPUP_KEY,
                          external_ref="seed_demo")
-            document = Document.objects.filter(publisher=publisher, title=DEMO_TITLE).first()
-            if document is None:
-                document = create_document(
-                    publisher=publisher, title=DEMO_TITLE, text=DEMO_TEXT.read_text(),
-                    model_slug=opts["model"], submit=not opts["no_precompute"],
-                )
-            elif not opts["no_precompute"]:
-                document = queue_precompute(document=document)  # re-queues a failed one only
-        document.refresh_from_db()
+            documents = [
+                self._document(publisher, spec, opts["model"], not opts["no_precompute"])
+                for spec in demo_documents()
+            ]
         out = self.stdout.write
         out(self.style.SUCCESS("Demo data ready."))
         out(f"  publisher: {PUBLISHER_EMAIL} / {password}")
@@ -67,8 +75,31 @@ class Command(BaseCommand):
         out(f"  staff:     {STAFF_EMAIL} / {password} (operations console /ops/, admin)")
         out(f"  agent API key (new, shown once): {key}")
         out(f"  wallet credit: ${WALLET_CREDIT_NANO / 10**9:.2f} (once, key {TOPUP_KEY!r})")
-        out(f"  document {document.pk}: {document.title!r} on {document.model_slug}, "
-            f"status {document.status}")
+        for document in documents:
+            document.refresh_from_db()
+            out(f"  document {document.pk}: {document.title!r} on {document.model_slug}, "
+                f"status {document.status}")
+            for question in document.example_questions:
+                out(f"      ask: {question}")
+
+    def _document(self, publisher: User, spec: dict[str, Any], model: str,
+                   precompute: bool) -> Document:
+        document = Document.objects.filter(publisher=publisher, title=spec["title"]).first()
+        if document is None:
+            return create_document(
+                publisher=publisher, title=spec["title"],
+                text=(DEMO_DIR / spec["file"]).read_text(), model_slug=model,
+                example_questions=[q["question"] for q in spec["questions"]],
+                description=f"{spec['source']} ({spec['licence']}).",
+                submit=precompute,
+            )
+        if not document.example_questions:  # seeded before the demo had questions
+            document = set_example_questions(
+                document=document, questions=[q["question"] for q in spec["questions"]]
+            )
+        if precompute:
+            return queue_precompute(document=document)  # re-queues a failed one only
+        return document
 
     def _staff(self, email: str, password: str) -> User:
         user = User.objects.filter(email=email).first()
