@@ -180,7 +180,6 @@ def main() -> None:
                 "client_kind": "process, one DB connection each",
                 "publishers": args.publishers,
                 "compute_nano": args.compute_nano,
-                "ledger_path": "ledger_post() function" if services.USE_PG_FAST_PATH else "orm",
                 "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
                 "books_exact": not errors,
                 "errors": errors,

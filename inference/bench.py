@@ -22,58 +22,7 @@ from typing import Any
 
 import torch
 
-QWEN3_4B_CONFIG: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 2560,
-    "intermediate_size": 9728,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 40960,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "hidden_act": "silu",
-    "use_sliding_window": False,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
-# A few-layer stand-in that exercises the random-weights path on CPU (tests).
-QWEN3_TEST_CONFIG: dict[str, Any] = {
-    **QWEN3_4B_CONFIG,
-    "vocab_size": 1024,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 2048,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
-MODEL_CONFIGS = {"qwen3-4b": QWEN3_4B_CONFIG, "qwen3-test": QWEN3_TEST_CONFIG}
-
-
-def build_random_model(name: str, *, dtype: str, device: str) -> Any:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from .models import resolve_dtype, wrap_model
-
-    _, torch_dtype = resolve_dtype(dtype)
-    config = Qwen3Config(**MODEL_CONFIGS[name])
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval().requires_grad_(False)
-    return wrap_model(model, None, model_id=f"random/{name}", device=device)
+from .random_models import MODEL_CONFIGS, build_random_model
 
 
 def _sync(device: str) -> None:

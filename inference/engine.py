@@ -1097,12 +1097,8 @@ def freeze_startup_heap() -> None:
     behind, then freeze the survivors (models, compiled kernels, CUDA graphs) out of the
     garbage collector's sight.
 
-    Why: a full collection over that heap took about 0.2 s (the test model on CPU), a pause
-    that some request would pay; frozen, one takes tens of microseconds. (bench/host_drift.py
-    once saw a hot request's host time drop from 0.24 to 0.09 ms at the collector's first full
-    pass; bench/hot_after_tiers.py later found that host time moving between 0.05 and 0.14 ms
-    a piece on a frozen heap with no collection in between, and doubling after the process
-    idled: the machine's state, not the heap, as far as measured.)"""
+    Why: a full collection over that heap is a pause that some request would pay; frozen, the
+    collector's passes skip it."""
     gc.collect()
     gc.freeze()
 

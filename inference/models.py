@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidRequest, ModelNotFound, UnsupportedArchitecture, UnsupportedQuantization
+from .random_models import TOKENIZERS, build_random_model, random_model_name, tokenizer_dir
 
 BUILTIN_MODEL_ID = "kvmarket/tiny-qwen3"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin" / "tiny-qwen3"
@@ -408,6 +409,12 @@ def locate_model(model_ref: str) -> None:
     model_ref = ALIASES.get(model_ref, model_ref)
     if model_ref == BUILTIN_MODEL_ID or gguf_path(model_ref) is not None:
         return
+    random_name = random_model_name(model_ref)
+    if random_name is not None:
+        if TOKENIZERS.get(random_name) and tokenizer_dir(random_name) is None:
+            raise ModelNotFound(f"model {model_ref!r}: its tokenizer package is not installed",
+                                ref=model_ref)
+        return
     path = Path(model_ref).expanduser()
     if path.is_dir():
         return
@@ -509,6 +516,9 @@ def load_model(
     model. GGUF files are converted once into ``cache_dir`` (default_model_cache_dir())."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    random_name = random_model_name(ALIASES.get(model_ref, model_ref))
+    if random_name is not None:
+        return build_random_model(random_name, dtype=dtype, device=device, with_tokenizer=True)
     dtype_name, torch_dtype = resolve_dtype(dtype)
     source = resolve_model(model_ref, cache_dir=cache_dir)
     model_id, model_dir = source.model_id, source.folder

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelNotFound
 from .models import (
     _MODEL_CACHE,
     ALIASES,
@@ -22,6 +23,7 @@ from .models import (
     gguf_path,
     resolve_model,
 )
+from .random_models import MODEL_CONFIGS, random_model_name, tokenizer_dir
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,14 @@ def _from_loaded(ref: str) -> TokenCounter | None:
 def _load(ref: str, cache_dir: str | Path | None) -> TokenCounter:
     from transformers import AutoConfig, AutoTokenizer
 
+    random_name = random_model_name(ref)
+    if random_name is not None:
+        folder = tokenizer_dir(random_name)
+        if folder is None:
+            raise ModelNotFound(f"model {ref!r} has no tokenizer installed here", ref=ref)
+        context = int(MODEL_CONFIGS[random_name]["max_position_embeddings"])
+        return TokenCounter(ref, AutoTokenizer.from_pretrained(folder, local_files_only=True),
+                            context)
     source = gguf_path(ref)
     if source is not None:
         root = Path(cache_dir) if cache_dir is not None else default_model_cache_dir()

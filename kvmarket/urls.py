@@ -13,8 +13,6 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include("marketplace.api_urls")),
-    path("api/v1/", include("ledger.api_urls")),
-    path("stripe/", include("ledger.urls")),
     path("", include("marketplace.urls")),
 ]
 

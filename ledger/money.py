@@ -1,15 +1,16 @@
 """How money is shown to people: one place for every page, the admin and the commands.
 
 Amounts are int nano-USD (1 USD = 10**9). Two styles:
-- amounts (wallets, totals, payouts): dollars and cents, "$11.20"; an amount that is not zero
-  but under a cent keeps two significant digits ("$0.000037"), so it never reads as "$0.00".
+- amounts (wallets, totals, payouts): dollars and cents, "$11.20", cut (never rounded up, so a
+  wallet never shows more than it holds); an amount that is not zero but under a cent keeps two
+  significant digits ("$0.000037"), so it never reads as "$0.00".
 - prices (of one load, one token): three significant digits, "$0.000370".
 Nano-USD stay in the API fields named so; nothing here is used to compute money.
 """
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 
 NANO_PER_USD = Decimal(10**9)
 CENT = Decimal("0.01")
@@ -33,14 +34,15 @@ def _text(sign: str, value: Decimal, *, min_decimals: int = 2) -> str:
 
 
 def usd_amount(amount_nano: int | None) -> str:
-    """Dollars and cents: 11_200_118_336 -> "$11.20"; 37_740 -> "$0.000038"; 0 -> "$0.00"."""
+    """Dollars and cents: 11_200_118_336 -> "$11.20"; 19_999_592_200 -> "$19.99";
+    37_740 -> "$0.000038"; 0 -> "$0.00"."""
     if amount_nano is None or amount_nano == "":
         return "—"
     value = _dollars(int(amount_nano))
     sign = "-" if value < 0 else ""
     value = abs(value)
     if value == 0 or value >= CENT:
-        return _text(sign, value.quantize(CENT, rounding=ROUND_HALF_EVEN))
+        return _text(sign, value.quantize(CENT, rounding=ROUND_DOWN))
     return _text(sign, _significant(value, 2))
 
 

@@ -7,7 +7,6 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -135,28 +134,21 @@ def payouts_of(publisher):
 
 
 def tariff_for(model_slug: str) -> Tariff:
-    """The model's tariff; created on first use from settings.KVMARKET_MODELS prices and the
-    default multiplier and share. Raises KeyError for a model that is neither stored nor in the
-    registry. Later edits (by staff, in the admin) win over the registry."""
+    """The model's tariff: the stored one (staff edit it in the admin), else an unsaved one
+    from settings.KVMARKET_MODELS prices and the default multiplier and share (stored by
+    services.ensure_tariff). Raises KeyError for a model that is neither stored nor registered.
+    """
     tariff = Tariff.objects.filter(model_slug=model_slug).first()
     if tariff is not None:
         return tariff
     spec = settings.KVMARKET_MODELS.get(model_slug)
     if spec is None:
         raise KeyError(f"Unknown model {model_slug!r}")
-    try:
-        with transaction.atomic():
-            tariff, _ = Tariff.objects.get_or_create(
-                model_slug=model_slug,
-                defaults={
-                    "input_price_usd_per_mtok": Decimal(str(spec["input_price_usd_per_mtok"])),
-                    "output_price_usd_per_mtok": Decimal(
-                        str(spec.get("output_price_usd_per_mtok", spec["input_price_usd_per_mtok"]))
-                    ),
-                    "cache_read_multiplier": Decimal(str(settings.DEFAULT_CACHE_READ_MULTIPLIER)),
-                    "publisher_share": Decimal(str(settings.DEFAULT_PUBLISHER_SHARE)),
-                },
-            )
-    except IntegrityError:
-        tariff = Tariff.objects.get(model_slug=model_slug)
-    return tariff
+    input_price = spec["input_price_usd_per_mtok"]
+    return Tariff(
+        model_slug=model_slug,
+        input_price_usd_per_mtok=Decimal(str(input_price)),
+        output_price_usd_per_mtok=Decimal(str(spec.get("output_price_usd_per_mtok", input_price))),
+        cache_read_multiplier=Decimal(str(settings.DEFAULT_CACHE_READ_MULTIPLIER)),
+        publisher_share=Decimal(str(settings.DEFAULT_PUBLISHER_SHARE)),
+    )

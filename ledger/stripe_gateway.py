@@ -1,4 +1,5 @@
-"""The only module that talks to Stripe (official SDK, `stripe.StripeClient`).
+"""The only module that talks to Stripe (official SDK, `stripe.StripeClient`): Stripe I/O only,
+no bookkeeping (ledger.services records what these calls return).
 
 The client uses `stripe.RequestsClient` explicitly (the SDK's default sync client when
 `requests` is installed), so tests can stub Stripe's HTTP with the `responses` library while
@@ -28,13 +29,10 @@ def client() -> stripe.StripeClient:
     )
 
 
-def create_topup_checkout(*, agent, amount_cents: int, success_url: str, cancel_url: str) -> str:
-    """Create a Checkout Session for a wallet top-up and return its URL. The wallet is credited
-    only when Stripe's signed webhook says the session is paid."""
-    from ledger.services import record_checkout_session
-
-    if amount_cents <= 0:
-        raise ValueError("amount_cents must be positive")
+def create_checkout_session(
+    *, agent_id: int, agent_email: str, amount_cents: int, success_url: str, cancel_url: str
+) -> tuple[str, str]:
+    """Create a Checkout Session for a wallet top-up; returns (session id, its URL)."""
     session = client().v1.checkout.sessions.create(
         params={
             "mode": "payment",
@@ -50,36 +48,34 @@ def create_topup_checkout(*, agent, amount_cents: int, success_url: str, cancel_
             ],
             "success_url": success_url,
             "cancel_url": cancel_url,
-            "client_reference_id": str(agent.pk),
-            "customer_email": agent.email,
-            "metadata": {"agent_id": str(agent.pk), "purpose": "wallet_topup"},
+            "client_reference_id": str(agent_id),
+            "customer_email": agent_email,
+            "metadata": {"agent_id": str(agent_id), "purpose": "wallet_topup"},
         }
     )
-    record_checkout_session(agent=agent, session_id=session.id, amount_cents=amount_cents)
-    return session.url
+    return session.id, session.url
 
 
-def connect_onboarding_link(*, publisher, return_url: str, refresh_url: str) -> str:
-    """Create (once) the publisher's Connect Express account and return an onboarding link."""
-    from ledger.models import ConnectAccount
-    from ledger.services import save_connect_account
-
-    stripe_client = client()
-    connect = ConnectAccount.objects.filter(publisher=publisher).first()
-    if connect is None:
-        account = stripe_client.v1.accounts.create(
-            params={
-                "type": "express",
-                "email": publisher.email,
-                "capabilities": {"transfers": {"requested": True}},
-                "metadata": {"publisher_id": str(publisher.pk)},
-            },
-            options={"idempotency_key": f"connect-account-{publisher.pk}"},
-        )
-        connect = save_connect_account(publisher=publisher, stripe_account_id=account.id)
-    link = stripe_client.v1.account_links.create(
+def create_connect_account(*, publisher_id: int, email: str) -> str:
+    """Create a publisher's Connect Express account (at most once: Stripe idempotency key per
+    publisher); returns its id."""
+    account = client().v1.accounts.create(
         params={
-            "account": connect.stripe_account_id,
+            "type": "express",
+            "email": email,
+            "capabilities": {"transfers": {"requested": True}},
+            "metadata": {"publisher_id": str(publisher_id)},
+        },
+        options={"idempotency_key": f"connect-account-{publisher_id}"},
+    )
+    return account.id
+
+
+def create_onboarding_link(*, account_id: str, return_url: str, refresh_url: str) -> str:
+    """An onboarding link for a Connect account."""
+    link = client().v1.account_links.create(
+        params={
+            "account": account_id,
             "return_url": return_url,
             "refresh_url": refresh_url,
             "type": "account_onboarding",

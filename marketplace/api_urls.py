@@ -7,6 +7,7 @@ from marketplace.api import completions as completions_api
 from marketplace.api import documents as documents_api
 from marketplace.api import economics as economics_api
 from marketplace.api import licenses as licenses_api
+from marketplace.api import wallet as wallet_api
 
 urlpatterns = [
     path("me", accounts_api.MeView.as_view(), name="api-me"),
@@ -44,4 +45,8 @@ urlpatterns = [
         name="api-chat-completions",
     ),
     path("completions", completions_api.CompletionsView.as_view(), name="api-completions"),
+    path("wallet", wallet_api.WalletView.as_view(), name="api-wallet"),
+    path("wallet/topups", wallet_api.TopUpView.as_view(), name="api-wallet-topups"),
+    path("wallet/history", wallet_api.WalletHistoryView.as_view(), name="api-wallet-history"),
+    path("earnings", wallet_api.EarningsView.as_view(), name="api-earnings"),
 ]

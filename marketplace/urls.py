@@ -7,9 +7,11 @@ from marketplace.views import agent as agent_views
 from marketplace.views import ops as ops_views
 from marketplace.views import publisher as publisher_views
 from marketplace.views import store as store_views
+from marketplace.views import stripe_webhook as stripe_webhook_views
 
 urlpatterns = [
     path("", account_views.home, name="home"),
+    path("stripe/webhook", stripe_webhook_views.stripe_webhook, name="stripe-webhook"),
     path("favicon.ico", account_views.favicon, name="favicon"),
     # --- storefront (public) ------------------------------------------------------------------
     path("documents/", store_views.catalogue, name="catalogue"),

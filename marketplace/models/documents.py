@@ -44,6 +44,7 @@ class Document(models.Model):
     # The precompute's current step (PrecomputeStep) and when it started, for the estimate.
     progress_step = models.CharField(max_length=16, blank=True, default="")
     precompute_started_at = models.DateTimeField(null=True, blank=True)
+    step_started_at = models.DateTimeField(null=True, blank=True)
     tokens_done = models.PositiveIntegerField(default=0)
     tokens_total = models.PositiveIntegerField(default=0)
     n_tokens = models.PositiveIntegerField(null=True, blank=True)

@@ -222,8 +222,9 @@ def precompute_progress(document: Document, *, now=None) -> dict[str, Any]:  # n
         elapsed = max((now - started).total_seconds(), 1e-3)
         rate = document.tokens_done / elapsed
         remaining = (document.tokens_total - document.tokens_done) / rate
-    elif started and current == "verifying":
-        prefill = max((document.updated_at - started).total_seconds(), 0.0)
-        remaining = max(2 * prefill - (now - document.updated_at).total_seconds(), 0.0)
+    elif started and current == "verifying" and document.step_started_at:
+        step_started = document.step_started_at
+        prefill = max((step_started - started).total_seconds(), 0.0)
+        remaining = max(2 * prefill - (now - step_started).total_seconds(), 0.0)
     label = dict(STEPS).get(current, "")
     return {"steps": steps, "current": current, "label": label, "remaining_seconds": remaining}

@@ -10,8 +10,10 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Case, F, When
 from django.utils import timezone
 
+from ledger import services as ledger_services
 from marketplace.models import (
     Document,
     DocumentStatus,
@@ -157,6 +159,7 @@ def create_document(
         description=_clean_description(description),
         example_questions=_clean_questions(example_questions),
     )
+    ledger_services.ensure_tariff(model_slug=model_slug)  # stored, so staff can edit it
     if submit:
         queue_precompute(document=document)
     return document
@@ -405,11 +408,11 @@ def start_precompute(*, document_id: int, task_id: str) -> Document | None:
     document.error = ""
     document.error_code = ""
     document.progress_step = PrecomputeStep.TOKENIZING
-    document.precompute_started_at = timezone.now()
+    document.precompute_started_at = document.step_started_at = timezone.now()
     document.save(
         update_fields=[
             "status", "celery_task_id", "precompute_attempts", "error", "error_code",
-            "progress_step", "precompute_started_at", "updated_at",
+            "progress_step", "precompute_started_at", "step_started_at", "updated_at",
         ]
     )
     return document
@@ -419,13 +422,15 @@ def record_progress(*, document_id: int, tokens_done: int, tokens_total: int) ->
     """A single UPDATE (no lock): progress is advisory and written throttled by the task.
 
     The step follows the tokens: prefilling until every token is in, then writing and
-    verifying the artifact (updated_at then marks when that step began: the estimate uses it).
+    verifying the artifact; step_started_at changes with the step (the estimate uses it).
     """
     tokens_done = min(tokens_done, tokens_total)
     step = PrecomputeStep.VERIFYING if tokens_done >= tokens_total else PrecomputeStep.PREFILLING
+    now = timezone.now()
     Document.objects.filter(pk=document_id, status=DocumentStatus.PRECOMPUTING).update(
         tokens_done=tokens_done, tokens_total=tokens_total, progress_step=step,
-        updated_at=timezone.now(),
+        step_started_at=Case(When(progress_step=step, then=F("step_started_at")), default=now),
+        updated_at=now,
     )
 
 

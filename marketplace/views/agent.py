@@ -1,7 +1,7 @@
 """The agent console: API keys, wallet and top-up (or sandbox credits), licenses, usage.
 
 Thin: reads from marketplace.selectors and ledger.selectors; the top-up goes through
-ledger.stripe_gateway.create_topup_checkout (the wallet is credited only by Stripe's signed
+ledger.services.create_topup_checkout (the wallet is credited only by Stripe's signed
 webhook, never by this page); in sandbox mode (settings.SANDBOX_MODE) test credits go through
 ledger.services.credit_sandbox, keyed by a token rendered into the form (a double click credits
 once). Operator-facing reasons (Stripe not configured) are logged, never shown to agents.
@@ -61,7 +61,7 @@ def console(request: HttpRequest) -> HttpResponse:
 @require_POST
 def topup(request: HttpRequest) -> HttpResponse:
     """Start a Stripe Checkout for a wallet top-up and send the browser there."""
-    from ledger import stripe_gateway
+    from ledger import services as ledger_services
     from ledger.errors import LedgerError
 
     form = TopUpForm(request.POST)
@@ -71,7 +71,7 @@ def topup(request: HttpRequest) -> HttpResponse:
         )
     console_url = request.build_absolute_uri(reverse("agent-console"))
     try:
-        url = stripe_gateway.create_topup_checkout(
+        url = ledger_services.create_topup_checkout(
             agent=request.user,
             amount_cents=form.amount_cents,
             success_url=f"{console_url}?topup=success",

@@ -1,7 +1,7 @@
 """Publisher pages: dashboard (with live precompute progress), new document, document page.
 
 Thin: reads come from marketplace.selectors.pages, writes go through
-marketplace.services.documents, payouts onboarding through ledger.stripe_gateway.
+marketplace.services.documents, payouts onboarding through ledger.services.
 Another publisher's document is a 404 (indistinguishable from a missing one).
 """
 
@@ -26,6 +26,7 @@ from marketplace.selectors import ops as ops_selectors
 from marketplace.selectors import pages as page_selectors
 from marketplace.selectors.documents import model_label
 from marketplace.selectors.economics import document_economics
+from marketplace.selectors.models import model_status
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context = _dashboard_context(request)
     context["connect"] = page_selectors.connect_account_of(request.user)
     context["payouts"] = ops_selectors.publisher_payouts(request.user)
+    context["models"] = model_status()
     ready = [r for r in context["rows"] if r.document.n_tokens]
     if ready:
         top = max(ready, key=lambda r: (r.loads, r.document.pk))
@@ -117,7 +119,7 @@ def document_create(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "marketplace/document_create.html",
-        {"form": form, "tariffs": page_selectors.tariff_hints()},
+        {"form": form, "tariffs": page_selectors.tariff_hints(), "models": model_status()},
     )
 
 
@@ -245,12 +247,12 @@ def document_relist(request: HttpRequest, document_id: int) -> HttpResponse:
 @require_POST
 def stripe_connect(request: HttpRequest) -> HttpResponse:
     """Start (or resume) Stripe Connect onboarding for payouts."""
-    from ledger import stripe_gateway
+    from ledger import services as ledger_services
     from ledger.errors import LedgerError
 
     back = request.build_absolute_uri(reverse("publisher-dashboard"))
     try:
-        url = stripe_gateway.connect_onboarding_link(
+        url = ledger_services.connect_onboarding_link(
             publisher=request.user, return_url=back, refresh_url=back
         )
     except LedgerError as exc:  # StripeNotConfigured, PaymentProviderError

@@ -1,6 +1,6 @@
 """The GPU fast path's logic, checked on CPU with the trained built-in model (float32).
 
-CUDA graphs, flash attention and pinned copies only run on the GPU machine (bench/); what is
+CUDA graphs, flash attention and pinned copies only run on the GPU machine (test_gpu.py); what is
 checked here is that the split prefix/suffix attention, its log-sum-exp merge, padding and
 per-row lengths compute the same thing as transformers.
 """

@@ -1,14 +1,13 @@
 """Ledger tests run on PostgreSQL only: the money rules are enforced by PostgreSQL triggers,
 row locks and constraints, which SQLite does not have. CI always runs them on PostgreSQL."""
 
-import itertools
-
 import pytest
 from django.db import connection
 
-from marketplace.models import Role, User
+from marketplace.models import Role
+from tests.support.accounts import make_user
 
-_seq = itertools.count(1)
+from .invariants import assert_ledger_invariants
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +18,21 @@ def _require_postgresql():
             "DATABASE_URL=postgres://postgres@127.0.0.1:5432/kvm_ledger",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def _books_balance_when_the_test_ends(request):
+    """After each test that ran in a rolled-back transaction (most of them), fire the deferred
+    zero-sum triggers on everything it posted and check the invariants: without this, such a
+    test never commits, so PostgreSQL would never check that its transactions balance."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or marker.kwargs.get("transaction") or connection.needs_rollback:
+        return  # no database, or committed for real (the triggers already ran)
+    assert connection.in_atomic_block, "the test database transaction ended before this check"
+    with connection.cursor() as cur:
+        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    assert_ledger_invariants()
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +59,6 @@ def insert_unbalanced_transaction(cur, account_id: int) -> None:  # noqa: ANN001
     )
 
 
-def make_user(role: Role, **fields) -> User:
-    # No password: hashing one costs ~0.3 s of CPU per user.
-    return User.objects.create_user(
-        email=f"{role.value}{next(_seq)}@example.test", password=None, role=role, **fields
-    )
-
-
 @pytest.fixture
 def agent(db):
     return make_user(Role.AGENT)
@@ -64,4 +71,4 @@ def publisher(db):
 
 @pytest.fixture
 def staff(db):
-    return User.objects.create_superuser(email=f"staff{next(_seq)}@example.test", password=None)
+    return make_user(Role.STAFF, is_superuser=True)

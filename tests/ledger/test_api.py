@@ -7,6 +7,8 @@ import responses
 from rest_framework.test import APIClient
 
 from ledger import services
+from ledger.errors import IdempotencyConflict, InsufficientFunds
+from marketplace.api.common import to_api_error
 from tests.support.accounts import make_api_key
 
 from .stripe_stubs import API, checkout_session
@@ -122,9 +124,6 @@ def test_publisher_earnings(publisher_client, publisher, agent):
 
 
 def test_ledger_errors_map_to_api_errors():
-    from ledger.api import as_api_error
-    from ledger.errors import IdempotencyConflict, InsufficientFunds
-
-    assert as_api_error(InsufficientFunds()).status_code == 402
-    assert as_api_error(InsufficientFunds()).code == "insufficient_funds"
-    assert as_api_error(IdempotencyConflict()).status_code == 409
+    assert to_api_error(InsufficientFunds()).status_code == 402
+    assert to_api_error(InsufficientFunds()).code == "insufficient_funds"
+    assert to_api_error(IdempotencyConflict()).status_code == 409

@@ -135,7 +135,7 @@ def test_admin_journal_is_read_only_and_tariffs_editable(client, agent, publishe
     assert client.post(f"/admin/ledger/posting/{posting.pk}/delete/").status_code == 403
     assert client.get("/admin/ledger/transaction/").status_code == 200
     assert client.get("/admin/ledger/account/").status_code == 200
-    tariff = selectors.tariff_for("tiny-qwen3")
+    tariff = services.ensure_tariff(model_slug="tiny-qwen3")
     r = client.post(
         f"/admin/ledger/tariff/{tariff.pk}/change/",
         {

@@ -82,3 +82,5 @@ def test_tampered_balance_exit_1(books):
     with connection.cursor() as cur:
         cur.execute("UPDATE ledger_account SET balance = balance + 1 WHERE kind = 'agent_wallet'")
     assert run("--skip-stripe") == 1
+    with connection.cursor() as cur:  # put it back for the end-of-test invariant check
+        cur.execute("UPDATE ledger_account SET balance = balance - 1 WHERE kind = 'agent_wallet'")

@@ -9,7 +9,7 @@ import pytest
 import requests
 import responses
 
-from ledger import selectors, services, stripe_gateway
+from ledger import selectors, services
 from ledger.errors import PaymentProviderError
 from ledger.models import (
     ConnectAccount,
@@ -35,7 +35,7 @@ def topup_session(agent):
             f"{API}/v1/checkout/sessions",
             json=checkout_session("cs_test_1", amount_cents=2500, agent_id=agent.pk, paid=False),
         )
-        url = stripe_gateway.create_topup_checkout(
+        url = services.create_topup_checkout(
             agent=agent, amount_cents=2500, success_url="https://x/ok", cancel_url="https://x/no"
         )
         sent = parse_qs(rsps.calls[0].request.body)
@@ -92,12 +92,12 @@ def test_connect_onboarding_creates_the_account_once(publisher):
             f"{API}/v1/account_links",
             json={"object": "account_link", "url": "https://connect.stripe.com/setup/e/acct_1/x"},
         )
-        url = stripe_gateway.connect_onboarding_link(
+        url = services.connect_onboarding_link(
             publisher=publisher, return_url="https://x/back", refresh_url="https://x/again"
         )
         assert parse_qs(rsps.calls[0].request.body)["type"] == ["express"]
         assert parse_qs(rsps.calls[1].request.body)["account"] == ["acct_1"]
-        url2 = stripe_gateway.connect_onboarding_link(
+        url2 = services.connect_onboarding_link(
             publisher=publisher, return_url="https://x/back", refresh_url="https://x/again"
         )
         assert [c.request.url for c in rsps.calls].count(f"{API}/v1/accounts") == 1

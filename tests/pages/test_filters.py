@@ -10,7 +10,7 @@ from marketplace.templatetags.kvm_pages import (
 
 def test_usd_shows_cents_and_never_reads_zero_for_a_sub_cent_amount() -> None:
     assert usd(11_200_118_336) == "$11.20"
-    assert usd(19_999_592_200) == "$20.00"
+    assert usd(19_999_592_200) == "$19.99"  # cut, never rounded up
     assert usd(12_500_000_000) == "$12.50"
     assert usd(1_234_567_000_000_000) == "$1,234,567.00"
     assert usd(0) == "$0.00"

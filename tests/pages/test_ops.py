@@ -13,7 +13,7 @@ from ledger import services
 from ledger.models import ConnectAccount, Payout, PayoutStatus
 from ledger.selectors import payable_balance
 from tests.ledger.stripe_stubs import API, transfer
-from tests.pages.conftest import fund, login_client, make_document, settled_load
+from tests.pages.conftest import NANO, fund, login_client, make_document, settled_load
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +34,7 @@ def staff_client(staff_user) -> Client:  # noqa: ANN001
 def earned_payout(publisher_user, agent_user):  # noqa: ANN001, ANN201
     """A payout pending review, for a publisher who earned it from two loads."""
     doc = make_document(publisher_user, title="Tide tables", price=3 * 10**9)  # $3 a load
-    fund(agent_user, 20)
+    fund(agent_user, amount_nano=20 * NANO)
     settled_load(agent_user, doc)
     settled_load(agent_user, doc)
     return services.create_payout(publisher=publisher_user)
@@ -121,7 +121,7 @@ def test_reject_needs_a_reason_which_the_publisher_sees(
 def test_run_settlement_now(staff_client: Client, publisher_user, agent_user, settings) -> None:
     settings.PAYOUT_THRESHOLD_NANO_USD = 10**9
     doc = make_document(publisher_user, price=3 * 10**9)
-    fund(agent_user, 10)
+    fund(agent_user, amount_nano=10 * NANO)
     settled_load(agent_user, doc)
     r = staff_client.post(reverse("ops-settle"), follow=True)
     assert "Settlement created 1 payout(s) for review." in r.content.decode()

@@ -90,6 +90,7 @@ class Command(BaseCommand):
                 publisher=publisher, title=spec["title"],
                 text=(DEMO_DIR / spec["file"]).read_text(), model_slug=model,
                 example_questions=[q["question"] for q in spec["questions"]],
+                description=f"{spec['source']} ({spec['licence']}).",
                 submit=precompute,
             )
         if not document.example_questions:  # seeded before the demo had questions

@@ -1,0 +1,104 @@
+"""The posting core (ledger/services/journal.py): the only way money is posted."""
+
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from ledger import services
+from ledger.errors import LedgerError
+from ledger.models import Posting, Transaction, TransactionKind
+from ledger.services import journal
+from marketplace.models import Role
+
+from .conftest import make_user
+
+pytestmark = pytest.mark.django_db
+
+
+def _legs(tx: Transaction) -> dict[str, int]:
+    return dict(
+        Posting.objects.filter(transaction=tx).values_list("account__key", "amount")
+    )
+
+
+def test_the_database_function_path_is_gone():
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_proc WHERE proname = 'ledger_post'")
+        assert cur.fetchone()[0] == 0
+    assert not hasattr(services, "USE_PG_FAST_PATH")
+
+
+def test_unbalanced_legs_are_refused_and_nothing_is_written(agent):
+    wallet, clearing = journal.wallet(agent.pk), journal.system("stripe_clearing")
+
+    def body() -> Transaction:
+        accounts = journal.lock_accounts([wallet, clearing], idempotency_key="u")
+        return journal.write_transaction(
+            kind=TransactionKind.TOPUP,
+            idempotency_key="u",
+            fingerprint="f",
+            legs=[(accounts[clearing.key], -5), (accounts[wallet.key], 6)],
+        )
+
+    with pytest.raises(LedgerError, match="unbalanced"):
+        journal.post_once("u", "f", body)
+    assert not Transaction.objects.exists() and not Posting.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "amount,share,compute,wallet_left,expected_charged",
+    [
+        (37_741, "0.8", 0, 1_000, 0),
+        (37_741, "0.8", 1_000, 1_000, 1_000),
+        (37_741, "0.8", 5_000, 1_000, 1_000),  # capped at the wallet
+        (3, "0.333333", 7, 0, 0),  # nothing left to charge
+        (9, "1", 1, 1_000, 1),
+        (9, "0", 1, 1_000, 1),
+        (0, "0.8", 300, 1_000, 300),  # a free load: compute only
+    ],
+)
+def test_a_settlement_posts_exactly_its_legs(
+    agent, publisher, amount, share, compute, wallet_left, expected_charged
+):
+    price = 100_000
+    services.credit_topup(agent=agent, amount_nano=price + wallet_left, idempotency_key="t")
+    services.purchase_license(agent=agent, license_ref="L", amount_nano=price, idempotency_key="b")
+    tx = services.settle_load(
+        license_ref="L", publisher=publisher, amount_nano=amount,
+        publisher_share=Decimal(share), idempotency_key="s", agent=agent, compute_nano=compute,
+    )  # fmt: skip
+    to_publisher, to_platform = services.split_amount(amount, Decimal(share))
+    expected = {
+        "escrow:L": -amount,
+        f"payable:{publisher.pk}": to_publisher,
+        "platform:revenue": to_platform,
+        f"wallet:{agent.pk}": -expected_charged,
+        "platform:compute_revenue": expected_charged,
+    }
+    assert _legs(tx) == {key: value for key, value in expected.items() if value}
+    assert tx.details["compute_charged_nano"] == expected_charged
+    assert tx.details["compute_uncharged_nano"] == compute - expected_charged
+    assert Transaction.objects.get(pk=tx.pk).details == tx.details
+
+
+def test_replay_returns_the_stored_transaction_and_posts_nothing(agent, publisher):
+    services.credit_topup(agent=agent, amount_nano=10**6, idempotency_key="t")
+    services.purchase_license(agent=agent, license_ref="L", amount_nano=10**5, idempotency_key="b")
+    kwargs = dict(
+        license_ref="L", publisher=publisher, amount_nano=1_000,
+        publisher_share=Decimal("0.8"), idempotency_key="s", compute_nano=10,
+    )  # fmt: skip
+    first = services.settle_load(**kwargs)
+    before = Posting.objects.count()
+    again = services.settle_load(**kwargs)
+    assert (again.pk, again.details, again.memo) == (first.pk, first.details, first.memo)
+    assert Posting.objects.count() == before
+
+
+def test_an_escrow_belongs_to_one_agent_on_every_path(agent):
+    other = make_user(Role.AGENT)
+    services.credit_topup(agent=other, amount_nano=10, idempotency_key="t")
+    services.purchase_license(agent=agent, license_ref="L", amount_nano=0, idempotency_key="b")
+    with pytest.raises(LedgerError, match="belongs to another user"):
+        services.purchase_license(agent=other, license_ref="L", amount_nano=1, idempotency_key="c")

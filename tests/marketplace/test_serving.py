@@ -1,0 +1,347 @@
+"""The request path through a real GPU worker endpoint (in this process, the built-in model).
+
+The worker's HTTP server (marketplace.worker_server: uvicorn in a thread, the real scheduler
+and engine) runs here and is announced in the registry; the API calls it over HTTP exactly as
+in production. Covered: the endpoint's secret, streaming (first chunk before the generation
+ends), a client disconnect (stops the generation, charged for what was made), failover, no
+worker / busy answers, the charge outbox (a failing charge is charged later, once), the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.utils import timezone
+
+from marketplace import engine, registry, worker_client, worker_server
+from marketplace.models import Document, DocumentStatus, License, Load, LoadKind
+from tests.marketplace.conftest import fund
+
+pytestmark = pytest.mark.django_db
+
+SLUG = "tiny-qwen3"
+CHAT = "/api/v1/chat/completions"
+TEXT = (
+    "The lighthouse keeper of Skerry Point kept a logbook in green ink. Every evening at dusk "
+    "he lit the lamp, wound the clockwork that turned the lens, and wrote the weather."
+)
+QUESTION = [{"role": "user", "content": "What did the keeper write every evening?"}]
+
+
+@pytest.fixture(scope="module")
+def kv_dir(tmp_path_factory):  # noqa: ANN201
+    return tmp_path_factory.mktemp("kv")
+
+
+@pytest.fixture
+def artifact(settings, kv_dir) -> dict:  # noqa: ANN001
+    settings.KV_STORE_DIR = kv_dir
+    engine.reset_store()
+    yield engine.precompute(slug=SLUG, text=TEXT)
+    engine.reset_store()
+
+
+@pytest.fixture
+def worker(artifact):  # noqa: ANN001, ANN201
+    server = worker_server.WorkerServer(name="inproc@test", model_slugs=[SLUG],
+                                        host="127.0.0.1", port=0)
+    server.start(heartbeat=False)
+    assert server.wait_started()
+    server.announce()
+    registry.forget()
+    worker_client.reset_client()
+    yield server
+    server.stop()
+    registry.forget()
+    worker_client.reset_client()
+
+
+@pytest.fixture
+def document(publisher_user, artifact) -> Document:  # noqa: ANN001
+    return Document.objects.create(
+        publisher=publisher_user, title="Skerry Point", text=TEXT, model_slug=SLUG,
+        status=DocumentStatus.READY, n_tokens=artifact["n_tokens"],
+        tokens_done=artifact["n_tokens"], tokens_total=artifact["n_tokens"],
+        artifact_key=artifact["key"], artifact_bytes=artifact["bytes"],
+    )
+
+
+@pytest.fixture
+def license_id(api_client, agent_user, document) -> int:  # noqa: ANN001
+    fund(agent_user, 5.0)
+    r = api_client.post("/api/v1/licenses", {"document": document.pk, "loads": 5},
+                        format="json")
+    assert r.status_code == 201, r.content
+    return r.json()["id"]
+
+
+def _body(document: Document, license_id: int, **extra: object) -> dict:
+    return {"model": SLUG, "document": document.pk, "license": license_id, "max_tokens": 12,
+            "temperature": 0, "messages": QUESTION, **extra}
+
+
+def _settlements() -> int:
+    from ledger.models import Transaction
+
+    return Transaction.objects.filter(kind="load_settlement").count()
+
+
+@pytest.fixture
+def slow_engine(monkeypatch):  # noqa: ANN001, ANN201
+    """Each engine item (delta or result) takes 0.15 s more; records how far it got."""
+    import inference
+
+    real = inference.generate_stream
+    state = {"items": 0, "finished": False, "closed": threading.Event()}
+
+    def slow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        inner = real(*args, **kwargs)
+
+        def items():  # noqa: ANN202
+            try:
+                for item in inner:
+                    time.sleep(0.15)
+                    state["items"] += 1
+                    yield item
+                state["finished"] = True
+            finally:
+                inner.close()
+                state["closed"].set()
+
+        return items()
+
+    monkeypatch.setattr(inference, "generate_stream", slow)
+    return state
+
+
+def _sse_events(chunks) -> list[dict]:  # noqa: ANN001
+    out = []
+    for raw in b"".join(chunks).decode().split("\n\n"):
+        if raw.startswith("data: ") and raw != "data: [DONE]":
+            out.append(json.loads(raw[6:]))
+    return out
+
+
+# --- the endpoint itself ---------------------------------------------------------------------
+
+
+def test_the_worker_endpoint_refuses_requests_without_the_secret(worker, document):
+    url = f"{worker.url}/v1/generate"
+    body = {"model": SLUG, "artifact_key": document.artifact_key, "messages": QUESTION,
+            "max_tokens": 4}
+    assert httpx.post(url, json=body).status_code == 401
+    wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer not-the-secret"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+    right = httpx.post(url, json=body,
+                       headers={"Authorization": f"Bearer {registry.worker_secret()}"})
+    assert right.status_code == 200
+    events = [json.loads(line) for line in right.text.splitlines()]
+    assert events[-1]["type"] == "final" and events[-1]["worker"] == "inproc@test"
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == events[-1]["text"]
+    assert httpx.get(f"{worker.url}/healthz").json()["models"] == [SLUG]
+
+
+# --- through the API -------------------------------------------------------------------------
+
+
+def test_a_completion_runs_on_the_worker_with_per_phase_timings(
+    worker, api_client, document, license_id
+):
+    r = api_client.post(CHAT, _body(document, license_id), format="json")
+    assert r.status_code == 200, r.content
+    data = r.json()
+    assert data["choices"][0]["message"]["content"]
+    timings = data["kvmarket"]["timings"]
+    for phase in ("auth", "reserve", "route", "queue", "engine_ttft", "decode", "charge"):
+        assert phase in timings and timings[phase] >= 0
+    assert "engine_ttft;dur=" in r["Server-Timing"]
+    load = Load.objects.get()
+    assert load.status == "succeeded" and load.worker == "inproc@test"
+    assert load.amount_nano > 0 and _settlements() == 1
+    assert data["usage"]["completion_tokens"] == load.output_tokens > 0
+
+
+def test_stream_sends_the_first_chunk_before_the_generation_ends(
+    worker, api_client, document, license_id, slow_engine
+):
+    r = api_client.post(CHAT, _body(document, license_id, stream=True), format="json")
+    assert r.status_code == 200, r.content
+    chunks = iter(r.streaming_content)
+    first = [next(chunks), next(chunks)]  # the role chunk, then the first token's text
+    assert not slow_engine["finished"]  # the engine is still generating
+    events = _sse_events(first)
+    assert events[1]["choices"][0]["delta"]["content"]
+    rest = list(chunks)
+    assert rest[-1] == b"data: [DONE]\n\n"
+    assert slow_engine["finished"]
+    load = Load.objects.get()
+    assert load.status == "succeeded" and _settlements() == 1
+
+
+def test_a_client_disconnect_stops_the_generation_and_charges_what_was_made(
+    transactional_db, worker, api_client, document, license_id, slow_engine
+):
+    # transactional_db: closing the response ends the "request" (request_finished), which
+    # closes the database connection; a test inside one transaction could not go on.
+    from ledger.selectors import tariff_for
+
+    r = api_client.post(CHAT, _body(document, license_id, stream=True, max_tokens=40),
+                        format="json")
+    assert r.status_code == 200, r.content
+    chunks = iter(r.streaming_content)
+    next(chunks), next(chunks)  # the role chunk and the first text: then the agent leaves
+    r.close()  # what a server does when its write to the gone client fails
+    assert slow_engine["closed"].wait(15)  # the worker saw the disconnect and stopped
+    assert not slow_engine["finished"] and slow_engine["items"] < 40
+    load = Load.objects.get()
+    assert load.status == "succeeded" and _settlements() == 1
+    assert 1 <= load.output_tokens < 40 and load.suffix_tokens > 0
+    assert load.response["finish_reason"] == "disconnected"
+    price = tariff_for(SLUG).compute_price_nano(load.suffix_tokens, load.output_tokens)
+    assert load.compute_nano == int(price) and load.amount_nano > 0
+
+
+def test_failover_to_the_next_worker_when_the_first_is_unreachable(
+    worker, api_client, document, license_id
+):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    # The dead worker holds the artifact "hot", so it is tried first.
+    registry.announce(name="dead@test", url=f"http://127.0.0.1:{dead_port}", model_slugs=[SLUG],
+                      hot_keys=[document.artifact_key], in_flight=0, started_at=timezone.now())
+    registry.forget()
+    assert registry.workers_for(slug=SLUG, artifact_key=document.artifact_key)[0].name == \
+        "dead@test"
+    r = api_client.post(CHAT, _body(document, license_id), format="json")
+    assert r.status_code == 200, r.content
+    assert Load.objects.get().worker == "inproc@test" and _settlements() == 1
+
+
+def test_no_live_worker_is_503_with_retry_after_and_uncharged(
+    api_client, document, license_id
+):
+    registry.forget()
+    r = api_client.post(CHAT, _body(document, license_id), format="json")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
+    assert r["Retry-After"]
+    load = Load.objects.get()
+    assert load.status == "failed" and load.amount_nano == 0 and _settlements() == 0
+    assert License.objects.get(pk=license_id).loads_used == 0
+
+
+def test_a_busy_worker_is_429_with_retry_after_and_uncharged(
+    worker, api_client, document, license_id, monkeypatch
+):
+    def full(self, job):  # noqa: ANN001, ANN202
+        raise engine.Busy("full")
+
+    monkeypatch.setattr(engine.Scheduler, "submit", full)
+    r = api_client.post(CHAT, _body(document, license_id, stream=True), format="json")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "busy"
+    assert r["Retry-After"] == "1"
+    assert Load.objects.get().status == "failed" and _settlements() == 0
+
+
+def test_an_engine_refusal_before_the_first_token_is_json_and_uncharged(
+    worker, api_client, document, license_id
+):
+    too_long = [{"role": "user", "content": "word " * 5000}]
+    r = api_client.post(CHAT, _body(document, license_id, stream=True, messages=too_long),
+                        format="json")
+    assert r.status_code == 422 and r["Content-Type"] == "application/json"
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert Load.objects.get().status == "failed" and _settlements() == 0
+
+
+# --- the charge outbox and the sweep ---------------------------------------------------------
+
+
+def test_a_failed_charge_leaves_the_load_served_and_it_is_charged_once_later(
+    worker, api_client, document, license_id, monkeypatch
+):
+    from ledger import services as ledger_services
+    from marketplace.services import completions
+
+    real = ledger_services.settle_load
+    failures = {"left": completions.CHARGE_ATTEMPTS}  # every attempt of the request fails
+
+    def flaky(**kwargs):  # noqa: ANN003, ANN202
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise RuntimeError("the database went away mid-charge")
+        return real(**kwargs)
+
+    monkeypatch.setattr(ledger_services, "settle_load", flaky)
+    r = api_client.post(CHAT, _body(document, license_id), format="json",
+                        HTTP_IDEMPOTENCY_KEY="outbox")
+    assert r.status_code == 200, r.content  # served: the agent gets its answer
+    assert r.json()["kvmarket"]["charge_pending"] is True
+    load = Load.objects.get()
+    assert load.status == "served" and load.response["final"] and _settlements() == 0
+
+    # The sweep charges it; a second sweep and a retry of the request charge nothing more.
+    assert completions.sweep_loads()["charged"] == 1
+    assert completions.sweep_loads()["charged"] == 0
+    again = api_client.post(CHAT, _body(document, license_id), format="json",
+                            HTTP_IDEMPOTENCY_KEY="outbox")
+    assert again.status_code == 200 and again["Idempotent-Replayed"] == "true"
+    assert again.json()["choices"] == r.json()["choices"]
+    load.refresh_from_db()
+    assert load.status == "succeeded" and load.amount_nano > 0 and _settlements() == 1
+
+
+def test_a_retry_of_a_served_load_charges_it(fake_worker, api_client, ready_document,
+                                             funded_agent, monkeypatch):
+    from ledger import services as ledger_services
+    from marketplace.services import completions
+
+    r = api_client.post("/api/v1/licenses", {"document": ready_document.pk, "loads": 2},
+                        format="json")
+    lic = r.json()["id"]
+    real = ledger_services.settle_load
+    monkeypatch.setattr(ledger_services, "settle_load",
+                        lambda **kw: (_ for _ in ()).throw(RuntimeError("down")))
+    body = {"model": SLUG, "document": ready_document.pk, "license": lic, "messages": QUESTION}
+    assert api_client.post(CHAT, body, format="json",
+                           HTTP_IDEMPOTENCY_KEY="k").status_code == 200
+    assert Load.objects.get().status == "served"
+    monkeypatch.setattr(ledger_services, "settle_load", real)
+    again = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="k")
+    assert again.status_code == 200 and again.json()["kvmarket"]["charge_pending"] is False
+    assert Load.objects.get().status == "succeeded" and _settlements() == 1
+    assert len(fake_worker.calls) == 1 and completions.sweep_loads() == {"released": 0,
+                                                                          "charged": 0}
+
+
+def test_the_sweep_releases_abandoned_reservations_and_charges_abandoned_streams(
+    publisher_user, funded_agent
+):
+    from marketplace.services.completions import record_served, reserve_load, sweep_loads
+    from marketplace.services.licenses import purchase_license
+    from tests.marketplace.conftest import FAKE_RESULT, make_ready_document
+
+    doc = make_ready_document(publisher_user)
+    lic, _ = purchase_license(agent=funded_agent, document_id=doc.pk, loads=3)
+
+    def reserve(key: str) -> Load:
+        return reserve_load(agent=funded_agent, license_id=lic.pk, document_id=doc.pk,
+                            kind=LoadKind.CHAT, idempotency_key=key, payload={}).load
+
+    pending, streaming = reserve("a"), reserve("b")
+    record_served(load=streaming, result={**FAKE_RESULT, "final": False})  # mid-stream
+    assert sweep_loads() == {"released": 0, "charged": 0}  # both web processes alive
+    stale = timezone.now() - timedelta(seconds=31)
+    Load.objects.update(heartbeat_at=stale)  # ... and now both died
+    assert sweep_loads() == {"released": 1, "charged": 1}
+    assert Load.objects.get(pk=pending.pk).status == "failed"
+    served = Load.objects.get(pk=streaming.pk)
+    assert served.status == "succeeded" and served.amount_nano > 0 and _settlements() == 1
+    assert License.objects.get(pk=lic.pk).loads_used == 1
