@@ -80,6 +80,20 @@ def test_web_migrates_then_runs_gunicorn(config) -> None:
     assert web["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_web_runs_threads_with_a_timeout_above_the_completion_timeout(config) -> None:
+    command = " ".join(config["services"]["web"]["command"])
+    assert "--worker-class gthread" in command and "--threads" in command
+    timeout = int(command.split("--timeout ")[1].split()[0])
+    assert timeout > 120  # COMPLETION_TIMEOUT_SECONDS' default
+
+
+def test_gpu_worker_serves_loads_on_the_internal_network(config) -> None:
+    gpu = config["services"]["gpu-worker"]
+    assert gpu["environment"]["GPU_WORKER_BIND_HOST"] == "0.0.0.0"
+    assert gpu["environment"]["GPU_WORKER_ADVERTISE_URL"] == "http://gpu-worker:8200"
+    assert "ports" not in gpu  # reachable from the web only, never published
+
+
 def test_gpu_worker_reserves_a_gpu_and_runs_solo_with_prefetch_one(config) -> None:
     gpu = config["services"]["gpu-worker"]
     command = gpu["command"]

@@ -72,6 +72,10 @@ def test_document_economics_use_measured_timings_else_estimates(publisher_user, 
     econ = document_economics(doc)
     assert econ.load.source == "measured" and econ.load.seconds == 0.02
     assert econ.saving == pytest.approx(21)
+    # the load's store tier (from the worker's timings) is measured; the others estimated
+    tiers = {t["tier"]: t for t in econ.tiers}
+    assert tiers["host"]["source"] == "measured" and tiers["host"]["seconds"] == 0.02
+    assert tiers["gpu"]["source"] == "estimate" and tiers["gpu"]["saving"] == 25
     assert econ.prefill_usd == pytest.approx(0.42 * 0.001)
     assert econ.kv_bytes_per_token == 150_000 and econ.egress_usd == pytest.approx(0.0135)
     assert econ.price_per_load_usd == pytest.approx(37_740e-9)

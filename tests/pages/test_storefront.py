@@ -247,3 +247,21 @@ def test_staff_user_is_seeded_by_the_demo(db) -> None:  # noqa: ANN001
     staff = User.objects.get(email="staff@demo.kvmarket")
     assert staff.is_staff and staff.role == Role.STAFF
 
+
+
+def test_dashboard_and_new_document_form_show_which_models_are_ready(
+    publisher_client: Client, settings
+) -> None:
+    from django.utils import timezone
+
+    from marketplace import registry
+
+    registry.forget()
+    html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
+    assert 'data-model="tiny-qwen3" data-ready="false"' in html and "no worker yet" in html
+    registry.announce(name="w1@host", url="http://127.0.0.1:1", model_slugs=["tiny-qwen3"],
+                      hot_keys=[], in_flight=0, started_at=timezone.now())
+    registry.forget()
+    for url in (reverse("publisher-dashboard"), reverse("document-create")):
+        html = publisher_client.get(url).content.decode()
+        assert 'data-model="tiny-qwen3" data-ready="true"' in html and "1 worker" in html
