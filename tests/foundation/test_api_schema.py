@@ -81,10 +81,10 @@ def test_schemathesis_finds_no_failures(
     live_server, agent_user, agent_key, ready_document_with_artifact, stripe_stub, settings,
     tmp_path,
 ) -> None:
-    from tests.support.money import fund
+    from tests.support.money import NANO, fund
 
     settings.API_KEY_THROTTLE_RATE = "1000000/min"
-    fund(agent_user, 50.0)
+    fund(agent_user, amount_nano=50 * NANO)
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     command = [
