@@ -306,7 +306,7 @@ def _read_verified_per_tensor(
                                 for kind in ("keys", "values")}
     if set(header) - {"__metadata__"} != expected or set(hashes) != expected:
         raise ArtifactCorrupted(f"{path.name}: tensor table does not match the manifest")
-    # One reader per core up to 16: each thread also hashes what it reads (~1.5 GB/s a core).
+    # One reader per core up to 16: each thread also hashes what it reads, which is CPU-bound.
     host = read_artifact_into_host(path, threads=min(16, os.cpu_count() or 1),
                                    tensor_sha256=hashes, arena=arena)
     start, end = header["token_ids"]["data_offsets"]

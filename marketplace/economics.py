@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 # measured speed-ups at 3774 tokens on Qwen3-4B (README, bench/results), used only where this
 # deployment has no measured load.
 ESTIMATED_TIER_SPEEDUP = {"gpu": 25.0, "host": 7.8, "disk": 1.4}
-TIER_LABELS = {"gpu": "GPU memory", "host": "pinned host memory", "disk": "local disk"}
+TIER_LABELS = {"gpu": "GPU memory", "host": "host memory", "disk": "local disk",
+               "s3": "object storage"}
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,14 @@ class Economics:
 def tier_timings(prefill_seconds: float, measured: dict[str, float]) -> list[dict]:
     """One row per store tier: the measured load time where there is one, else the estimate."""
     rows = []
-    for tier, speedup in ESTIMATED_TIER_SPEEDUP.items():
+    for tier in [*ESTIMATED_TIER_SPEEDUP, *sorted(set(measured) - set(ESTIMATED_TIER_SPEEDUP))]:
         if tier in measured:
             seconds, source = measured[tier], "measured"
         else:
-            seconds, source = prefill_seconds / speedup, "estimate"
+            seconds, source = prefill_seconds / ESTIMATED_TIER_SPEEDUP[tier], "estimate"
         rows.append({
-            "tier": tier, "label": TIER_LABELS[tier], "seconds": seconds, "source": source,
+            "tier": tier, "label": TIER_LABELS.get(tier, tier), "seconds": seconds,
+            "source": source,
             "saving": prefill_seconds / seconds if seconds > 0 else None,
         })
     return rows

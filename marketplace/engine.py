@@ -167,6 +167,7 @@ def result_dict(final: Any) -> dict[str, Any]:
             "load_s": float(final.timings.load_s),
             "ttft_s": float(final.timings.ttft_s),
             "total_s": float(final.timings.total_s),
+            "tier": str(getattr(final, "cache_tier", "") or ""),  # where the KV was read from
         },
     }
 

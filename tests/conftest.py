@@ -14,6 +14,7 @@ from __future__ import annotations
 # Django-dependent helpers are imported inside the fixtures, so the inference tests also run
 # with Django absent (`pytest tests/inference -p no:django`).
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,6 +133,31 @@ def _fast_password_hashing() -> Iterator[None]:
 
     with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _broker_keys_per_xdist_worker() -> Iterator[None]:
+    """Under pytest-xdist, each test process gets its own broker key prefix on the shared Redis
+    database, so a Celery worker started by one process never takes another's tasks (or answers
+    its broadcasts). Set before any task is sent; the worker subprocesses inherit it."""
+    xdist_worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not xdist_worker or not _django_configured():
+        yield
+        return
+    from django.conf import settings
+
+    from kvmarket.celery import app
+
+    if not settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+        yield
+        return
+    prefix = f"{settings.BROKER_KEY_PREFIX}{xdist_worker}."
+    os.environ["CELERY_BROKER_KEY_PREFIX"] = prefix
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "global_keyprefix": prefix,
+    }
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -251,7 +251,7 @@ def _matmul_tma_kernel(
 
 
 # Products of at most this many rows are decode-sized: they get more, shallower split-K blocks,
-# pointer loads and plain launches (TMA and PDL measured no better or slower for them).
+# pointer loads and plain launches (TMA and PDL gained nothing for them).
 DECODE_ROWS = 16
 
 
@@ -267,8 +267,8 @@ def matmul_plan(
 
 
 def use_split_k(rows: int, n: int, n_sms: int) -> bool:
-    """Where split-K beats one cuBLAS product (measured on H100/H200, bench/profile_fastpath.py
-    --matmul): decode-sized products, and products whose column tiles alone leave SMs idle."""
+    """Where split-K beats one cuBLAS product: decode-sized products, and products whose column
+    tiles alone leave SMs idle."""
     return rows <= DECODE_ROWS or (rows <= 64 and triton.cdiv(n, 64) < 2 * n_sms)
 
 
@@ -298,7 +298,7 @@ def matmul(
     rows, k = x.shape
     n = weight.shape[0]
     block_m = max(16, triton.next_power_of_2(rows))
-    if waves is None:  # the configs that measured best: more blocks for decode-sized products
+    if waves is None:  # more blocks for decode-sized products, which are latency-bound
         waves = 2.0 if rows <= DECODE_ROWS else 1.0
     if stages is None:
         stages = 3 if rows <= DECODE_ROWS else (6 if tma else 5)
@@ -651,11 +651,10 @@ def _attend_block(
     """One key block of online-softmax attention (flash attention's inner step) for both
     segments: keys K^T [D, BLOCK_N] at k_ptrs and values [BLOCK_N, D] at v_ptrs, loaded where
     load_ok; scores kept where visible. Without MASKED (a whole key block every query sees)
-    neither mask is applied: on a GPU the prefix loop is bound by issued instructions (ncu on an
-    H100: an instruction every 4 cycles a warp, under 2 warps a scheduler), and the masks' compares
-    and selects were a share of them. Either way a visible score gives the same bits: scores are
-    scaled inside one fused multiply-add with the running maximum. Returns the updated (acc,
-    running max in base 2, running sum)."""
+    neither mask is applied: on a GPU the prefix loop is bound by issued instructions, and the
+    masks' compares and selects were a share of them. Either way a visible score gives the same
+    bits: scores are scaled inside one fused multiply-add with the running maximum. Returns the
+    updated (acc, running max in base 2, running sum)."""
     if MASKED:
         k = tl.load(k_ptrs, mask=load_ok[None, :], other=0.0)
     else:
@@ -950,8 +949,8 @@ def prefix_splits(
 ) -> tuple[int, int]:
     """(number of splits, keys per split at most) of a prefix of n_prefix tokens (a length
     class's capacity) so the prefix attention puts about two blocks on every SM (at most 32
-    splits). A block is latency-bound (ncu on an H100: 2 blocks of 4 warps per SM, limited by
-    registers and shared memory), so its time follows its number of key blocks; the kernel
+    splits). A block is latency-bound (few blocks fit on an SM, limited by registers and shared
+    memory), so its time follows its number of key blocks; the kernel
     divides the actual prefix among the splits, so that number is the smallest the split
     count allows.
 
@@ -1001,8 +1000,8 @@ def attention(
     [Hkv, N, D] each) then each row's own suffix buffer (keys/values [B, Hkv, C, D]); returns
     [B*S, Hq*D] in q's dtype. The number of prefix splits follows its table's capacity (its
     length class), so the launch is the same for every prefix of the class; the kernel shares
-    the actual length among them. block_m ... skip_empty: the prefix part's configuration
-    (bench/profile_fastpath.py sweeps it). pdl: programmatic dependent launch. runtime_loop:
+    the actual length among them. block_m ... skip_empty: the prefix part's configuration.
+    pdl: programmatic dependent launch. runtime_loop:
     loop to each split's end (default on CUDA; see _prefix_part). Both segments' parts come
     from one launch, then one kernel merges them. part_dtype: of the parts' outputs."""
     tokens = q.shape[0]
@@ -1014,7 +1013,7 @@ def attention(
     block_m = block_m or _block_m(rows, n_kv)
     n_splits, split_len = prefix_splits(n_prefix, rows, n_kv, n_sms, waves=waves, block_m=block_m)
     # Parts in float32 by default: bf16 parts (as vLLM's split-KV decode keeps them) halve the
-    # merge's reads, yet measured slower on an H200 (parts + merge 17.7 us a layer against 16.5).
+    # merge's reads, yet made the attention with its merge slower.
     parts = torch.empty((n_splits + 1, n_kv, rows, d), dtype=part_dtype, device=q.device)
     lse = torch.empty((n_splits + 1, n_kv, rows), dtype=torch.float32, device=q.device)
     qk_scale = scale * LOG2E
@@ -1035,8 +1034,8 @@ def attention(
     runtime_loop = q.is_cuda if runtime_loop is None else runtime_loop
     # Compiled kernels loop to runtime bounds: the split and suffix capacity are arguments, not
     # compile-time constants, so one compiled variant serves every length class and suffix
-    # capacity (a worker's warm-up compiled 150 variants of this kernel before, nearly all its
-    # 190 s on an H200 with an empty Triton cache). The interpreter's static loops need them.
+    # capacity (with them as constants, a worker's warm-up compiled 150 variants of this kernel,
+    # most of its start-up time). The interpreter's static loops need them.
     split_len_bound = block_n if runtime_loop else max(split_len, block_n)
     capacity_bound = suffix_block_n if runtime_loop else keys.shape[2]
     _attention_parts_kernel[(m_blocks, n_kv, n_splits + batch)](
@@ -1095,7 +1094,7 @@ def attention(
 
 # --- greedy tokens ---------------------------------------------------------------------------
 # A request's first token (and every greedy decode token) is the argmax of one row of logits.
-# torch.argmax reduces a 151936-wide row in one block (8.7 us on an H200) after the step's graph,
+# torch.argmax reduces a 151936-wide row in one block after the step's graph,
 # and .item() then copies from device to pageable memory. These two kernels run inside the graph
 # instead: chunks of the row in parallel, then one program a row over the chunks' maxima, which
 # writes the token straight into pinned host memory.
@@ -1128,7 +1127,7 @@ def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torc
     """The argmax of each row of logits [B, V] (the first column among equal maxima, as
     torch.argmax), as int64 [B]. Rows holding NaN are not defined (torch picks the NaN).
     out: where to write them, e.g. pinned host memory, which the kernel writes directly (a copy
-    node after it measured 7 us on the step's critical path, H200)."""
+    node after it would sit on the step's critical path)."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1
     n_chunks = triton.cdiv(vocab, GREEDY_CHUNK)

@@ -262,13 +262,9 @@ class FastDecoder:
         # With PDL, per product kind: how many columns of its weight rows a block prefetches
         # into L2 before it waits, and whether only the blocks of the first wave do (those that
         # start while the kernel ahead still runs; later ones would only fetch early what
-        # their own loads fetch a moment after). profile_fastpath --launch on an H100: 256
-        # to 512 columns for every kind measured best; --step-variants prefetch on an H200,
-        # the whole step against 512 for every kind: gate/up 512 first wave only -0.037 ms,
-        # then 384 -0.016 more; down 256 columns -0.024 ms; o_proj 256 -0.019 ms.
-        # Prefetching the prefix's K/V (from the attention before its wait, or from the kernels
-        # before it), or the next product's weights, measured a loss (H200: the attention's,
-        # +0.10 ms). Together 3.345 -> 3.275 ms a step in one sweep.
+        # their own loads fetch a moment after). The amounts per kind were tuned on the whole
+        # step; prefetching the prefix's K/V, or the next product's weights, made it slower
+        # (docs/performance.md).
         # KVMARKET_PREFETCH overrides kinds ("gate_up=384:first,down=128").
         self.prefetch: dict[str, tuple[int, bool]] = {
             "qkv": (512, False), "o_proj": (256, False), "gate_up": (384, True),
@@ -277,13 +273,12 @@ class FastDecoder:
         self.prefetch.update(_prefetch_overrides(os.environ.get("KVMARKET_PREFETCH", "")))
         # Per product kind, split-K options for PDL steps other than matmul's defaults.
         # gate/up in k-steps of 64 over 4 stages: a block needs 64 KB of shared memory, not 192,
-        # so all 304 of its blocks fit on the chip at once instead of running in 2.3 waves
-        # (profile_fastpath --step-variants products on an H200: -0.02 ms a step).
+        # so all 304 of its blocks fit on the chip at once instead of running in 2.3 waves.
         self.product_options: dict[str, dict[str, int]] = {
             "gate_up": {"block_k": 64, "stages": 4},
         }
-        # Products of more than 16 rows load their tiles with TMA (profile_fastpath --matmul on
-        # an H100 at 48 rows: 40.2 us against cuBLAS's 43.4 for Qwen3-4B's gate/up product).
+        # Products of more than 16 rows load their tiles with TMA (on Hopper they then beat
+        # cuBLAS's product at a first step's row counts).
         self.tma = False
         if self.kernels:
             from inference.fastpath.kernels import pdl_available, sm_count, tma_available
@@ -535,7 +530,7 @@ class FastDecoder:
 
     def _pdl(self, rows: int) -> bool:
         """PDL for steps of many tokens only: on decode steps (a few rows, products split over
-        two waves of blocks) it measured slower on an H100, 5.06 ms a step against 4.61."""
+        two waves of blocks) the step was slower with it."""
         from inference.fastpath.kernels import DECODE_ROWS
 
         return self.pdl and rows > DECODE_ROWS

@@ -37,7 +37,7 @@ class _Graph:
     logits: torch.Tensor
     # A first-step graph copies its inputs (token ids, then lengths) from this pinned buffer and
     # resets the suffix lengths itself: a request writes the buffer and replays, no other CUDA
-    # call on the host's path to the GPU (measured: those calls took 0.19 ms a request).
+    # call on the host's path to the GPU (those calls were a large share of a request's host time).
     host_inputs: torch.Tensor | None = None
     host_array: np.ndarray | None = None  # host_inputs as numpy, made once (not per request)
     # Recorded by the graph once it has copied host_inputs: the buffer may be written again.
@@ -248,8 +248,8 @@ class FastReuse:
             return cached
         batch = slot.state.batch
         device = self.decoder.device
-        # ids then lengths in one buffer, as host_inputs holds them: one copy in the graph (two
-        # copy nodes measured 2.7 us slower, bench/graph_inputs_probe.py)
+        # ids then lengths in one buffer, as host_inputs holds them: one copy node in the graph,
+        # not two
         inputs = torch.full((batch * q_len + batch,), q_len, dtype=torch.long, device=device)
         input_ids, n_valid = inputs[: batch * q_len].view(batch, q_len), inputs[batch * q_len :]
         input_ids.zero_()

@@ -37,9 +37,9 @@ _PIECE = 16 << 20  # bytes per pread call: big enough for throughput, small enou
 class PinnedArena:
     """Host memory pinned once, carved into artifact buffers.
 
-    Why: pinning is slow. cudaHostAlloc maps and locks every page: about 0.6 s for a
-    3774-token Qwen3-4B artifact (556 MB), seconds at 32k tokens, so a document's first read
-    from disk cost more than prefilling it. torch's pinned cache only helps for a size it has
+    Why: pinning is slow. cudaHostAlloc maps and locks every page, which for a long document's
+    artifact costs more than prefilling it, so pinning on a document's first read from disk
+    would cost more than it saves. torch's pinned cache only helps for a size it has
     already seen freed, and it rounds every buffer up to a power of two. The arena is pinned
     when the store starts (a worker's start) and reused for every read.
 

@@ -122,6 +122,8 @@ class Load(models.Model):
     ttft_seconds = models.FloatField(null=True, blank=True)
     total_seconds = models.FloatField(null=True, blank=True)
     wall_seconds = models.FloatField(null=True, blank=True)
+    # The KV store tier that served the load ("gpu", "host", "disk", "s3"), for the economics.
+    cache_tier = models.CharField(max_length=8, blank=True, default="")
     amount_nano = models.BigIntegerField(default=0)
     compute_nano = models.BigIntegerField(default=0)
     egress_nano = models.BigIntegerField(default=0)

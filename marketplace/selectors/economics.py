@@ -22,18 +22,23 @@ def gpu_usd_per_hour(model_slug: str) -> float:
     return float(cfg.get("gpu_usd_per_hour", settings.GPU_USD_PER_HOUR))
 
 
-def _measured_load_seconds(document: Document) -> tuple[float, int] | None:
-    """Median time to first token of the document's recent succeeded loads, and their count."""
-    seconds = list(
+def _measured_loads(document: Document) -> list[tuple[float, str]]:
+    """(time to first token, store tier) of the document's latest succeeded loads."""
+    return list(
         Load.objects.filter(
             license__document=document, status=LoadStatus.SUCCEEDED, ttft_seconds__gt=0
         )
         .order_by("-created_at")
-        .values_list("ttft_seconds", flat=True)[:MEASURED_LOADS]
+        .values_list("ttft_seconds", "cache_tier")[:MEASURED_LOADS]
     )
-    if not seconds:
-        return None
-    return statistics.median(seconds), len(seconds)
+
+
+def _median_by_tier(loads: list[tuple[float, str]]) -> dict[str, float]:
+    by_tier: dict[str, list[float]] = {}
+    for seconds, tier in loads:
+        if tier:
+            by_tier.setdefault(tier, []).append(seconds)
+    return {tier: statistics.median(values) for tier, values in by_tier.items()}
 
 
 def document_economics(document: Document) -> Economics | None:
@@ -48,10 +53,11 @@ def document_economics(document: Document) -> Economics | None:
             seconds, "estimate",
             f"{settings.ESTIMATED_PREFILL_TOKENS_PER_SECOND:g} tokens/s (no measured prefill)",
         )
-    tiers = tier_timings(prefill.seconds, {})
-    measured = _measured_load_seconds(document)
-    if measured is not None:
-        load = Timing(measured[0], "measured", f"median time to first token of {measured[1]} loads")
+    loads = _measured_loads(document)
+    tiers = tier_timings(prefill.seconds, _median_by_tier(loads))
+    if loads:
+        load = Timing(statistics.median(seconds for seconds, _ in loads), "measured",
+                      f"median time to first token of {len(loads)} loads")
     else:
         hot = tiers[0]
         load = Timing(hot["seconds"], "estimate", f"{hot['label']}, {hot['saving']:.3g}x")

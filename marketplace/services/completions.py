@@ -401,6 +401,7 @@ def charge_load(
     load.load_seconds = timings.get("load_s")
     load.ttft_seconds = timings.get("ttft_s")
     load.total_seconds = timings.get("total_s")
+    load.cache_tier = str(timings.get("tier") or "")[:8]
     if wall_seconds is not None:
         load.wall_seconds = wall_seconds
     load.worker = str(result.get("worker") or load.worker)[:255]

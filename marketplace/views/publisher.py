@@ -26,6 +26,7 @@ from marketplace.selectors import ops as ops_selectors
 from marketplace.selectors import pages as page_selectors
 from marketplace.selectors.documents import model_label
 from marketplace.selectors.economics import document_economics
+from marketplace.selectors.models import model_status
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context = _dashboard_context(request)
     context["connect"] = page_selectors.connect_account_of(request.user)
     context["payouts"] = ops_selectors.publisher_payouts(request.user)
+    context["models"] = model_status()
     ready = [r for r in context["rows"] if r.document.n_tokens]
     if ready:
         top = max(ready, key=lambda r: (r.loads, r.document.pk))
@@ -117,7 +119,7 @@ def document_create(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "marketplace/document_create.html",
-        {"form": form, "tariffs": page_selectors.tariff_hints()},
+        {"form": form, "tariffs": page_selectors.tariff_hints(), "models": model_status()},
     )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import secrets
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,14 @@ def test_embedded_defaults_use_sqlite_and_the_filesystem_broker(tmp_path) -> Non
     assert s["kv_store_dir"] == str(tmp_path / "kv")
 
 
+def test_a_broker_key_prefix_keeps_the_redis_transport_options(tmp_path: Path) -> None:
+    """Parallel test processes share one Redis database through per-process key prefixes."""
+    env = clean_env(tmp_path, CELERY_BROKER_URL="redis://127.0.0.1:6379/9",
+                    CELERY_BROKER_KEY_PREFIX="gw1.")  # fmt: skip
+    s = resolve_settings(env)
+    assert s["broker_options"] == {"visibility_timeout": 300, "global_keyprefix": "gw1."}
+
+
 def test_database_url_and_redis_select_postgres_and_redis(tmp_path) -> None:
     env = clean_env(
         tmp_path,
@@ -43,7 +52,7 @@ def test_database_url_and_redis_select_postgres_and_redis(tmp_path) -> None:
     )  # fmt: skip
     assert s["broker"] == "redis://redis.internal:6379/2"
     assert s["result_backend"] == "redis://redis.internal:6379/3"
-    assert s["broker_options"] == {}
+    assert s["broker_options"] == {"visibility_timeout": 300}  # kombu's default is an hour
     assert s["models"] == ["qwen3-4b"]
     assert s["queues"] == ["default", "gpu.qwen3-4b"]
     assert s["stripe_secret_key"] == "sk_test_123"

@@ -27,7 +27,7 @@ from inference import (
     read_artifact,
     wrap_model,
 )
-from inference.artifact import KVArtifact, read_manifest
+from inference.artifact import KVArtifact, read_manifest, write_artifact
 from inference.models import check_architecture
 from tests.inference.helpers import DOCS, files_under
 
@@ -100,6 +100,29 @@ def test_flipped_payload_byte(loaded, store, artifact_path, where):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactCorrupted):
         store.load(key, loaded)
+
+
+@pytest.mark.parametrize("where", [0.5, 0.999])
+def test_flipped_payload_byte_of_an_artifact_without_per_tensor_hashes(
+    loaded, store, artifact_path, tmp_path, where
+):
+    """Artifacts written before per-tensor hashes are checked by their whole-payload sha256."""
+    key, path = artifact_path
+    art = read_artifact(path, loaded)
+    legacy = KVArtifact(
+        key=key, manifest={**art.manifest, "tensor_sha256": None},
+        token_ids=art.token_ids, keys=art.keys, values=art.values,
+    )  # fmt: skip
+    legacy_path = tmp_path / "legacy.safetensors"
+    write_artifact(legacy_path, legacy)
+    assert not read_manifest(legacy_path).get("tensor_sha256")
+    assert read_artifact(legacy_path, loaded).token_ids == art.token_ids  # intact: it reads
+
+    data = bytearray(legacy_path.read_bytes())
+    data[int(len(data) * where)] ^= 0x01  # in the tensor data, past the header
+    legacy_path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorrupted, match="payload"):
+        read_artifact(legacy_path, loaded)
 
 
 def test_flipped_manifest_byte(loaded, store, artifact_path):

@@ -1,5 +1,5 @@
 """The fast path's fused Triton kernels against the plain torch step (CPU: Triton's interpreter,
-float32; the GPU run of the same kernels in bf16 is bench/kv_reuse_fast.py)."""
+float32; the same kernels compiled for the GPU, with CUDA graphs, PDL and TMA: test_gpu.py)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,13 @@
 """Ledger tests run on PostgreSQL only: the money rules are enforced by PostgreSQL triggers,
 row locks and constraints, which SQLite does not have. CI always runs them on PostgreSQL."""
 
-import itertools
-
 import pytest
 from django.db import connection
 
-from marketplace.models import Role, User
+from marketplace.models import Role
+from tests.support.accounts import make_user
 
 from .invariants import assert_ledger_invariants
-
-_seq = itertools.count(1)
 
 
 @pytest.fixture(autouse=True)
@@ -62,13 +59,6 @@ def insert_unbalanced_transaction(cur, account_id: int) -> None:  # noqa: ANN001
     )
 
 
-def make_user(role: Role, **fields) -> User:
-    # No password: hashing one costs ~0.3 s of CPU per user.
-    return User.objects.create_user(
-        email=f"{role.value}{next(_seq)}@example.test", password=None, role=role, **fields
-    )
-
-
 @pytest.fixture
 def agent(db):
     return make_user(Role.AGENT)
@@ -81,4 +71,4 @@ def publisher(db):
 
 @pytest.fixture
 def staff(db):
-    return User.objects.create_superuser(email=f"staff{next(_seq)}@example.test", password=None)
+    return make_user(Role.STAFF, is_superuser=True)

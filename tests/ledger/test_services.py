@@ -57,6 +57,20 @@ def test_tariff_for_only_reads_and_ensure_tariff_stores_the_registry_defaults():
     assert selectors.tariff_for("tiny-qwen3").publisher_share == Decimal("0.5")
 
 
+def test_reading_a_tariff_writes_nothing_and_ensure_stores_it_once():
+    Tariff.objects.filter(model_slug="tiny-qwen3").delete()
+    assert selectors.tariff_for("tiny-qwen3").load_price_nano(3774) == 37_740
+    assert not Tariff.objects.filter(model_slug="tiny-qwen3").exists()  # a read, not a write
+
+    stored = services.ensure_tariff(model_slug="tiny-qwen3")
+    assert stored.pk is not None
+    assert services.ensure_tariff(model_slug="tiny-qwen3").pk == stored.pk
+    Tariff.objects.filter(pk=stored.pk).update(publisher_share=Decimal("0.5"))
+    assert selectors.tariff_for("tiny-qwen3").publisher_share == Decimal("0.5")  # staff's edit
+    with pytest.raises(KeyError):
+        services.ensure_tariff(model_slug="no-such-model")
+
+
 def test_tariff_edit_never_touches_past_postings(agent, publisher):
     tariff = selectors.tariff_for("tiny-qwen3")
     price = tariff.load_price_nano(3774)

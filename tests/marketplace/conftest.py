@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from marketplace.models import Document, DocumentStatus, Role
+from marketplace.models import Document, Role
 from tests.support.accounts import make_api_key, make_user
+from tests.support.factories import ReadyDocumentFactory
 from tests.support.money import NANO, fund  # noqa: F401 (re-exported for the tests)
-
-_seq = itertools.count(1)
 
 
 def wallet(agent) -> int:  # noqa: ANN001
@@ -24,29 +21,15 @@ def wallet(agent) -> int:  # noqa: ANN001
 
 def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = None,  # noqa: ANN001
                         listed: bool = True, text: str | None = None) -> Document:
-    text = text or f"Document text {next(_seq)}."
-    return Document.objects.create(
-        publisher=publisher,
-        title=f"Doc {next(_seq)}",
-        text=text,
-        model_slug="tiny-qwen3",
-        price_per_load_nano=price,
-        status=DocumentStatus.READY,
-        n_tokens=n_tokens,
-        tokens_done=n_tokens,
-        tokens_total=n_tokens,
-        artifact_key=hashlib.sha256(text.encode()).hexdigest(),
-        artifact_bytes=1234,
-        listed=listed,
-        verification={"passed": True, "bitwise_equal": True, "greedy_matched": 24,
-                      "greedy_total": 24, "match_rate": 1.0, "max_logit_diff": 0.0,
-                      "dtype": "float32"},
+    fields = {"text": text} if text else {}
+    return ReadyDocumentFactory(
+        publisher=publisher, n_tokens=n_tokens, price_per_load_nano=price, listed=listed, **fields
     )
 
 
 @pytest.fixture
 def funded_agent(agent_user):  # noqa: ANN001, ANN201
-    fund(agent_user, 10.0)
+    fund(agent_user, amount_nano=10 * NANO)
     return agent_user
 
 
@@ -60,7 +43,7 @@ def other_agent_client(db):  # noqa: ANN001, ANN201
     from rest_framework.test import APIClient
 
     agent = make_user(role=Role.AGENT)
-    fund(agent, 10.0)
+    fund(agent, amount_nano=10 * NANO)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key(agent)}")
     client.user = agent

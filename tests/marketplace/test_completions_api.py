@@ -253,7 +253,7 @@ def test_wallet_that_cannot_pay_output_is_402(api_client, agent_user, publisher_
     from ledger.services import purchase_license  # noqa: F401 - the ledger is installed
 
     doc = make_ready_document(publisher_user, price=0)  # a free document
-    fund(agent_user, 0.000001)  # 1000 nano
+    fund(agent_user, amount_nano=1000)
     lic = buy(api_client, doc)
     r = api_client.post(CHAT, chat_body(doc, lic, max_tokens=64), format="json")
     assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_funds"
@@ -339,7 +339,7 @@ def test_kv_download_errors(api_client, agent_user, ready_document, tmp_path, mo
 
     artifact = tmp_path / "a.safetensors"
     artifact.write_bytes(b"K" * 10**6)
-    fund(agent_user, 10_000 / NANO)  # 10,000 nano: the license, not the egress (90,000)
+    fund(agent_user, amount_nano=10_000)  # the license, not the egress (90,000)
     lic = buy(api_client, ready_document, loads=1)
     url = f"/api/v1/documents/{ready_document.pk}/kv"
     monkeypatch.setattr(engine, "artifact_path", lambda key: None)
@@ -391,7 +391,7 @@ def test_concurrent_requests_never_overdraw_a_license(transactional_db, publishe
     from marketplace.services.completions import reserve_load
     from marketplace.services.licenses import purchase_license
 
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     doc = make_ready_document(publisher_user)
     lic, _ = purchase_license(agent=agent_user, document_id=doc.pk, loads=2)
 

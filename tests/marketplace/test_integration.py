@@ -9,7 +9,7 @@ settlement; a timed-out load is not charged.
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 
 import pytest
 
@@ -20,6 +20,7 @@ from tests.marketplace.integration import (
     GPU_QUEUES,
     partial_files,
     skip_module_unless_worker_can_run,
+    wait_for,
     wait_for_live_worker,
     wait_until_ready,
 )
@@ -93,7 +94,7 @@ def test_publish_precompute_license_complete_ledger(
     assert twin.artifact_key == doc.artifact_key
 
     # Buy a license (wallet -> escrow).
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     r = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 3}, format="json")
     assert r.status_code == 201, r.content
     lic = r.json()
@@ -159,7 +160,7 @@ def test_timed_out_load_is_not_charged(
     from ledger.selectors import payable_balance
 
     doc = _publish(publisher_client)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     lic = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 1},
                           format="json").json()
     settings.COMPLETION_TIMEOUT_SECONDS = 0.001  # no round trip is that fast
@@ -169,8 +170,15 @@ def test_timed_out_load_is_not_charged(
                         HTTP_IDEMPOTENCY_KEY="slow")
     assert r.status_code == 504, r.content
     assert r.json()["error"]["code"] == "timeout"
-    # The worker drops the expired task (or finishes it unread): no charge either way.
-    time.sleep(2)
+    # The worker drops the request (or finishes it unread): no charge either way. Wait for a
+    # heartbeat a whole interval after the timeout that reports nothing in flight.
+    from django.utils import timezone
+
+    from marketplace.models import GpuWorker
+
+    after = timezone.now() + timedelta(seconds=settings.GPU_WORKER_HEARTBEAT_SECONDS)
+    wait_for(lambda: GpuWorker.objects.filter(heartbeat_at__gt=after, in_flight=0).exists(),
+             timeout=60, what="a heartbeat of an idle worker after the timeout")
     assert Load.objects.get().status == "failed"
     assert not Transaction.objects.filter(kind="load_settlement").exists()
     assert payable_balance(publisher_user) == 0
@@ -191,7 +199,7 @@ def test_openai_client_against_live_server(
     import openai
 
     doc = _publish(publisher_client)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     from marketplace.services.licenses import purchase_license
 
     lic, _ = purchase_license(agent=agent_user, document_id=doc.pk, loads=5)

@@ -27,12 +27,12 @@ def test_buy_license_pays_into_escrow(api_client, funded_agent, ready_document):
 
 def test_insufficient_funds_is_402_and_leaves_nothing(api_client, agent_user, publisher_user):
     doc = make_ready_document(publisher_user, price=NANO)  # $1 a load
-    fund(agent_user, 2.5)
+    fund(agent_user, amount_nano=2_500_000_000)
     r = api_client.post("/api/v1/licenses", {"document": doc.pk, "loads": 3}, format="json")
     assert r.status_code == 402
     assert r.json()["error"]["code"] == "insufficient_funds"
     assert not License.objects.exists()
-    assert wallet(agent_user) == int(2.5 * NANO)
+    assert wallet(agent_user) == 2_500_000_000
 
 
 def test_unknown_document_is_404(api_client, funded_agent):

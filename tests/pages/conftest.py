@@ -115,7 +115,7 @@ WORKER_RESULT = {
     "ok": True, "worker": "gpu@test", "text": "Hello.", "deltas": ["Hello", "."],
     "finish_reason": "stop",
     "usage": {"cached_tokens": 1000, "suffix_tokens": 12, "output_tokens": 3},
-    "timings": {"load_s": 0.01, "ttft_s": 0.02, "total_s": 0.05},
+    "timings": {"load_s": 0.01, "ttft_s": 0.02, "total_s": 0.05, "tier": "host"},
 }
 
 

@@ -6,7 +6,7 @@ import responses
 from django.urls import reverse
 
 from tests.ledger.stripe_stubs import checkout_session
-from tests.pages.conftest import fund, make_document, settled_load
+from tests.pages.conftest import NANO, fund, make_document, settled_load
 from tests.support.accounts import make_api_key
 
 
@@ -15,7 +15,7 @@ def test_console_shows_wallet_keys_licenses_and_usage(
 ) -> None:
     make_api_key(agent_user, name="laptop")
     doc = make_document(publisher_user, n_tokens=1000, price=1_000_000, title="Skerry Point")
-    fund(agent_user, 2.0)
+    fund(agent_user, amount_nano=2 * NANO)
     license, load = settled_load(agent_user, doc, loads=3)
     r = agent_client.get(reverse("agent-console"))
     html = r.content.decode()

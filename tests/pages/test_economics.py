@@ -16,7 +16,7 @@ from marketplace.economics import Economics, Timing, cost_plot
 from marketplace.selectors.economics import document_economics
 from marketplace.selectors.pages import precompute_progress
 from marketplace.services.documents import record_progress, start_precompute
-from tests.pages.conftest import fund, make_document, settled_load
+from tests.pages.conftest import NANO, fund, make_document, settled_load
 
 
 def test_paper_headline_is_reproduced_within_five_percent() -> None:
@@ -67,11 +67,15 @@ def test_document_economics_use_measured_timings_else_estimates(publisher_user, 
     assert econ.prefill.source == "measured" and econ.prefill.seconds == 0.42
     assert econ.load.source == "estimate"  # no load yet: the hot tier's estimate
     assert econ.saving == pytest.approx(25)
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, doc)  # the worker's result: ttft 0.02 s
     econ = document_economics(doc)
     assert econ.load.source == "measured" and econ.load.seconds == 0.02
     assert econ.saving == pytest.approx(21)
+    # the load's store tier (from the worker's timings) is measured; the others estimated
+    tiers = {t["tier"]: t for t in econ.tiers}
+    assert tiers["host"]["source"] == "measured" and tiers["host"]["seconds"] == 0.02
+    assert tiers["gpu"]["source"] == "estimate" and tiers["gpu"]["saving"] == 25
     assert econ.prefill_usd == pytest.approx(0.42 * 0.001)
     assert econ.kv_bytes_per_token == 150_000 and econ.egress_usd == pytest.approx(0.0135)
     assert econ.price_per_load_usd == pytest.approx(37_740e-9)

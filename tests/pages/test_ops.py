@@ -13,7 +13,7 @@ from ledger import services
 from ledger.models import ConnectAccount, Payout, PayoutStatus
 from ledger.selectors import payable_balance
 from tests.ledger.stripe_stubs import API, transfer
-from tests.pages.conftest import fund, login_client, make_document, settled_load
+from tests.pages.conftest import NANO, fund, login_client, make_document, settled_load
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +34,7 @@ def staff_client(staff_user) -> Client:  # noqa: ANN001
 def earned_payout(publisher_user, agent_user):  # noqa: ANN001, ANN201
     """A payout pending review, for a publisher who earned it from two loads."""
     doc = make_document(publisher_user, title="Tide tables", price=3 * 10**9)  # $3 a load
-    fund(agent_user, 20)
+    fund(agent_user, amount_nano=20 * NANO)
     settled_load(agent_user, doc)
     settled_load(agent_user, doc)
     return services.create_payout(publisher=publisher_user)
@@ -121,10 +121,48 @@ def test_reject_needs_a_reason_which_the_publisher_sees(
 def test_run_settlement_now(staff_client: Client, publisher_user, agent_user, settings) -> None:
     settings.PAYOUT_THRESHOLD_NANO_USD = 10**9
     doc = make_document(publisher_user, price=3 * 10**9)
-    fund(agent_user, 10)
+    fund(agent_user, amount_nano=10 * NANO)
     settled_load(agent_user, doc)
     r = staff_client.post(reverse("ops-settle"), follow=True)
     assert "Settlement created 1 payout(s) for review." in r.content.decode()
     assert Payout.objects.get().publisher == publisher_user
     r = staff_client.post(reverse("ops-settle"), follow=True)
     assert "found no publisher due a payout" in r.content.decode()
+
+
+def test_a_failed_payout_can_be_put_up_for_review_again(
+    staff_client: Client, earned_payout, publisher_user, stripe_keys
+) -> None:
+    ConnectAccount.objects.create(publisher=publisher_user, stripe_account_id="acct_gone")
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{API}/v1/transfers", status=400,
+                  json={"error": {"type": "invalid_request_error", "message": "No such account"}})
+        r = staff_client.post(reverse("ops-payout-approve", args=[earned_payout.pk]),
+                              follow=True)
+    html = r.content.decode()
+    assert "could not be sent" in html and "back in" in html
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.FAILED
+    assert payable_balance(publisher_user) == 4_800_000_000  # reversed
+    assert f'id="repay-{earned_payout.pk}"' in html
+    r = staff_client.post(reverse("ops-payout-repay", args=[earned_payout.pk]), follow=True)
+    new = Payout.objects.exclude(pk=earned_payout.pk).get()
+    assert new.status == PayoutStatus.PENDING_REVIEW and new.amount_nano == 4_800_000_000
+    assert f"Payout #{new.pk} of $4.80 created for review" in r.content.decode()
+
+
+def test_admin_approval_says_one_thing_per_payout(earned_payout) -> None:
+    from marketplace.models import User
+
+    staff_client = login_client(User.objects.create_superuser(email="root@example.test"))
+    r = staff_client.post(
+        "/admin/ledger/payout/",
+        {"action": "approve_selected", "_selected_action": [earned_payout.pk]}, follow=True,
+    )
+    html = r.content.decode()
+    assert "not approved: the publisher has no Stripe account" in html
+    assert "Approved 1" not in html
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.PENDING_REVIEW
+    assert "$4.80" in staff_client.get(
+        f"/admin/ledger/payout/{earned_payout.pk}/change/").content.decode()  # dollars

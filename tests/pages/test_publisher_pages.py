@@ -10,7 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from marketplace.models import Document
-from tests.pages.conftest import fund, make_document, settled_load
+from tests.pages.conftest import NANO, fund, make_document, settled_load
 
 TEXT = "Call me Ishmael. Some years ago, never mind how long precisely, I went to sea."
 
@@ -176,7 +176,7 @@ def test_dashboard_shows_loads_revenue_and_compute_saved(
     publisher_client, publisher_user, agent_user, other_publisher_client
 ) -> None:
     doc = make_document(publisher_user, n_tokens=1000, price=1_000_000, title="Paid doc")
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, doc)
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     row = re.search(rf'<tr id="document-{doc.pk}".*?</tr>', html, re.S).group(0)
@@ -196,7 +196,7 @@ def test_document_page_numbers_verification_and_chart(
     publisher_client, publisher_user, agent_user
 ) -> None:
     doc = make_document(publisher_user, n_tokens=1000, price=1_000_000)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, doc)
     html = publisher_client.get(reverse("document-detail", args=[doc.pk])).content.decode()
     assert "Ready" in html and "1,000" in html
@@ -252,7 +252,7 @@ def test_unlist_explains_live_licenses_and_relist(
     publisher_client, publisher_user, agent_user
 ) -> None:
     doc = make_document(publisher_user, price=1_000_000)
-    fund(agent_user, 1.0)
+    fund(agent_user, amount_nano=NANO)
     license, _ = settled_load(agent_user, doc, loads=3)
     r = publisher_client.post(reverse("document-unlist", args=[doc.pk]), follow=True)
     html = r.content.decode()

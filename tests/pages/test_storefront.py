@@ -74,7 +74,7 @@ def test_catalogue_sorts_by_price_and_popularity(client: Client, shelf, agent_us
     assert by_price == [shelf["tariff"].pk, shelf["cheap"].pk, shelf["long"].pk]
     by_price_desc = _ids(client.get(reverse("catalogue"), {"sort": "-price"}).content.decode())
     assert by_price_desc == list(reversed(by_price))
-    fund(agent_user, 5)
+    fund(agent_user, amount_nano=5 * NANO)
     settled_load(agent_user, shelf["long"])
     popular = _ids(client.get(reverse("catalogue")).content.decode())
     assert popular[0] == shelf["long"].pk
@@ -110,7 +110,7 @@ def test_agent_buys_a_pack_once_even_when_the_form_is_sent_twice(
     agent_client: Client, agent_user, shelf
 ) -> None:
     doc = shelf["long"]  # $0.003 a load
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     page = agent_client.get(reverse("document-page", args=[doc.pk])).content.decode()
     token = re.search(r'name="token" value="([0-9a-f]+)"', page).group(1)
     assert "$1.00" in page and "after: <strong id=\"buy-after\">$0.97</strong>" in page
@@ -127,7 +127,7 @@ def test_agent_buys_a_pack_once_even_when_the_form_is_sent_twice(
 def test_a_pack_the_wallet_cannot_pay_is_refused_with_nothing_charged(
     agent_client: Client, agent_user, shelf
 ) -> None:
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     r = agent_client.post(reverse("document-buy", args=[shelf["long"].pk]),
                           {"loads": 1000, "token": "t-1"}, follow=True)
     assert "Your wallet cannot pay for this pack" in r.content.decode()
@@ -144,7 +144,7 @@ def test_only_agents_buy(client: Client, publisher_client: Client, shelf) -> Non
 def test_licenses_page_shows_loads_left_expiry_and_a_snippet(
     agent_client: Client, agent_user, shelf
 ) -> None:
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     license, _ = settled_load(agent_user, shelf["cheap"], loads=3)
     html = agent_client.get(reverse("agent-licenses")).content.decode()
     assert f'id="license-{license.pk}"' in html and "2 / 3" in html
@@ -198,7 +198,7 @@ def test_publisher_edits_title_description_and_price_not_the_text(
     publisher_client: Client, publisher_user, agent_user, shelf
 ) -> None:
     doc = shelf["cheap"]
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     old_license, _ = settled_load(agent_user, doc)
     url = reverse("document-edit", args=[doc.pk])
     assert publisher_client.get(url).status_code == 200
@@ -232,7 +232,7 @@ def test_home_page_shows_live_numbers_not_a_hard_coded_claim(client: Client, she
                                                              agent_user) -> None:
     html = client.get("/").content.decode()
     assert "9–50" not in html and 'id="live-saving"' in html
-    fund(agent_user, 1)
+    fund(agent_user, amount_nano=NANO)
     settled_load(agent_user, shelf["long"])  # precompute 0.42 s, the load's ttft 0.02 s
     html = client.get("/").content.decode()
     assert "measured at <strong>21× cheaper</strong>" in html
@@ -247,3 +247,21 @@ def test_staff_user_is_seeded_by_the_demo(db) -> None:  # noqa: ANN001
     staff = User.objects.get(email="staff@demo.kvmarket")
     assert staff.is_staff and staff.role == Role.STAFF
 
+
+
+def test_dashboard_and_new_document_form_show_which_models_are_ready(
+    publisher_client: Client, settings
+) -> None:
+    from django.utils import timezone
+
+    from marketplace import registry
+
+    registry.forget()
+    html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
+    assert 'data-model="tiny-qwen3" data-ready="false"' in html and "no worker yet" in html
+    registry.announce(name="w1@host", url="http://127.0.0.1:1", model_slugs=["tiny-qwen3"],
+                      hot_keys=[], in_flight=0, started_at=timezone.now())
+    registry.forget()
+    for url in (reverse("publisher-dashboard"), reverse("document-create")):
+        html = publisher_client.get(url).content.decode()
+        assert 'data-model="tiny-qwen3" data-ready="true"' in html and "1 worker" in html

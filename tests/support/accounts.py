@@ -1,21 +1,17 @@
-"""Helpers to make accounts in tests."""
+"""Helpers to make accounts in tests (the users come from tests.support.factories)."""
 
 from __future__ import annotations
 
-import itertools
-
 from marketplace.models import Role, User
 from marketplace.services.accounts import create_api_key
+from tests.support.factories import TEST_PASSWORD, UserFactory
 
-TEST_PASSWORD = "kvm-test-Passw0rd!"
-_seq = itertools.count(1)
+__all__ = ["TEST_PASSWORD", "make_api_key", "make_user"]
 
 
-def make_user(*, role: Role = Role.AGENT, email: str | None = None, **fields) -> User:
-    email = email or f"{role.value}{next(_seq)}@example.test"
-    if role == Role.STAFF:
-        fields.setdefault("is_staff", True)
-    return User.objects.create_user(email=email, password=TEST_PASSWORD, role=role, **fields)
+def make_user(role: Role = Role.AGENT, **fields) -> User:
+    """A user of the role (password TEST_PASSWORD unless given); staff get is_staff."""
+    return UserFactory(role=role, **fields)
 
 
 def make_api_key(user: User, name: str = "test key") -> str:
