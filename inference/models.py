@@ -556,8 +556,11 @@ def get_model(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Process-wide cache of load_model results, keyed by (reference, dtype, device, cache)."""
-    key = (ALIASES.get(model_ref, model_ref), resolve_dtype(dtype)[0], device, str(cache_dir))
+    """Process-wide cache of load_model results, keyed by (reference, dtype, device, and for a
+    GGUF reference the model cache it is converted into)."""
+    ref = ALIASES.get(model_ref, model_ref)
+    is_gguf = ref.startswith(PACKAGE_PREFIX) or ref.lower().endswith(".gguf")
+    key = (ref, resolve_dtype(dtype)[0], device, str(cache_dir) if is_gguf else "")
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
             _MODEL_CACHE[key] = load_model(

@@ -143,11 +143,10 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"api_key": API_KEY_THROTTLE_RATE},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "kvmarket.api_errors.json_exception_handler",
-    "DEFAULT_PARSER_CLASSES": [
-        "kvmarket.parsers.SafeJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # JSON bodies only (an OpenAI-compatible API): other media types are 415, and the schema
+    # documents exactly that.
+    "DEFAULT_PARSER_CLASSES": ["kvmarket.parsers.SafeJSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -155,6 +154,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Buy per-load licenses to hosted LLM KV caches and continue from them.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Two choice sets of models: documents take a slug, completions a slug or its reference.
+    "ENUM_NAME_OVERRIDES": {
+        "ModelSlugEnum": "marketplace.serializers.model_slugs",
+        "ModelNameEnum": "marketplace.serializers.model_names",
+    },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

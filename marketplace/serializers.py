@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.validators import MinLengthValidator
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -185,15 +187,95 @@ class LoadSerializer(serializers.ModelSerializer):
 # --- completions (OpenAI-compatible) ---------------------------------------------------------
 
 
+# Schemas for fields whose rules the default mapping does not say (the API's schema is exact:
+# what it documents as valid is accepted, and the rest is refused with 422).
+
+
+@extend_schema_field({"type": "string", "minLength": 1, "pattern": r"\S"})
+class NonBlankCharField(serializers.CharField):
+    """A string that is not empty once trimmed."""
+
+
+def model_slugs() -> list[str]:
+    """The registered models' slugs (the schema's ModelSlugEnum)."""
+    return list(settings.KVMARKET_MODELS)
+
+
+def model_names() -> list[str]:
+    """What the completion APIs take as ``model``: a registered slug or its reference (the
+    schema's ModelNameEnum)."""
+    names = set(settings.KVMARKET_MODELS)
+    names.update(cfg["ref"] for cfg in settings.KVMARKET_MODELS.values() if cfg.get("ref"))
+    return sorted(names)
+
+
+class ModelNameField(serializers.CharField):
+    """A registered model's slug or reference; it must also be the document's model (with
+    several models, another registered name is 422 model_mismatch: a rule across the
+    request and the document, which a schema cannot state)."""
+
+
+class ModelNameFieldSchema(OpenApiSerializerFieldExtension):
+    """The enum is read from the registry when the schema is generated, not at import."""
+
+    target_class = ModelNameField
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        return {"type": "string", "enum": model_names()}
+
+
+@extend_schema_field({
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": ["text"]},
+                           "text": {"type": "string"}},
+        }},
+    ],
+    "nullable": True,
+})
+class MessageContentField(serializers.JSONField):
+    """A message's content: a string, or a list of {type: text, text} parts."""
+
+
+@extend_schema_field({
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+    ],
+    "nullable": True,
+})
+class StopField(serializers.JSONField):
+    """Stop sequences: a non-empty string or up to 4 of them."""
+
+
+@extend_schema_field({"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1})
+class TopPField(serializers.FloatField):
+    """Nucleus sampling mass, in (0, 1]."""
+
+
 class ContentPartSerializer(serializers.Serializer):
     type = serializers.CharField()
     text = serializers.CharField(required=False, allow_blank=True)
 
 
+class NonEmptyListSerializer(serializers.ListSerializer):
+    """A list that must hold an item; the validator makes the schema say minItems: 1."""
+
+    def get_validators(self) -> list:
+        return [*super().get_validators(), MinLengthValidator(1)]
+
+
 class ChatMessageSerializer(serializers.Serializer):
+    class Meta:
+        list_serializer_class = NonEmptyListSerializer
+
     role = serializers.ChoiceField(choices=["system", "developer", "user", "assistant", "tool"])
-    content = serializers.JSONField(help_text="A string, or a list of {type: text, text} parts.")
-    name = serializers.CharField(required=False)
+    content = MessageContentField(
+        allow_null=True, help_text="A string, or a list of {type: text, text} parts."
+    )
+    name = NonBlankCharField(required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         content = attrs["content"]
@@ -217,15 +299,15 @@ class StreamOptionsSerializer(serializers.Serializer):
 
 
 class _SamplingSerializer(serializers.Serializer):
-    model = serializers.CharField(required=False, help_text="The document's model slug.")
+    model = ModelNameField(required=False, help_text="The document's model slug.")
     document = serializers.IntegerField(min_value=1, help_text="Document id (extra_body).")
     license = serializers.IntegerField(min_value=1, help_text="License id (extra_body).")
     max_tokens = serializers.IntegerField(min_value=1, max_value=MAX_TOKENS_LIMIT, required=False)
     temperature = serializers.FloatField(min_value=0.0, max_value=2.0, required=False, default=0.0)
-    top_p = serializers.FloatField(min_value=0.0, max_value=1.0, required=False, default=1.0)
+    top_p = TopPField(max_value=1.0, required=False, default=1.0)
     seed = serializers.IntegerField(required=False, allow_null=True, default=None)
-    stop = serializers.JSONField(required=False, allow_null=True, default=None,
-                                 help_text="A string or up to 4 strings.")
+    stop = StopField(required=False, allow_null=True, default=None,
+                     help_text="A string or up to 4 strings.")
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     n = serializers.IntegerField(required=False, min_value=1, max_value=1, default=1)

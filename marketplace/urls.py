@@ -84,4 +84,5 @@ urlpatterns = [
     path("ops/payouts/<int:payout_id>/approve/", ops_views.approve, name="ops-payout-approve"),
     path("ops/payouts/<int:payout_id>/reject/", ops_views.reject, name="ops-payout-reject"),
     path("ops/payouts/<int:payout_id>/retry/", ops_views.retry, name="ops-payout-retry"),
+    path("ops/payouts/<int:payout_id>/repay/", ops_views.repay, name="ops-payout-repay"),
 ]

@@ -6,7 +6,6 @@ from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -14,7 +13,9 @@ from kvmarket.api_errors import ApiError
 from marketplace.api.common import (
     COMMON_ERRORS,
     IDEMPOTENCY_PARAMETER,
+    PAGINATION_ERRORS,
     MarketplaceView,
+    StrictLimitOffsetPagination,
     error_response,
     idempotency_key,
 )
@@ -27,11 +28,6 @@ from marketplace.serializers import (
 )
 from marketplace.services import completions as completion_services
 from marketplace.services import documents as document_services
-
-
-class DocumentPagination(LimitOffsetPagination):
-    default_limit = 50
-    max_limit = 200
 
 
 def _data(request: Request, document: Document) -> dict:
@@ -57,16 +53,16 @@ def _own(request: Request, document_id: int) -> Document:
 
 
 class DocumentListView(MarketplaceView):
+    pagination_class = StrictLimitOffsetPagination
+
     @extend_schema(
         operation_id="documents_list",
         summary="The catalogue (agents: ready, listed documents; publishers: their own).",
         parameters=[
             OpenApiParameter("model", str, description="Only documents for this model."),
             OpenApiParameter("q", str, description="Title contains."),
-            OpenApiParameter("limit", int),
-            OpenApiParameter("offset", int),
         ],
-        responses={200: DocumentSerializer(many=True), **COMMON_ERRORS},
+        responses={200: DocumentSerializer(many=True), **PAGINATION_ERRORS, **COMMON_ERRORS},
     )
     def get(self, request: Request) -> Response:
         qs = documents_visible_to(request.user).order_by("-created_at")
@@ -74,7 +70,7 @@ class DocumentListView(MarketplaceView):
             qs = qs.filter(model_slug=model)
         if q := request.query_params.get("q"):
             qs = qs.filter(title__icontains=q)
-        paginator = DocumentPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(qs, request, view=self)
         data = DocumentSerializer(page, many=True, context={"viewer": request.user}).data
         return paginator.get_paginated_response(data)
@@ -191,7 +187,8 @@ class DocumentKVView(MarketplaceView):
         operation_id="documents_kv",
         summary="Shipping mode: download the KV artifact (consumes a load, meters egress).",
         parameters=[
-            OpenApiParameter("license", int, required=True, description="Your license id."),
+            OpenApiParameter("license", {"type": "integer", "minimum": 1}, required=True,
+                             description="Your license id."),
             IDEMPOTENCY_PARAMETER,
         ],
         responses={

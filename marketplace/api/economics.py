@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -53,8 +52,10 @@ class DocumentEconomicsView(MarketplaceView):
         operation_id="documents_economics",
         summary="Cost of one cold prefill vs one load, saving, break-even, egress; totals for "
                 "N agents.",
-        parameters=[OpenApiParameter("agents", OpenApiTypes.INT,
-                                     description="agents reading the document (default 1000)")],
+        parameters=[OpenApiParameter(
+            "agents", {"type": "integer", "minimum": 1, "maximum": MAX_AGENTS},
+            description="agents reading the document (default 1000)",
+        )],
         responses={200: EconomicsSerializer, **COMMON_ERRORS},
     )
     def get(self, request: Request, pk: int) -> Response:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -12,7 +11,9 @@ from kvmarket.api_errors import ApiError
 from marketplace.api.common import (
     COMMON_ERRORS,
     IDEMPOTENCY_PARAMETER,
+    PAGINATION_ERRORS,
     MarketplaceView,
+    StrictLimitOffsetPagination,
     error_response,
     idempotency_key,
 )
@@ -21,19 +22,16 @@ from marketplace.serializers import LicenseCreateSerializer, LicenseSerializer, 
 from marketplace.services.licenses import purchase_license, require_agent
 
 
-class LicensePagination(LimitOffsetPagination):
-    default_limit = 50
-    max_limit = 200
-
-
 class LicenseListView(MarketplaceView):
+    pagination_class = StrictLimitOffsetPagination
+
     @extend_schema(
         operation_id="licenses_list",
-        responses={200: LicenseSerializer(many=True), **COMMON_ERRORS},
+        responses={200: LicenseSerializer(many=True), **PAGINATION_ERRORS, **COMMON_ERRORS},
     )
     def get(self, request: Request) -> Response:
         require_agent(request.user)
-        paginator = LicensePagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(licenses_of(request.user), request, view=self)
         return paginator.get_paginated_response(LicenseSerializer(page, many=True).data)
 
@@ -82,13 +80,15 @@ class LicenseDetailView(MarketplaceView):
 
 
 class LoadListView(MarketplaceView):
+    pagination_class = StrictLimitOffsetPagination
+
     @extend_schema(
         operation_id="loads_list",
         summary="The agent's usage history: every load, its tokens and charges.",
-        responses={200: LoadSerializer(many=True), **COMMON_ERRORS},
+        responses={200: LoadSerializer(many=True), **PAGINATION_ERRORS, **COMMON_ERRORS},
     )
     def get(self, request: Request) -> Response:
         require_agent(request.user)
-        paginator = LicensePagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(loads_of(request.user), request, view=self)
         return paginator.get_paginated_response(LoadSerializer(page, many=True).data)

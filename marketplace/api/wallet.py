@@ -21,12 +21,15 @@ from ledger import selectors
 from ledger import services as ledger_services
 from ledger.errors import LedgerError
 from ledger.models import NANO_PER_USD
-from marketplace.api.common import to_api_error
+from marketplace.api.common import AUTH_ERRORS, error_response, to_api_error
 from marketplace.authentication import ApiKeyAuthentication
 from marketplace.models import Role
 
 MIN_TOPUP_CENTS = 100  # 1 USD (Stripe's minimum charge is 0.50 USD)
 MAX_TOPUP_CENTS = 1_000_000  # 10,000 USD
+
+ROLE_ERRORS = {**AUTH_ERRORS, 403: error_response("Another role's endpoint (permission_denied).")}
+QUERY_ERRORS = {**ROLE_ERRORS, 422: error_response("A query parameter is out of range.")}
 
 
 class _LedgerView(APIView):
@@ -48,7 +51,7 @@ class WalletView(_LedgerView):
 
     @extend_schema(
         summary="Wallet balance",
-        responses=inline_serializer(
+        responses={200: inline_serializer(
             "Wallet",
             {
                 "balance_nano": serializers.IntegerField(help_text="nano-USD (1e-9 USD)"),
@@ -57,7 +60,7 @@ class WalletView(_LedgerView):
                 "unit": serializers.CharField(),
                 "nano_per_usd": serializers.IntegerField(),
             },
-        ),
+        ), **ROLE_ERRORS},
     )
     def get(self, request: Request) -> Response:
         balance = selectors.wallet_balance(request.user)
@@ -83,7 +86,11 @@ class TopUpView(_LedgerView):
         summary="Start a wallet top-up (Stripe Checkout)",
         request=TopUpSerializer,
         responses={
-            201: inline_serializer("TopUpCheckout", {"checkout_url": serializers.URLField()})
+            201: inline_serializer("TopUpCheckout", {"checkout_url": serializers.URLField()}),
+            422: error_response("amount_cents is missing or out of range."),
+            502: error_response("Stripe refused the checkout session."),
+            503: error_response("Payments are not configured here (stripe_unavailable)."),
+            **ROLE_ERRORS,
         },
     )
     def post(self, request: Request) -> Response:
@@ -113,8 +120,11 @@ class WalletHistoryView(_LedgerView):
 
     @extend_schema(
         summary="Wallet history (newest first)",
-        parameters=[OpenApiParameter("limit", int, description="1..1000, default 100")],
-        responses=inline_serializer(
+        parameters=[OpenApiParameter(
+            "limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+            description="1..1000, default 100",
+        )],
+        responses={200: inline_serializer(
             "WalletHistory",
             {
                 "results": inline_serializer(
@@ -133,7 +143,7 @@ class WalletHistoryView(_LedgerView):
                 ),
                 "unit": serializers.CharField(),
             },
-        ),
+        ), **QUERY_ERRORS},
     )
     def get(self, request: Request) -> Response:
         limit = _int_param(request, "limit", 100, 1, 1000)
@@ -146,8 +156,11 @@ class EarningsView(_LedgerView):
 
     @extend_schema(
         summary="Publisher earnings per day",
-        parameters=[OpenApiParameter("days", int, description="1..366, default 30")],
-        responses=inline_serializer(
+        parameters=[OpenApiParameter(
+            "days", {"type": "integer", "minimum": 1, "maximum": 366},
+            description="1..366, default 30",
+        )],
+        responses={200: inline_serializer(
             "Earnings",
             {
                 "days": inline_serializer(
@@ -169,7 +182,7 @@ class EarningsView(_LedgerView):
                 "payable_nano": serializers.IntegerField(),
                 "unit": serializers.CharField(),
             },
-        ),
+        ), **QUERY_ERRORS},
     )
     def get(self, request: Request) -> Response:
         days = _int_param(request, "days", 30, 1, 366)

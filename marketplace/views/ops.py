@@ -135,3 +135,23 @@ def retry(request: HttpRequest, payout_id: int) -> HttpResponse:
     else:
         messages.warning(request, f"Payout #{payout.pk} is {payout.get_status_display().lower()}.")
     return redirect("ops-console")
+
+
+@staff_required
+@require_POST
+def repay(request: HttpRequest, payout_id: int) -> HttpResponse:
+    """A failed (reversed) payout: put the publisher's payable up for review again now, as a
+    new payout, instead of waiting for the next settlement."""
+    payout = get_object_or_404(Payout.objects.select_related("publisher"), pk=payout_id)
+    if payout.status != PayoutStatus.FAILED:
+        messages.error(request, f"Payout #{payout.pk} has not failed.")
+        return redirect("ops-console")
+    try:
+        new = ledger_services.create_payout(publisher=payout.publisher, actor=request.user,
+                                            note=f"after failed payout #{payout.pk}")
+    except LedgerError as exc:
+        messages.error(request, f"No new payout for {payout.publisher.email}: {exc.message}")
+        return redirect("ops-console")
+    messages.success(request, f"Payout #{new.pk} of {usd_amount(new.amount_nano)} created for "
+                              f"review (after failed payout #{payout.pk}).")
+    return redirect("ops-console")

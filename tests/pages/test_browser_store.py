@@ -19,7 +19,7 @@ from ledger import services as ledger_services
 from ledger.models import ConnectAccount, Payout, PayoutStatus
 from marketplace.models import Role
 from tests.ledger.stripe_stubs import API, transfer
-from tests.pages.conftest import fund, make_document, settled_load
+from tests.pages.conftest import NANO, fund, make_document, settled_load
 from tests.support.accounts import make_api_key, make_user
 
 pytestmark = [pytest.mark.browser]
@@ -63,7 +63,7 @@ def shop(transactional_db):  # noqa: ANN001, ANN201
         make_document(other, title="Tide tables of the northern isles", n_tokens=600,
                       price=50_000),
     ]
-    fund(agent, 5)
+    fund(agent, amount_nano=5 * NANO)
     settled_load(agent, docs[0])
     return {"publisher": publisher, "other": other, "agent": agent, "docs": docs}
 
@@ -110,7 +110,7 @@ def test_staff_approves_one_payout_and_rejects_another_and_publishers_see_both(
     settings.STRIPE_API_BASE = ""
     settings.STRIPE_MAX_NETWORK_RETRIES = 0
     paid_pub, rejected_pub, agent = shop["publisher"], shop["other"], shop["agent"]
-    fund(agent, 50)
+    fund(agent, amount_nano=50 * NANO)
     settled_load(agent, make_document(rejected_pub, title="Pilot's almanac", price=2 * 10**9))
     settled_load(agent, make_document(paid_pub, title="Keeper's recipes", price=2 * 10**9))
     ConnectAccount.objects.create(publisher=paid_pub, stripe_account_id="acct_browser",

@@ -34,11 +34,11 @@ PASSWORD = "a-Long-enough-passw0rd"
 
 @pytest.fixture
 def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
-    from marketplace import engine, workers
+    from marketplace import engine, registry
 
     settings.KV_STORE_DIR = tmp_path / "kv"
     engine.reset_store()
-    workers.forget_workers()
+    registry.forget()
     yield settings.KV_STORE_DIR
     engine.reset_store()
 
@@ -102,6 +102,7 @@ def test_publisher_lists_and_prices_an_agent_buys_and_runs_the_snippet(
     page.fill("#id_title", "The Skerry Point logbook")
     page.fill("#id_description", "A lighthouse keeper's log: weather, ships, gulls.")
     page.fill("#id_text", DOCUMENT_TEXT)
+    page.select_option("#id_model", "tiny-qwen3")  # the model the test worker serves
     page.click("button:has-text('Create and prefill')")
     page.wait_for_url(re.compile(r"/publisher/documents/\d+/$"))
     doc = Document.objects.get(title="The Skerry Point logbook")

@@ -128,3 +128,41 @@ def test_run_settlement_now(staff_client: Client, publisher_user, agent_user, se
     assert Payout.objects.get().publisher == publisher_user
     r = staff_client.post(reverse("ops-settle"), follow=True)
     assert "found no publisher due a payout" in r.content.decode()
+
+
+def test_a_failed_payout_can_be_put_up_for_review_again(
+    staff_client: Client, earned_payout, publisher_user, stripe_keys
+) -> None:
+    ConnectAccount.objects.create(publisher=publisher_user, stripe_account_id="acct_gone")
+    with responses.RequestsMock() as rsps:
+        rsps.post(f"{API}/v1/transfers", status=400,
+                  json={"error": {"type": "invalid_request_error", "message": "No such account"}})
+        r = staff_client.post(reverse("ops-payout-approve", args=[earned_payout.pk]),
+                              follow=True)
+    html = r.content.decode()
+    assert "could not be sent" in html and "back in" in html
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.FAILED
+    assert payable_balance(publisher_user) == 4_800_000_000  # reversed
+    assert f'id="repay-{earned_payout.pk}"' in html
+    r = staff_client.post(reverse("ops-payout-repay", args=[earned_payout.pk]), follow=True)
+    new = Payout.objects.exclude(pk=earned_payout.pk).get()
+    assert new.status == PayoutStatus.PENDING_REVIEW and new.amount_nano == 4_800_000_000
+    assert f"Payout #{new.pk} of $4.80 created for review" in r.content.decode()
+
+
+def test_admin_approval_says_one_thing_per_payout(earned_payout) -> None:
+    from marketplace.models import User
+
+    staff_client = login_client(User.objects.create_superuser(email="root@example.test"))
+    r = staff_client.post(
+        "/admin/ledger/payout/",
+        {"action": "approve_selected", "_selected_action": [earned_payout.pk]}, follow=True,
+    )
+    html = r.content.decode()
+    assert "not approved: the publisher has no Stripe account" in html
+    assert "Approved 1" not in html
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.PENDING_REVIEW
+    assert "$4.80" in staff_client.get(
+        f"/admin/ledger/payout/{earned_payout.pk}/change/").content.decode()  # dollars
