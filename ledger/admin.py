@@ -154,18 +154,35 @@ class PayoutAdmin(admin.ModelAdmin):
 
     @admin.action(description="Approve selected payouts (sends the Stripe transfer)")
     def approve_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        done = self._apply(request, queryset, "Approved", services.approve_payout)
-        for payout in Payout.objects.filter(pk__in=done):
-            if payout.status == PayoutStatus.APPROVED:
-                self.message_user(
-                    request,
-                    f"#{payout.pk}: transfer not sent yet; it will be retried.",
-                    messages.WARNING,
-                )
+        """One message per payout saying what happened to its money (the operations console
+        /ops/ does the same one payout at a time)."""
+        connected = set(ConnectAccount.objects.values_list("publisher_id", flat=True))
+        for payout in queryset.order_by("id"):
+            amount = usd_amount(payout.amount_nano)
+            if payout.publisher_id not in connected:
+                self.message_user(request, f"#{payout.pk} not approved: the publisher has no "
+                                           "Stripe account to send it to.", messages.ERROR)
+                continue
+            try:
+                services.approve_payout(payout=payout, actor=request.user,
+                                        send_transfer=False)
+                payout = services.send_payout_transfer(payout_id=payout.pk)
+            except LedgerError as exc:
+                payout.refresh_from_db()
+                if payout.status != PayoutStatus.APPROVED:
+                    self.message_user(request, f"#{payout.pk} not approved: {exc.message}",
+                                      messages.ERROR)
+                    continue
+            if payout.status == PayoutStatus.PAID:
+                self.message_user(request, f"#{payout.pk} approved: {amount} sent "
+                                           f"({payout.stripe_transfer_id}).", messages.SUCCESS)
             elif payout.status == PayoutStatus.FAILED:
-                self.message_user(
-                    request, f"#{payout.pk} failed: {payout.failure_reason}", messages.ERROR
-                )
+                self.message_user(request, f"#{payout.pk} could not be sent: "
+                                           f"{payout.failure_reason} The amount is payable "
+                                           "again.", messages.ERROR)
+            else:
+                self.message_user(request, f"#{payout.pk} approved; the transfer is not sent "
+                                           "yet (retry it in /ops/).", messages.WARNING)
 
     @admin.action(description="Reject selected payouts")
     def reject_selected(self, request: HttpRequest, queryset: QuerySet) -> None:

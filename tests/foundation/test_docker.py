@@ -99,7 +99,8 @@ def test_gpu_worker_reserves_a_gpu_and_runs_solo_with_prefetch_one(config) -> No
     command = gpu["command"]
     assert command[:4] == ["celery", "-A", "kvmarket", "worker"]
     assert command[command.index("--pool") + 1] == "solo"
-    assert command[command.index("-Q") + 1] == "gpu.tiny-qwen3"
+    # The default registry's models: SmolLM2 (the default for new documents) and tiny-qwen3.
+    assert command[command.index("-Q") + 1] == "gpu.smollm2-135m,gpu.tiny-qwen3"
     assert command[command.index("--prefetch-multiplier") + 1] == "1"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
@@ -108,6 +109,12 @@ def test_gpu_worker_reserves_a_gpu_and_runs_solo_with_prefetch_one(config) -> No
     cache = gpu["environment"]["TRITON_CACHE_DIR"]
     assert any(v["target"] == cache and v["source"] == "tritoncache" for v in gpu["volumes"])
     assert gpu["environment"]["KV_STORE_DIR"] == "/var/lib/kvmarket/kv"  # the shared env kept
+    # The converted GGUF models are shared with the web (its token counts read them).
+    models = gpu["environment"]["KVMARKET_MODEL_CACHE"]
+    web = config["services"]["web"]
+    for service in (gpu, web):
+        assert any(v["target"] == models and v["source"] == "modelcache"
+                   for v in service["volumes"])
 
 
 def test_beat_uses_the_database_scheduler(config) -> None:

@@ -149,3 +149,20 @@ def test_a_failed_payout_can_be_put_up_for_review_again(
     new = Payout.objects.exclude(pk=earned_payout.pk).get()
     assert new.status == PayoutStatus.PENDING_REVIEW and new.amount_nano == 4_800_000_000
     assert f"Payout #{new.pk} of $4.80 created for review" in r.content.decode()
+
+
+def test_admin_approval_says_one_thing_per_payout(earned_payout) -> None:
+    from marketplace.models import User
+
+    staff_client = login_client(User.objects.create_superuser(email="root@example.test"))
+    r = staff_client.post(
+        "/admin/ledger/payout/",
+        {"action": "approve_selected", "_selected_action": [earned_payout.pk]}, follow=True,
+    )
+    html = r.content.decode()
+    assert "not approved: the publisher has no Stripe account" in html
+    assert "Approved 1" not in html
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.PENDING_REVIEW
+    assert "$4.80" in staff_client.get(
+        f"/admin/ledger/payout/{earned_payout.pk}/change/").content.decode()  # dollars
