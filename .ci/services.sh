@@ -18,6 +18,13 @@ CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
 log() { printf '== %s\n' "$*"; }
 die() { printf 'make test needs %s\n' "$*" >&2; exit 1; }
 is_local() { [[ "$1" =~ ^[a-z+]+://([^@/]*@)?(127\.0\.0\.1|localhost)(:[0-9]+)?(/|$) ]]; }
+# url_port URL DEFAULT: the URL's port, or DEFAULT when it names none.
+url_port() {
+    local hostport="${1#*://}"
+    hostport="${hostport#*@}"
+    hostport="${hostport%%/*}"
+    if [[ "$hostport" == *:* ]]; then echo "${hostport##*:}"; else echo "$2"; fi
+}
 can_root() { [ "$(id -u)" = 0 ]; }
 
 APT_UPDATED=0
@@ -31,7 +38,9 @@ apt_install() {
 
 # --- PostgreSQL -----------------------------------------------------------------------------
 if is_local "$DATABASE_URL"; then
-    if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    PG_PORT="$(url_port "$DATABASE_URL" 5432)"
+    if ! pg_isready -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; then
+        [ "$PG_PORT" = 5432 ] || die "PostgreSQL on 127.0.0.1:$PG_PORT (start it, or set DATABASE_URL)"
         if ! command -v pg_ctlcluster >/dev/null || ! ls /etc/postgresql/*/main >/dev/null 2>&1
         then
             [ "$INSTALL" = 1 ] && can_root \
@@ -59,7 +68,9 @@ fi
 
 # --- Redis ----------------------------------------------------------------------------------
 if is_local "$CELERY_BROKER_URL"; then
-    if ! redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
+    REDIS_PORT="$(url_port "$CELERY_BROKER_URL" 6379)"
+    if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+        [ "$REDIS_PORT" = 6379 ] || die "Redis on 127.0.0.1:$REDIS_PORT (start it, or set CELERY_BROKER_URL)"
         if ! command -v redis-server >/dev/null; then
             [ "$INSTALL" = 1 ] && can_root \
                 || die "Redis on 127.0.0.1:6379 (apt-get install redis-server and start it, or set CELERY_BROKER_URL)"

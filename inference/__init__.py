@@ -7,6 +7,7 @@ from it, and verify that reuse matches prefilling from scratch.
 from . import errors
 from .artifact import ENGINE_VERSION, FORMAT_VERSION, KVArtifact, content_key, read_artifact
 from .engine import (
+    SAMPLING_DEFAULTS,
     Generation,
     PrecomputeResult,
     Timings,
@@ -42,6 +43,7 @@ from .store import KVStore, S3Config
 
 __all__ = [
     "BUILTIN_MODEL_ID",
+    "SAMPLING_DEFAULTS",
     "ENGINE_VERSION",
     "FORMAT_VERSION",
     "ArtifactCorrupted",

@@ -188,6 +188,8 @@ class _CacheSession:
         pass
 
 
+# The fast path of each LoadedModel, by id(); an entry goes when its model is collected (a
+# new model could otherwise get the same id and its predecessor's runner).
 _FAST_REUSE: dict[int, Any] = {}
 FAST_PATH_CAPACITY = 1024  # suffix + output tokens a fast-path request may hold
 
@@ -206,6 +208,7 @@ def _fast_reuse(loaded: LoadedModel) -> Any | None:
             _FAST_REUSE[id(loaded)] = FastReuse(loaded.model, capacity=FAST_PATH_CAPACITY)
         except UnsupportedArchitecture:
             _FAST_REUSE[id(loaded)] = None
+        weakref.finalize(loaded, _FAST_REUSE.pop, id(loaded), None)
     return _FAST_REUSE[id(loaded)]
 
 
@@ -443,6 +446,18 @@ def _existing_is_readable(path: Path, loaded: LoadedModel) -> bool:
 
 
 # -- generation -------------------------------------------------------------------------------
+# A request's sampling parameters (generate()'s keyword arguments besides its suffix) and their
+# defaults: one place for every caller that passes requests as dicts.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": None,
+}
+
+
+def sampling_params(request: dict[str, Any]) -> dict[str, Any]:
+    """The request's sampling parameters, each missing one at its default."""
+    return {name: request.get(name, default) for name, default in SAMPLING_DEFAULTS.items()}
+
+
 def _validate_sampling(max_tokens: int, temperature: float, top_p: float, stop: Any) -> list[str]:
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequest("max_tokens must be a positive integer")
@@ -797,11 +812,12 @@ def generate_batch(
     fast = _fast_reuse(loaded)
     feeds = [suffix_ids(loaded, messages=r.get("messages"), prompt=r.get("prompt"),
                         prompt_ids=r.get("prompt_ids")) for r in requests]
-    stops = [_validate_sampling(r.get("max_tokens", 64), r.get("temperature", 0.0),
-                                r.get("top_p", 1.0), r.get("stop")) for r in requests]
+    params = [sampling_params(r) for r in requests]
+    stops = [_validate_sampling(p["max_tokens"], p["temperature"], p["top_p"], p["stop"])
+             for p in params]
     fits = fast is not None and all(
-        f and len(f) + r.get("max_tokens", 64) <= fast.capacity
-        for f, r in zip(feeds, requests, strict=True)
+        f and len(f) + p["max_tokens"] <= fast.capacity
+        for f, p in zip(feeds, params, strict=True)
     )
     if not fits:
         return [_stream_row(loaded, store, key, row, r, on_item, usages)
@@ -810,18 +826,18 @@ def generate_batch(
     art, tier = store.load_with_tier(key, loaded)
     load_s = time.perf_counter() - t0
     prefix, _ = _fast_prefix(loaded, art)
-    need = max(len(f) + r.get("max_tokens", 64) for f, r in zip(feeds, requests, strict=True))
+    need = max(len(f) + p["max_tokens"] for f, p in zip(feeds, params, strict=True))
     row_usages = [Usage(cached_tokens=art.n_tokens, suffix_tokens=len(feed), output_tokens=0,
                         prefill_tokens=len(feed)) for feed in feeds]
     if usages is not None:
         usages[:] = row_usages
     loops = [
         _decode_loop(
-            loaded, art.n_tokens, feed, max_tokens=r.get("max_tokens", 64),
-            temperature=r.get("temperature", 0.0), top_p=r.get("top_p", 1.0),
-            seed=r.get("seed"), usage=usage, stops=row_stops, t0=t0, load_s=load_s, tier=tier,
+            loaded, art.n_tokens, feed, max_tokens=p["max_tokens"], temperature=p["temperature"],
+            top_p=p["top_p"], seed=p["seed"], usage=usage, stops=row_stops, t0=t0, load_s=load_s,
+            tier=tier,
         )
-        for feed, r, row_stops, usage in zip(feeds, requests, stops, row_usages, strict=True)
+        for feed, p, row_stops, usage in zip(feeds, params, stops, row_usages, strict=True)
     ]
     with fast._lock:  # the GPU serves one batch at a time
         return _run_batch(fast, prefix, loops, need, on_item)

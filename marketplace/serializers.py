@@ -6,6 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.validators import MinLengthValidator
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -208,9 +209,19 @@ def model_names() -> list[str]:
     return sorted(names)
 
 
-@extend_schema_field({"type": "string", "enum": model_names()})
-class ModelNameField(NonBlankCharField):
-    """A registered model's slug or reference; it must be the document's model."""
+class ModelNameField(serializers.CharField):
+    """A registered model's slug or reference; it must also be the document's model (with
+    several models, another registered name is 422 model_mismatch: a rule across the
+    request and the document, which a schema cannot state)."""
+
+
+class ModelNameFieldSchema(OpenApiSerializerFieldExtension):
+    """The enum is read from the registry when the schema is generated, not at import."""
+
+    target_class = ModelNameField
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        return {"type": "string", "enum": model_names()}
 
 
 @extend_schema_field({

@@ -1,19 +1,20 @@
 """The posting core: every money movement goes through here, on every database.
 
-A money-moving service runs `post_once(idempotency_key, fingerprint, body)`. Inside one database
-transaction (a savepoint when the caller has one open) `body` calls `lock_accounts(...)`, works
-out the legs from the locked balances, and calls `write_transaction(...)`. That is four
+A money-moving service calls `post_once(idempotency_key=..., fingerprint=..., accounts=...,
+decide=...)`. In one database transaction (a savepoint inside the caller's) it runs four
 statements:
 
 1. one SELECT that locks the bounded accounts (wallet, escrow, payable) FOR UPDATE in id order,
    reads the system accounts (platform revenue, compute revenue, Stripe clearing) without a
    lock, and finds the idempotency key if it was already used (then nothing is posted and the
    first transaction is returned);
+   then `decide(locked accounts)` returns the Entry to post (kind, legs, memo, details), or
+   None for nothing to post;
 2. INSERT the transaction; 3. INSERT its postings; 4. one UPDATE of the bounded balances.
 
 Two callers racing with the same key: the loser does not see the winner's row in step 1 (its
 snapshot predates the winner's commit), fails on the unique key (or on a balance the winner
-spent), rolls back its savepoint, and `post_once` returns the winner's transaction.
+spent), rolls back, and `post_once` returns the winner's transaction.
 
 Rules and where they live (each once): a bounded balance never goes below zero (checked here on
 the locked balance, with the CHECK constraint of models.py as the backstop); the legs sum to
@@ -22,16 +23,18 @@ transactions are never changed (trigger, 0002); an idempotency key is used once 
 
 The statements are plain SQL that PostgreSQL and SQLite (the demo) both run; only the row lock
 differs (SQLite has no FOR UPDATE: it serialises writers on the whole database). On PostgreSQL
-they go through a psycopg cursor with server-side binding and `prepare=True`, so each statement
-is parsed and planned once per connection instead of at every call.
+they go through psycopg with server-side binding, each prepared once per connection, and in
+pipeline mode: BEGIN and the lock travel together, then the three writes together, then COMMIT
+(three round trips to the server instead of six).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -40,7 +43,7 @@ from django.utils import timezone
 
 from ledger.accounts import SYSTEM_KEYS, escrow_key, payable_key, wallet_key
 from ledger.errors import IdempotencyConflict, InsufficientFunds, InvalidAmount, LedgerError
-from ledger.models import BOUNDED_KINDS, Account, AccountKind, Transaction, TransactionKind
+from ledger.models import BOUNDED_KINDS, AccountKind, Transaction, TransactionKind
 
 # --- which accounts a transaction touches ----------------------------------------------------
 
@@ -125,17 +128,25 @@ def _conflict(idempotency_key: str) -> IdempotencyConflict:
 # --- statements ------------------------------------------------------------------------------
 
 
-def _execute(sql: str, params: Sequence[Any]) -> list[tuple]:
-    """Run one statement on Django's connection (inside its current transaction) and return
-    its rows. PostgreSQL: server-side binding, prepared once per connection."""
+def _send(sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
+    """Run one statement on Django's connection (inside its current transaction); returns a
+    function that gives its rows. On PostgreSQL in pipeline mode (see `post_once`) the statement
+    is only queued: reading its rows sends the queue and waits for the answer."""
     if connection.vendor == "postgresql":
         connection.ensure_connection()
-        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cur:
+        with connection.wrap_database_errors:
+            cur = psycopg.Cursor(connection.connection)
             cur.execute(sql, params, prepare=True)
-            return cur.fetchall() if cur.description else []
+
+        def rows() -> list[tuple]:
+            with connection.wrap_database_errors:
+                return cur.fetchall()
+
+        return rows
     with connection.cursor() as cur:
         cur.execute(sql, params)
-        return cur.fetchall() if cur.description else []
+        result = cur.fetchall() if cur.description else []
+    return lambda: result
 
 
 def _placeholders(n: int) -> str:
@@ -175,9 +186,12 @@ _INSERT_TRANSACTION = (
 
 
 def _insert_postings_sql(n: int) -> str:
+    # The transaction is found by its key, so this statement can be sent before the INSERT of
+    # the transaction has answered (pipeline mode).
+    row = "((SELECT id FROM ledger_transaction WHERE idempotency_key = %s), %s, %s, %s, %s)"
     return (
         "INSERT INTO ledger_posting (transaction_id, account_id, amount, balance_after,"
-        " created_at) VALUES " + ", ".join(["(%s, %s, %s, %s, %s)"] * n)
+        " created_at) VALUES " + ", ".join([row] * n)
     )
 
 
@@ -200,19 +214,18 @@ class _Replay(Exception):  # noqa: N818 - control flow, never escapes this modul
 
 
 def _create_accounts(specs: Iterable[AccountSpec]) -> None:
-    Account.objects.bulk_create(
-        [
-            Account(
-                key=s.key,
-                kind=s.kind,
-                owner_id=s.owner_id,
-                license_ref=s.license_ref,
-                balance=0 if s.bounded else None,
-            )
-            # key order: concurrent creators of the same accounts insert them in one order
-            for s in sorted(specs, key=lambda s: s.key)
-        ],
-        ignore_conflicts=True,
+    """Create the accounts that do not exist yet (an existing key is left alone)."""
+    rows = []
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    # key order: concurrent creators of the same accounts insert them in one order
+    for s in sorted(specs, key=lambda s: s.key):
+        rows += [s.key, s.kind, s.owner_id, s.license_ref, "usd", 0 if s.bounded else None, now]
+    _send(
+        "INSERT INTO ledger_account (key, kind, owner_id, license_ref, currency, balance,"
+        " created_at) VALUES "
+        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * (len(rows) // 7))
+        + " ON CONFLICT (key) DO NOTHING",
+        rows,
     )
 
 
@@ -225,7 +238,7 @@ def _read_locked(
     params = [*bounded, *unlocked] + ([idempotency_key] if idempotency_key else [])
     found: dict[str, LockedAccount] = {}
     replay_id = None
-    for source, *row in _execute(sql, params):
+    for source, *row in _send(sql, params)():
         if source == "transaction":
             replay_id = row[0]
         else:
@@ -254,22 +267,26 @@ def lock_accounts(
     return found
 
 
-def write_transaction(
-    *,
-    kind: TransactionKind,
-    idempotency_key: str,
-    fingerprint: str,
-    legs: list[tuple[LockedAccount, int]],
-    memo: str = "",
-    license_ref: str = "",
-    document_ref: str = "",
-    external_ref: str = "",
-    details: dict[str, Any] | None = None,
-) -> Transaction:
-    """Write one balanced transaction: legs are (account, signed amount); the bounded accounts
-    among them must have been locked by `lock_accounts` in this database transaction."""
+@dataclass
+class Entry:
+    """What to post: legs are (locked account, signed amount) and must sum to zero."""
+
+    kind: TransactionKind
+    legs: list[tuple[LockedAccount, int]]
+    memo: str = ""
+    license_ref: str = ""
+    document_ref: str = ""
+    external_ref: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _send_transaction(
+    entry: Entry, *, idempotency_key: str, fingerprint: str
+) -> tuple[Transaction, Callable[[], list[tuple]]]:
+    """Send the writes of one balanced transaction; returns it (without its id yet) and the
+    reader of its id. The bounded accounts among the legs must be locked by `lock_accounts`."""
     merged: dict[int, list] = {}
-    for account, amount in legs:
+    for account, amount in entry.legs:
         merged.setdefault(account.id, [account, 0])[1] += amount
     if sum(amount for _, amount in merged.values()) != 0:
         raise LedgerError("Internal error: unbalanced transaction.")
@@ -288,16 +305,16 @@ def write_transaction(
     tx = Transaction(
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
-        kind=kind,
-        memo=memo[:255],
-        license_ref=license_ref,
-        document_ref=document_ref,
-        external_ref=external_ref,
-        details=details or {},
+        kind=entry.kind,
+        memo=entry.memo[:255],
+        license_ref=entry.license_ref,
+        document_ref=entry.document_ref,
+        external_ref=entry.external_ref,
+        details=entry.details,
         created_at=timezone.now(),
     )
     created_at = connection.ops.adapt_datetimefield_value(tx.created_at)
-    [(tx.pk,)] = _execute(
+    read_id = _send(
         _INSERT_TRANSACTION,
         [
             tx.idempotency_key,
@@ -311,34 +328,64 @@ def write_transaction(
             created_at,
         ],
     )
-    tx._state.adding = False
-    tx._state.db = connection.alias
     if lines:
         params: list[Any] = []
         for account, amount, balance_after in lines:
-            params += [tx.pk, account.id, amount, balance_after, created_at]
-        _execute(_insert_postings_sql(len(lines)), params)
+            params += [idempotency_key, account.id, amount, balance_after, created_at]
+        _send(_insert_postings_sql(len(lines)), params)
     bounded = [(account, amount) for account, amount, after in lines if after is not None]
     if bounded:
         params = []
         for account, amount in bounded:
             params += [account.id, amount]
-        _execute(_update_balances_sql(len(bounded)), params + [a.id for a, _ in bounded])
+        _send(_update_balances_sql(len(bounded)), params + [a.id for a, _ in bounded])
         for account, amount in bounded:
             account.balance += amount
+    tx._state.adding = False
+    tx._state.db = connection.alias
+    return tx, read_id
+
+
+def write_transaction(entry: Entry, *, idempotency_key: str, fingerprint: str) -> Transaction:
+    """Write one balanced transaction now, in the caller's database transaction (payouts: the
+    payout row lock already makes the call happen once). Prefer `post_once`."""
+    tx, read_id = _send_transaction(entry, idempotency_key=idempotency_key, fingerprint=fingerprint)
+    [(tx.pk,)] = read_id()
     return tx
 
 
+def _pipeline() -> contextlib.AbstractContextManager:
+    if connection.vendor != "postgresql":
+        return contextlib.nullcontext()
+    connection.ensure_connection()
+    return connection.connection.pipeline()
+
+
 def post_once(
-    idempotency_key: str, fingerprint: str, body: Callable[[], Transaction | None]
+    *,
+    idempotency_key: str,
+    fingerprint: str,
+    accounts: list[AccountSpec],
+    decide: Callable[[dict[str, LockedAccount]], Entry | None],
 ) -> Transaction | None:
-    """Run `body` in one database transaction (a savepoint inside the caller's), once per
-    idempotency key: a retry with the same request returns the first transaction, a retry with
-    a different request raises IdempotencyConflict."""
+    """Lock `accounts`, let `decide` work out the Entry from their balances, and post it, in
+    one database transaction (a savepoint inside the caller's), once per idempotency key: a
+    retry with the same request returns the first transaction (decide is not called), a retry
+    with a different request raises IdempotencyConflict. Returns None when decide does."""
     _check_key(idempotency_key)
     try:
         with transaction.atomic():
-            return body()
+            # inside the atomic block: BEGIN (or SAVEPOINT) and COMMIT stay Django's, and an
+            # error of a queued write surfaces here, where the block rolls it back
+            with _pipeline():
+                entry = decide(lock_accounts(accounts, idempotency_key=idempotency_key))
+                if entry is None:
+                    return None
+                tx, read_id = _send_transaction(
+                    entry, idempotency_key=idempotency_key, fingerprint=fingerprint
+                )
+            [(tx.pk,)] = read_id()
+        return tx
     except _Replay as replay:
         tx = Transaction.objects.get(pk=replay.transaction_id)
     except (IntegrityError, LedgerError) as exc:
@@ -372,12 +419,9 @@ def transfer(
 ) -> Transaction:
     """Post `amount_nano` from `source` to `dest` as one idempotent transaction."""
 
-    def body() -> Transaction:
-        accounts = lock_accounts([source, dest], idempotency_key=idempotency_key)
-        return write_transaction(
+    def decide(accounts: dict[str, LockedAccount]) -> Entry:
+        return Entry(
             kind=kind,
-            idempotency_key=idempotency_key,
-            fingerprint=fingerprint,
             legs=[(accounts[source.key], -amount_nano), (accounts[dest.key], amount_nano)],
             memo=memo,
             license_ref=license_ref,
@@ -385,4 +429,9 @@ def transfer(
             external_ref=external_ref,
         )
 
-    return post_once(idempotency_key, fingerprint, body)
+    return post_once(
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        accounts=[source, dest],
+        decide=decide,
+    )

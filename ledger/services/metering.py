@@ -6,13 +6,12 @@ All amounts are int nano-USD; every call is one idempotent transaction (see jour
 from __future__ import annotations
 
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any
 
 from ledger.accounts import escrow_key
 from ledger.errors import InsufficientFunds, LedgerError
 from ledger.models import Account, AccountKind, Transaction, TransactionKind
 from ledger.services import journal
-from ledger.services.journal import LockedAccount
+from ledger.services.journal import Entry, LockedAccount
 
 
 def purchase_license(
@@ -95,18 +94,18 @@ def settle_load(
     payable = journal.payable(publisher.pk)
     revenue = journal.system(AccountKind.PLATFORM_REVENUE)
 
-    def body() -> Transaction:
-        buyer_id = agent_id
-        if compute_nano > 0 and buyer_id is None:
-            buyer_id = _license_buyer_id(license_ref)
-        specs = [escrow, payable, revenue]
-        charges_compute = compute_nano > 0 and buyer_id is not None
-        if charges_compute:
-            wallet = journal.wallet(buyer_id)
-            compute_revenue = journal.system(AccountKind.PLATFORM_COMPUTE_REVENUE)
-            specs += [wallet, compute_revenue]
-        accounts = journal.lock_accounts(specs, idempotency_key=idempotency_key)
-        escrow_account = accounts.get(escrow.key)
+    buyer_id = agent_id
+    if compute_nano > 0 and buyer_id is None:  # default: the agent who bought the license
+        buyer_id = _license_buyer_id(license_ref)
+    charges_compute = compute_nano > 0 and buyer_id is not None
+    accounts = [escrow, payable, revenue]
+    if charges_compute:
+        wallet = journal.wallet(buyer_id)
+        compute_revenue = journal.system(AccountKind.PLATFORM_COMPUTE_REVENUE)
+        accounts += [wallet, compute_revenue]
+
+    def decide(locked: dict[str, LockedAccount]) -> Entry:
+        escrow_account = locked.get(escrow.key)
         if escrow_account is None:
             if amount_nano > 0:
                 raise InsufficientFunds(f"No escrow for license {license_ref!r}.")
@@ -119,36 +118,35 @@ def settle_load(
             )
         legs = [
             (escrow_account, -amount_nano),
-            (accounts[payable.key], publisher_nano),
-            (accounts[revenue.key], platform_nano),
+            (locked[payable.key], publisher_nano),
+            (locked[revenue.key], platform_nano),
         ]
         charged = 0
         if charges_compute:
             # the compute cap: charge at most what the wallet holds, so a served load settles
-            wallet_account = accounts[wallet.key]
+            wallet_account = locked[wallet.key]
             charged = min(compute_nano, wallet_account.balance)
-            legs += [(wallet_account, -charged), (accounts[compute_revenue.key], charged)]
-        details: dict[str, Any] = {
-            "publisher_id": publisher.pk,
-            "publisher_nano": publisher_nano,
-            "platform_nano": platform_nano,
-            "publisher_share": str(publisher_share),
-            "compute_requested_nano": compute_nano,
-            "compute_charged_nano": charged,
-            "compute_uncharged_nano": compute_nano - charged,
-        }
-        return journal.write_transaction(
+            legs += [(wallet_account, -charged), (locked[compute_revenue.key], charged)]
+        return Entry(
             kind=TransactionKind.LOAD_SETTLEMENT,
-            idempotency_key=idempotency_key,
-            fingerprint=fingerprint,
             legs=legs,
             memo=memo or f"Load of {license_ref}",
             license_ref=license_ref,
             document_ref=document_ref,
-            details=details,
+            details={
+                "publisher_id": publisher.pk,
+                "publisher_nano": publisher_nano,
+                "platform_nano": platform_nano,
+                "publisher_share": str(publisher_share),
+                "compute_requested_nano": compute_nano,
+                "compute_charged_nano": charged,
+                "compute_uncharged_nano": compute_nano - charged,
+            },
         )
 
-    return journal.post_once(idempotency_key, fingerprint, body)
+    return journal.post_once(
+        idempotency_key=idempotency_key, fingerprint=fingerprint, accounts=accounts, decide=decide
+    )
 
 
 def record_egress(
@@ -186,19 +184,21 @@ def refund_escrow(*, license_ref: str, agent, idempotency_key: str) -> Transacti
     escrow = journal.escrow(license_ref, agent.pk, create=False)
     wallet = journal.wallet(agent.pk)
 
-    def body() -> Transaction | None:
-        accounts = journal.lock_accounts([escrow, wallet], idempotency_key=idempotency_key)
-        escrow_account = accounts.get(escrow.key)
+    def decide(locked: dict[str, LockedAccount]) -> Entry | None:
+        escrow_account = locked.get(escrow.key)
         if escrow_account is None or escrow_account.balance == 0:
             return None
         remaining = escrow_account.balance
-        return journal.write_transaction(
+        return Entry(
             kind=TransactionKind.ESCROW_REFUND,
-            idempotency_key=idempotency_key,
-            fingerprint=fingerprint,
-            legs=[(escrow_account, -remaining), (accounts[wallet.key], remaining)],
+            legs=[(escrow_account, -remaining), (locked[wallet.key], remaining)],
             memo=f"Refund of license {license_ref}",
             license_ref=license_ref,
         )
 
-    return journal.post_once(idempotency_key, fingerprint, body)
+    return journal.post_once(
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        accounts=[escrow, wallet],
+        decide=decide,
+    )

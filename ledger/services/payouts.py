@@ -71,14 +71,14 @@ def create_payout(
     """A payout pending review, for whole cents of the publisher's payable (default: all of it,
     rounded down to a cent; the sub-cent remainder stays payable). Nothing is posted until
     approval; at most one open payout per publisher (a partial unique index)."""
-    acc = journal.lock_accounts([journal.payable(publisher.pk)])[payable_key(publisher.pk)]
+    payable = journal.lock_accounts([journal.payable(publisher.pk)])[payable_key(publisher.pk)]
     if amount_nano is None:
-        amount_nano = acc.balance - acc.balance % NANO_PER_CENT
+        amount_nano = payable.balance - payable.balance % NANO_PER_CENT
     journal.check_amount(amount_nano)
     if amount_nano % NANO_PER_CENT:
         raise InvalidAmount("Payouts are whole cents (multiples of 10,000,000 nano-USD).")
-    if amount_nano > acc.balance:
-        raise InsufficientFunds(f"Payable is {acc.balance} nano-USD; {amount_nano} requested.")
+    if amount_nano > payable.balance:
+        raise InsufficientFunds(f"Payable is {payable.balance} nano-USD; {amount_nano} requested.")
     if Payout.objects.filter(publisher=publisher, status__in=OPEN_PAYOUT_STATUSES).exists():
         raise PayoutStateError("This publisher already has an open payout.")
     payout = Payout.objects.create(publisher=publisher, amount_nano=amount_nano)
@@ -118,14 +118,18 @@ def approve_payout(*, payout: Payout | int, actor, send_transfer: bool = True) -
             journal.payable(payout.publisher_id),
             journal.system(AccountKind.STRIPE_CLEARING),
         )
-        key = f"payout:{payout.pk}"
-        acc = journal.lock_accounts([payable, clearing])
+        accounts = journal.lock_accounts([payable, clearing])
         tx = journal.write_transaction(
-            kind=TransactionKind.PAYOUT,
-            idempotency_key=key,
+            journal.Entry(
+                kind=TransactionKind.PAYOUT,
+                legs=[
+                    (accounts[payable.key], -payout.amount_nano),
+                    (accounts[clearing.key], payout.amount_nano),
+                ],
+                memo=f"Payout #{payout.pk}",
+            ),
+            idempotency_key=f"payout:{payout.pk}",
             fingerprint=journal.fingerprint("payout", payout=payout.pk, amount=payout.amount_nano),
-            legs=[(acc[payable.key], -payout.amount_nano), (acc[clearing.key], payout.amount_nano)],
-            memo=f"Payout #{payout.pk}",
         )
         _set_status(payout, PayoutStatus.APPROVED, actor, "approved", transaction=tx)
     if send_transfer:
@@ -204,16 +208,21 @@ def mark_payout_failed(*, payout: Payout | int, reason: str, actor=None) -> Payo
         journal.payable(payout.publisher_id),
         journal.system(AccountKind.STRIPE_CLEARING),
     )
-    acc = journal.lock_accounts([payable, clearing])
+    accounts = journal.lock_accounts([payable, clearing])
     tx = journal.write_transaction(
-        kind=TransactionKind.PAYOUT_REVERSAL,
+        journal.Entry(
+            kind=TransactionKind.PAYOUT_REVERSAL,
+            legs=[
+                (accounts[clearing.key], -payout.amount_nano),
+                (accounts[payable.key], payout.amount_nano),
+            ],
+            memo=f"Reversal of payout #{payout.pk}",
+            details={"reason": reason[:500]},
+        ),
         idempotency_key=f"payout-reversal:{payout.pk}",
         fingerprint=journal.fingerprint(
             "payout_reversal", payout=payout.pk, amount=payout.amount_nano
         ),
-        legs=[(acc[clearing.key], -payout.amount_nano), (acc[payable.key], payout.amount_nano)],
-        memo=f"Reversal of payout #{payout.pk}",
-        details={"reason": reason[:500]},
     )
     _set_status(
         payout,

@@ -478,3 +478,20 @@ def test_a_first_step_asks_the_gpu_about_its_inputs_only_when_the_host_has_not_s
     assert first.finished and later.finished
     fast._first_step(prefix, [[9, 10]])
     assert first.inputs_read.calls == 1 and first.graph.calls == 3
+
+
+def test_the_fast_path_of_a_collected_model_is_let_go(loaded, monkeypatch):
+    """The runner cache is keyed by id(loaded): a collected model's entry must go, or a new
+    model that gets the same id would be served by its predecessor's runner."""
+    import copy
+    import gc
+
+    from inference import engine
+
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")
+    other = copy.copy(loaded)  # another LoadedModel (sharing the weights)
+    key = id(other)
+    assert engine._fast_reuse(other) is not None and key in engine._FAST_REUSE
+    del other
+    gc.collect()
+    assert key not in engine._FAST_REUSE

@@ -32,17 +32,16 @@ def test_the_database_function_path_is_gone():
 def test_unbalanced_legs_are_refused_and_nothing_is_written(agent):
     wallet, clearing = journal.wallet(agent.pk), journal.system("stripe_clearing")
 
-    def body() -> Transaction:
-        accounts = journal.lock_accounts([wallet, clearing], idempotency_key="u")
-        return journal.write_transaction(
+    def decide(accounts: dict) -> journal.Entry:
+        return journal.Entry(
             kind=TransactionKind.TOPUP,
-            idempotency_key="u",
-            fingerprint="f",
             legs=[(accounts[clearing.key], -5), (accounts[wallet.key], 6)],
         )
 
     with pytest.raises(LedgerError, match="unbalanced"):
-        journal.post_once("u", "f", body)
+        journal.post_once(
+            idempotency_key="u", fingerprint="f", accounts=[wallet, clearing], decide=decide
+        )
     assert not Transaction.objects.exists() and not Posting.objects.exists()
 
 

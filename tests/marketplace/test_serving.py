@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from marketplace import engine, registry, worker_client, worker_server
 from marketplace.models import Document, DocumentStatus, License, Load, LoadKind
-from tests.marketplace.conftest import fund
+from tests.marketplace.conftest import NANO, fund
 
 pytestmark = pytest.mark.django_db
 
@@ -73,7 +73,7 @@ def document(publisher_user, artifact) -> Document:  # noqa: ANN001
 
 @pytest.fixture
 def license_id(api_client, agent_user, document) -> int:  # noqa: ANN001
-    fund(agent_user, 5.0)
+    fund(agent_user, amount_nano=5 * NANO)
     r = api_client.post("/api/v1/licenses", {"document": document.pk, "loads": 5},
                         format="json")
     assert r.status_code == 201, r.content

@@ -25,7 +25,7 @@ import pytest
 
 from marketplace import registry
 from marketplace.models import Document, DocumentStatus, License, Load, Role
-from tests.marketplace.conftest import fund
+from tests.marketplace.conftest import NANO, fund
 from tests.marketplace.integration import (
     DOCUMENT_TEXT,
     GPU_QUEUES,
@@ -91,7 +91,7 @@ def _agent(document: Document, loads: int) -> tuple[str, int]:
     from marketplace.services.licenses import purchase_license
 
     agent = make_user(role=Role.AGENT)
-    fund(agent, 5.0)
+    fund(agent, amount_nano=5 * NANO)
     lic, _ = purchase_license(agent=agent, document_id=document.pk, loads=loads)
     return make_api_key(agent), lic.pk
 
