@@ -265,3 +265,10 @@ def test_dashboard_and_new_document_form_show_which_models_are_ready(
     for url in (reverse("publisher-dashboard"), reverse("document-create")):
         html = publisher_client.get(url).content.decode()
         assert 'data-model="tiny-qwen3" data-ready="true"' in html and "1 worker" in html
+
+
+def test_operator_details_never_reach_an_agent_through_the_api(api_client, settings) -> None:
+    settings.STRIPE_SECRET_KEY = ""
+    r = api_client.post("/api/v1/wallet/topups", {"amount_cents": 1000}, format="json")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "stripe_unavailable"
+    assert "STRIPE_SECRET_KEY" not in r.content.decode()
