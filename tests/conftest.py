@@ -153,10 +153,15 @@ def _broker_keys_per_xdist_worker() -> Iterator[None]:
         return
     prefix = f"{settings.BROKER_KEY_PREFIX}{xdist_worker}."
     os.environ["CELERY_BROKER_KEY_PREFIX"] = prefix
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "global_keyprefix": prefix,
-    }
+    options = {**app.conf.broker_transport_options, "global_keyprefix": prefix}
+    # Celery reads the namespaced Django setting before its own key: set both.
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = options
+    app.conf.broker_transport_options = options
+    # Connections made before (a session fixture may have sent a task) keep the old options.
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
     yield
 
 
