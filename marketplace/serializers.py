@@ -142,7 +142,7 @@ class DocumentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Document
         fields = [
-            "id", "title", "model", "publisher", "n_tokens", "price_per_load_nano",
+            "id", "title", "description", "model", "publisher", "n_tokens", "price_per_load_nano",
             "price_per_load_usd", "status", "listed", "progress", "verification",
             "artifact_bytes", "preview", "example_questions", "created_at", "updated_at",
             "owner_details",
