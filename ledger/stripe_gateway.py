@@ -9,6 +9,7 @@ at stripe-mock or a test server when set.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import stripe
@@ -16,10 +17,14 @@ from django.conf import settings
 
 from ledger.errors import StripeNotConfigured
 
+log = logging.getLogger(__name__)
+
 
 def client() -> stripe.StripeClient:
     if not settings.STRIPE_SECRET_KEY:
-        raise StripeNotConfigured("Stripe is not configured (STRIPE_SECRET_KEY is empty).")
+        # The setting's name is for the operator's log; the error's message may reach users.
+        log.warning("Stripe is not configured: STRIPE_SECRET_KEY is empty.")
+        raise StripeNotConfigured("Payments are not available on this instance.")
     base = settings.STRIPE_API_BASE
     return stripe.StripeClient(
         settings.STRIPE_SECRET_KEY,

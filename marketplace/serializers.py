@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.validators import MinLengthValidator
-from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -16,12 +16,86 @@ from marketplace.selectors.documents import price_per_load_nano
 NANO_PER_USD = 10**9
 MAX_TOKENS_LIMIT = 4096
 PREVIEW_CHARS = 280
+MAX_NANO = 2**63 - 1  # amounts are PostgreSQL bigints
 
 
 def usd(nano: int | None) -> str | None:
     if nano is None:
         return None
     return f"{nano / NANO_PER_USD:.9f}"
+
+
+# Schemas for fields whose rules the default mapping does not say (the API's schema is exact:
+# what it documents as valid is accepted, and the rest is refused with 422).
+
+
+@extend_schema_field({"type": "string", "minLength": 1, "pattern": r"\S"})
+class NonBlankCharField(serializers.CharField):
+    """A string that is not empty once trimmed."""
+
+
+def model_slugs() -> list[str]:
+    """The registered models' slugs (the schema's ModelSlugEnum)."""
+    return list(settings.KVMARKET_MODELS)
+
+
+def model_names() -> list[str]:
+    """What the completion APIs take as ``model``: a registered slug or its reference (the
+    schema's ModelNameEnum)."""
+    names = set(settings.KVMARKET_MODELS)
+    names.update(cfg["ref"] for cfg in settings.KVMARKET_MODELS.values() if cfg.get("ref"))
+    return sorted(names)
+
+
+class ModelNameField(serializers.CharField):
+    """A registered model's slug or reference; it must also be the document's model (with
+    several models, another registered name is 422 model_mismatch: a rule across the
+    request and the document, which a schema cannot state)."""
+
+
+class ModelNameFieldSchema(OpenApiSerializerFieldExtension):
+    """The enum is read from the registry when the schema is generated, not at import."""
+
+    target_class = ModelNameField
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        return {"type": "string", "enum": model_names()}
+
+
+@extend_schema_field({
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": ["text"]},
+                           "text": {"type": "string"}},
+        }},
+    ],
+    "nullable": True,
+})
+class MessageContentField(serializers.JSONField):
+    """A message's content: a string, or a list of {type: text, text} parts."""
+
+
+@extend_schema_field({
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+    ],
+    "nullable": True,
+})
+class StopField(serializers.JSONField):
+    """Stop sequences: a non-empty string or up to 4 of them."""
+
+
+@extend_schema_field({"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1})
+class TopPField(serializers.FloatField):
+    """Nucleus sampling mass, in (0, 1]."""
+
+
+class ContentPartSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    text = serializers.CharField(required=False, allow_blank=True)
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -68,14 +142,14 @@ class DocumentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Document
         fields = [
-            "id", "title", "model", "publisher", "n_tokens", "price_per_load_nano",
+            "id", "title", "description", "model", "publisher", "n_tokens", "price_per_load_nano",
             "price_per_load_usd", "status", "listed", "progress", "verification",
             "artifact_bytes", "preview", "example_questions", "created_at", "updated_at",
             "owner_details",
         ]
         read_only_fields = fields
 
-    @extend_schema_field(OpenApiTypes.INT64)
+    @extend_schema_field({"type": "integer", "format": "int64", "nullable": True})
     def get_price_per_load_nano(self, obj: Document) -> int | None:
         return price_per_load_nano(obj)
 
@@ -119,10 +193,12 @@ class DocumentSerializer(serializers.ModelSerializer):
 
 
 class DocumentCreateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=200)
-    text = serializers.CharField(trim_whitespace=False)
+    title = NonBlankCharField(max_length=200)
+    text = NonBlankCharField(trim_whitespace=False)
     model = serializers.ChoiceField(choices=[])
-    price_per_load_nano = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    price_per_load_nano = serializers.IntegerField(
+        min_value=0, max_value=MAX_NANO, required=False, allow_null=True
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,8 +213,10 @@ class DocumentCreateSerializer(serializers.Serializer):
 
 
 class DocumentUpdateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=200, required=False)
-    price_per_load_nano = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    title = NonBlankCharField(max_length=200, required=False)
+    price_per_load_nano = serializers.IntegerField(
+        min_value=0, max_value=MAX_NANO, required=False, allow_null=True
+    )
 
 
 # --- licenses --------------------------------------------------------------------------------
@@ -184,69 +262,6 @@ class LoadSerializer(serializers.ModelSerializer):
 
 
 # --- completions (OpenAI-compatible) ---------------------------------------------------------
-
-
-# Schemas for fields whose rules the default mapping does not say (the API's schema is exact:
-# what it documents as valid is accepted, and the rest is refused with 422).
-
-
-@extend_schema_field({"type": "string", "minLength": 1, "pattern": r"\S"})
-class NonBlankCharField(serializers.CharField):
-    """A string that is not empty once trimmed."""
-
-
-def model_slugs() -> list[str]:
-    """The registered models' slugs (the schema's ModelSlugEnum)."""
-    return list(settings.KVMARKET_MODELS)
-
-
-def model_names() -> list[str]:
-    """What the completion APIs take as ``model``: a registered slug or its reference (the
-    schema's ModelNameEnum)."""
-    names = set(settings.KVMARKET_MODELS)
-    names.update(cfg["ref"] for cfg in settings.KVMARKET_MODELS.values() if cfg.get("ref"))
-    return sorted(names)
-
-
-@extend_schema_field({"type": "string", "enum": model_names()})
-class ModelNameField(NonBlankCharField):
-    """A registered model's slug or reference; it must be the document's model."""
-
-
-@extend_schema_field({
-    "anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {
-            "type": "object", "required": ["type"],
-            "properties": {"type": {"type": "string", "enum": ["text"]},
-                           "text": {"type": "string"}},
-        }},
-    ],
-    "nullable": True,
-})
-class MessageContentField(serializers.JSONField):
-    """A message's content: a string, or a list of {type: text, text} parts."""
-
-
-@extend_schema_field({
-    "anyOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
-    ],
-    "nullable": True,
-})
-class StopField(serializers.JSONField):
-    """Stop sequences: a non-empty string or up to 4 of them."""
-
-
-@extend_schema_field({"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1})
-class TopPField(serializers.FloatField):
-    """Nucleus sampling mass, in (0, 1]."""
-
-
-class ContentPartSerializer(serializers.Serializer):
-    type = serializers.CharField()
-    text = serializers.CharField(required=False, allow_blank=True)
 
 
 class NonEmptyListSerializer(serializers.ListSerializer):

@@ -169,3 +169,32 @@ def test_signed_webhook_with_unexpected_shape_is_400(client, settings, event) ->
     assert response.status_code == 400
     assert _error(response)["code"] == "bad_payload"
     assert not StripeEvent.objects.exists()
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "offset=-1",
+                                   "offset=1.5", "limit=%EF%BC%91"])  # the last: a full-width 1
+def test_invalid_pagination_is_400_not_ignored(api_client, query) -> None:
+    response = api_client.get(f"/api/v1/documents?{query}")
+    assert response.status_code == 400
+    assert _error(response)["code"] == "invalid_parameter"
+
+
+def test_pagination_in_range_is_accepted(api_client) -> None:
+    response = api_client.get("/api/v1/licenses?limit=200&offset=0")
+    assert response.status_code == 200
+    assert set(response.json()) == {"count", "next", "previous", "results"}
+
+
+def test_non_json_body_is_415(api_client) -> None:
+    response = api_client.post("/api/v1/licenses", "document=1&loads=1",
+                               content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 415
+    assert _error(response)["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 256, "caf\u00e9"])
+def test_idempotency_key_outside_its_schema_is_422(api_client, key) -> None:
+    response = api_client.post("/api/v1/licenses", {"document": 1, "loads": 1},
+                               HTTP_IDEMPOTENCY_KEY=key)
+    assert response.status_code == 422
+    assert "Idempotency-Key" in _error(response)["message"]

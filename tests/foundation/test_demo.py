@@ -1,6 +1,7 @@
 """The one-command demo, end to end: `python -m kvmarket.devserver` on the embedded defaults
-(SQLite, kombu's filesystem broker, a real worker process) serves a paid completion, on the
-default model (SmolLM2-135M-Instruct), answering the README's question from the document.
+(SQLite, an embedded Redis broker, a real worker process, gunicorn) serves a paid completion, on
+the default model (SmolLM2-135M-Instruct), answering the README's question from the document,
+then 32 concurrent agents without an error.
 
 The converted model is taken from the shared model cache ($KVMARKET_MODEL_CACHE or
 ~/.cache/kvmarket/models), as the real-model tests leave it, so only a first run converts."""
@@ -44,6 +45,50 @@ def _call(url: str, key: str, body: dict | None = None, **headers: str) -> tuple
         return error.code, {"raw": error.read()[:300].decode(errors="replace")}
 
 
+def _32_agents_at_once(base: str, key: str, document: dict) -> None:
+    """32 concurrent completions (half streamed) on the embedded default: no 5xx, no crash,
+    each served one charged; 429s (the per-agent in-flight cap) are retried as told."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    status, license_ = _call(f"{base}/licenses", key, {"document": document["id"], "loads": 40})
+    assert status == 201, license_
+    seen: list[int] = []
+
+    def one(i: int) -> tuple[int, str]:
+        body = {"model": document["model"], "document": document["id"],
+                "license": license_["id"], "max_tokens": 2, "stream": i % 2 == 1,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "Who is the narrator?"}]}
+        request = urllib.request.Request(
+            f"{base}/chat/completions", data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                     "Idempotency-Key": f"demo-32-{i}"})
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    seen.append(response.status)
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                seen.append(error.code)
+                if error.code != 429:
+                    return error.code, error.read()[:300].decode(errors="replace")
+                time.sleep(float(error.headers.get("Retry-After", "1")))
+        return 429, "still throttled"
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(code < 500 for code in seen), seen
+    assert [code for code, _ in results] == [200] * 32, results
+    for i, (_, text) in enumerate(results):
+        if i % 2:  # streamed: complete, and its usage chunk says it was charged
+            assert text.rstrip().endswith("data: [DONE]"), text
+            usage = [json.loads(b[6:]) for b in text.split("\n\n") if '"kvmarket"' in b][-1]
+            assert usage["kvmarket"]["charge_pending"] is False
+        else:
+            assert json.loads(text)["kvmarket"]["charge_pending"] is False
+
+
+@pytest.mark.timeout(1200)  # the model's first load, a precompute, then 32 loads on 2 CPUs
 def test_demo_serves_a_paid_completion_from_the_hosted_kv(tmp_path):
     port = _free_port()
     log = (tmp_path / "demo.log").open("w+")
@@ -85,6 +130,7 @@ def test_demo_serves_a_paid_completion_from_the_hosted_kv(tmp_path):
         assert document["model"] == "smollm2-135m"
         assert document["example_questions"] == ["Who is the narrator?"]
         assert "Ishmael" in completion["choices"][0]["message"]["content"], completion
+        _32_agents_at_once(base, key, document)
     finally:
         demo.send_signal(signal.SIGINT)
         try:

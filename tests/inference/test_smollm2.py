@@ -183,6 +183,22 @@ def test_the_products_verification_badge_passes(smollm2, demo, tmp_path):
     assert saved["passed"] is True and saved["model_fingerprint"] == smollm2.fingerprint
 
 
+def test_the_fast_path_on_real_weights_matches_bitwise_and_greedy(smollm2, demo, tmp_path,
+                                                                   monkeypatch):
+    """The serving fast path (split prefix/suffix attention, here its plain torch step on CPU,
+    as KVMARKET_FASTPATH=1 forces) on SmolLM2: the stored K/V and a fresh two-step prefill give
+    it the same logits bitwise, and its greedy tokens equal one-shot prefill's."""
+    monkeypatch.setenv("KVMARKET_FASTPATH", "1")
+    store = KVStore(tmp_path / "kv")
+    spec = demo[0]
+    pre = precompute(smollm2, (DEMO_DIR / spec["file"]).read_text(), store=store)
+    questions = [q["question"] for q in spec["questions"]] + ["What does he do in November?"]
+    report = verify(smollm2, store, pre.key, suffixes=questions, steps=STEPS, save=False)
+    assert report.fast_path_bitwise_equal is True, report.to_dict()
+    assert report.fast_path_greedy_matched == STEPS * len(questions)
+    assert report.passed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_smollm2_on_cuda(demo, tmp_path):

@@ -40,7 +40,11 @@ def test_killed_worker_task_is_redelivered_without_partial_artifact(
 
     kv_dir = tmp_path / "kv"
     worker = celery_worker_factory(
-        GPU_QUEUES, pool="prefork", concurrency=1, extra_env={"KV_STORE_DIR": str(kv_dir)},
+        GPU_QUEUES, pool="prefork", concurrency=1,
+        # The redelivered task waits for the dead run's heartbeat to go stale before it takes
+        # over (a live run's would advance): keep that wait short here.
+        extra_env={"KV_STORE_DIR": str(kv_dir), "PRECOMPUTE_STALE_SECONDS": "3",
+                   "PRECOMPUTE_HEARTBEAT_SECONDS": "0.5"},
         ready_timeout=120,
     )
     # The pool process imports the engine and loads the model inside the task, so a kill right

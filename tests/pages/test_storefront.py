@@ -238,6 +238,7 @@ def test_home_page_shows_live_numbers_not_a_hard_coded_claim(client: Client, she
     assert "measured at <strong>21× cheaper</strong>" in html
 
 
+@pytest.mark.slow  # seeds the whole demo; in CI (make test-all)
 def test_staff_user_is_seeded_by_the_demo(db) -> None:  # noqa: ANN001
     from django.core.management import call_command
 
@@ -265,3 +266,16 @@ def test_dashboard_and_new_document_form_show_which_models_are_ready(
     for url in (reverse("publisher-dashboard"), reverse("document-create")):
         html = publisher_client.get(url).content.decode()
         assert 'data-model="tiny-qwen3" data-ready="true"' in html and "1 worker" in html
+
+
+def test_operator_details_never_reach_an_agent_through_the_api(api_client, settings) -> None:
+    settings.STRIPE_SECRET_KEY = ""
+    r = api_client.post("/api/v1/wallet/topups", {"amount_cents": 1000}, format="json")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "stripe_unavailable"
+    assert "STRIPE_SECRET_KEY" not in r.content.decode()
+
+
+def test_the_api_catalogue_carries_the_description(api_client, shelf) -> None:
+    body = api_client.get(f"/api/v1/documents/{shelf['cheap'].pk}").json()
+    assert body["description"] == "Tides, hour by hour."
+    assert body["example_questions"] == ["When is high water?"]
