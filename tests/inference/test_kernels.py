@@ -44,6 +44,9 @@ def test_kernel_step_gives_the_reference_logits_for_a_padded_batch(
     assert torch.allclose(got, expected, atol=2e-5, rtol=0)
 
 
+# Slow under Triton's interpreter: in CI (make test-all); the padded-batch step test above
+# covers the same kernels in make test.
+@pytest.mark.slow
 def test_kernel_greedy_decode_matches_the_reference_token_for_token(
     loaded, shared_store, doc_keys, pair
 ):
@@ -290,6 +293,7 @@ def test_kernel_step_with_one_product_per_matrix_gives_the_same_tokens(
     assert torch.allclose(whole, expected, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow  # six prefixes under the interpreter; in CI (make test-all)
 def test_one_slot_serves_every_prefix_of_a_length_class(loaded, shared_store, doc_keys, pair):
     """The kernels read the prefix through a table of addresses and a length, so a slot (and,
     on GPU, its captured graphs) is per length class, not per document: a new document runs

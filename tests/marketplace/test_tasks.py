@@ -236,6 +236,7 @@ def test_loads_used_constraint_is_enforced_by_the_database(publisher_user, funde
 # --- seed_demo and schema --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seeds the whole demo twice; in CI (make test-all)
 def test_seed_demo_is_idempotent(monkeypatch, settings, django_capture_on_commit_callbacks):
     from io import StringIO
 

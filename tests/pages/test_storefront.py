@@ -238,6 +238,7 @@ def test_home_page_shows_live_numbers_not_a_hard_coded_claim(client: Client, she
     assert "measured at <strong>21× cheaper</strong>" in html
 
 
+@pytest.mark.slow  # seeds the whole demo; in CI (make test-all)
 def test_staff_user_is_seeded_by_the_demo(db) -> None:  # noqa: ANN001
     from django.core.management import call_command
 
