@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "--bind", f"{args.host}:{args.port}", "--worker-class", "gthread",
         "--workers", str(WEB_WORKERS), "--threads", str(WEB_THREADS),
         "--timeout", str(timeout), "--graceful-timeout", "5", "--log-level", "warning",
+        # Longer than clients keep idle connections (httpx: 5 s), so the server never closes
+        # one just as a client reuses it (gunicorn's default is 2 s).
+        "--keep-alive", "75",
     ]  # fmt: skip
 
     procs: list[subprocess.Popen] = []
