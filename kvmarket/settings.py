@@ -298,8 +298,6 @@ GPU_WORKER_HEARTBEAT_SECONDS = env.float("GPU_WORKER_HEARTBEAT_SECONDS", default
 GPU_WORKER_STALE_SECONDS = env.float("GPU_WORKER_STALE_SECONDS", default=6.0)
 # Loads one agent may have in flight at once (429 too_many_requests with Retry-After beyond).
 MAX_IN_FLIGHT_LOADS_PER_AGENT = env.int("MAX_IN_FLIGHT_LOADS_PER_AGENT", default=16)
-# Charges of concurrent loads commit together (marketplace.services.charging); off: one by one.
-CHARGE_GROUP_COMMIT = env.bool("CHARGE_GROUP_COMMIT", default=True)
 # A web process touches its in-flight loads every LOAD_HEARTBEAT_SECONDS; the sweep (every
 # LOAD_SWEEP_SECONDS, beat) releases pending loads whose heartbeat is older than
 # LOAD_STALE_SECONDS, uncharged, and charges served ones: within a minute of a crash.

@@ -621,8 +621,7 @@ def _finish(run: LoadRun, result: dict[str, Any]) -> Load:
     try:
         load = record_served(load=run.load, result=result)
         t0 = time.perf_counter()
-        charge = charger.charge if settings.CHARGE_GROUP_COMMIT else charge_served
-        load = charge(load=load, wall_seconds=time.monotonic() - run.started)
+        load = charger.charge(load=load, wall_seconds=time.monotonic() - run.started)
         run.phases.add("charge", time.perf_counter() - t0)
     finally:
         heartbeats.untrack(run.load.pk)
