@@ -14,7 +14,6 @@ int nano-USD (1 USD = 10**9); all functions are keyword-only.
 """
 
 from ledger.services.metering import (
-    lock_settlement_accounts,
     purchase_license,
     record_egress,
     refund_escrow,
@@ -56,7 +55,6 @@ __all__ = [
     "credit_topup",
     "ensure_tariff",
     "handle_stripe_event",
-    "lock_settlement_accounts",
     "mark_payout_failed",
     "purchase_license",
     "record_checkout_session",

@@ -56,19 +56,6 @@ def _license_buyer_id(license_ref: str) -> int | None:
     )
 
 
-def lock_settlement_accounts(*, settlements: list[tuple[str, int, int]]) -> None:
-    """Lock, in one statement and id order, every account that settle_load will lock for these
-    (license_ref, publisher_id, agent_id): a caller settling several loads in one transaction
-    then takes its locks in the same global order as every other posting, so two such callers
-    cannot deadlock on each other's escrows, payables and wallets."""
-    specs: dict[str, journal.AccountSpec] = {}
-    for license_ref, publisher_id, agent_id in settlements:
-        for spec in (journal.escrow(license_ref, None, create=False),
-                     journal.payable(publisher_id), journal.wallet(agent_id)):
-            specs[spec.key] = spec
-    journal.lock_accounts(list(specs.values()))
-
-
 def settle_load(
     *,
     license_ref: str,

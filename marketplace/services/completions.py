@@ -56,9 +56,6 @@ Retries and locks
   Only those rows are locked (``select_for_update(of=("self",))``): the Document and the agent's
   User are shared by every concurrent load and are read, never locked, or concurrent charges
   on one document deadlock.
-* Charges of concurrent loads share one transaction (marketplace.services.charging): they all
-  credit the same publisher payable, which one-at-a-time commits would serialise; a batch takes
-  its loads, licenses and accounts in that same order, each set by id.
 
 KV downloads (shipping mode) are charged before the first byte is sent (load price plus
 egress bytes, one transaction), because the bytes cannot be taken back; a retry with the same
@@ -93,7 +90,6 @@ from marketplace.models import (
     LoadStatus,
     User,
 )
-from marketplace.services.charging import Charger
 from marketplace.services.errors import MarketplaceError, conflict, not_found
 from marketplace.services.licenses import require_agent
 
@@ -442,10 +438,6 @@ def charge_served(*, load: Load, wall_seconds: float | None = None) -> Load:
     return Load.objects.get(pk=load.pk)
 
 
-# Charges of concurrent loads share one transaction (see marketplace.services.charging).
-charger = Charger(charge_one=charge_load, charge_alone=charge_served)
-
-
 def sweep_loads() -> dict[str, int]:
     """Release pending loads abandoned by their web process (uncharged) and charge served
     loads whose charge did not happen (final result recorded, or their web process died)."""
@@ -621,7 +613,7 @@ def _finish(run: LoadRun, result: dict[str, Any]) -> Load:
     try:
         load = record_served(load=run.load, result=result)
         t0 = time.perf_counter()
-        load = charger.charge(load=load, wall_seconds=time.monotonic() - run.started)
+        load = charge_served(load=load, wall_seconds=time.monotonic() - run.started)
         run.phases.add("charge", time.perf_counter() - t0)
     finally:
         heartbeats.untrack(run.load.pk)
