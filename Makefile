@@ -1,5 +1,5 @@
 # kvmarket — two commands:
-#   make run    the demo on embedded defaults (SQLite + filesystem Celery broker): web + worker
+#   make run    the demo on embedded parts (SQLite + an embedded Redis broker): web + worker
 #   make test   install, ruff, the test suite without the slow tests (PostgreSQL + Redis)
 # CI (.ci/run) runs `make test-all`: the same with the slow tests.
 

@@ -297,6 +297,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
             sys.executable, "-m", "gunicorn", "kvmarket.wsgi:application", "--bind",
             f"127.0.0.1:{port}", "--worker-class", "gthread", "--workers",
             str(args.web_workers), "--threads", str(args.web_threads), "--timeout", "180",
+            "--keep-alive", "75",
             "--log-level", "warning",
         ], cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True),
     ]

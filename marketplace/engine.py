@@ -223,7 +223,10 @@ class Job:
 
     def final(self, generation: Any, *, batch: int) -> None:
         result = result_dict(generation)
-        result["timings"]["queue_s"] = round(self.queue_s, 6)
+        # Waited before the engine started on this request: in the queue, and (off the GPU
+        # fast path, where a batch's rows run one after another) behind earlier rows.
+        waited = time.perf_counter() - self.enqueued_at - float(generation.timings.total_s)
+        result["timings"]["queue_s"] = round(max(self.queue_s, waited, 0.0), 6)
         self.emit({"type": "final", **result, "batch": batch})
 
     def error(self, code: str, message: str) -> None:

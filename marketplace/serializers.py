@@ -7,7 +7,6 @@ from typing import Any
 from django.conf import settings
 from django.core.validators import MinLengthValidator
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -17,174 +16,13 @@ from marketplace.selectors.documents import price_per_load_nano
 NANO_PER_USD = 10**9
 MAX_TOKENS_LIMIT = 4096
 PREVIEW_CHARS = 280
+MAX_NANO = 2**63 - 1  # amounts are PostgreSQL bigints
 
 
 def usd(nano: int | None) -> str | None:
     if nano is None:
         return None
     return f"{nano / NANO_PER_USD:.9f}"
-
-
-# --- documents -------------------------------------------------------------------------------
-
-
-class ProgressSerializer(serializers.Serializer):
-    tokens_done = serializers.IntegerField()
-    tokens_total = serializers.IntegerField()
-    percent = serializers.IntegerField()
-
-
-class VerificationSummarySerializer(serializers.Serializer):
-    passed = serializers.BooleanField(allow_null=True)
-    bitwise_equal = serializers.BooleanField(allow_null=True)
-    greedy_matched = serializers.IntegerField(allow_null=True)
-    greedy_total = serializers.IntegerField(allow_null=True)
-    match_rate = serializers.FloatField(allow_null=True)
-    max_logit_diff = serializers.FloatField(allow_null=True)
-    dtype = serializers.CharField(allow_null=True)
-
-
-class OwnerDetailsSerializer(serializers.Serializer):
-    text = serializers.CharField()
-    error = serializers.CharField()
-    error_code = serializers.CharField()
-    precompute_seconds = serializers.FloatField(allow_null=True)
-    precompute_flops = serializers.FloatField(allow_null=True)
-    precompute_attempts = serializers.IntegerField()
-    unlisted_at = serializers.DateTimeField(allow_null=True)
-    ready_at = serializers.DateTimeField(allow_null=True)
-
-
-class DocumentSerializer(serializers.ModelSerializer):
-    model = serializers.CharField(source="model_slug")
-    price_per_load_nano = serializers.SerializerMethodField()
-    price_per_load_usd = serializers.SerializerMethodField()
-    progress = serializers.SerializerMethodField()
-    verification = serializers.SerializerMethodField()
-    preview = serializers.SerializerMethodField()
-    publisher = serializers.SerializerMethodField()
-    owner_details = serializers.SerializerMethodField()
-    example_questions = serializers.ListField(child=serializers.CharField(), read_only=True)
-
-    class Meta:
-        model = Document
-        fields = [
-            "id", "title", "description", "model", "publisher", "n_tokens", "price_per_load_nano",
-            "price_per_load_usd", "status", "listed", "progress", "verification",
-            "artifact_bytes", "preview", "example_questions", "created_at", "updated_at",
-            "owner_details",
-        ]
-        read_only_fields = fields
-
-    @extend_schema_field(OpenApiTypes.INT64)
-    def get_price_per_load_nano(self, obj: Document) -> int | None:
-        return price_per_load_nano(obj)
-
-    @extend_schema_field(serializers.CharField(allow_null=True))
-    def get_price_per_load_usd(self, obj: Document) -> str | None:
-        return usd(price_per_load_nano(obj))
-
-    @extend_schema_field(ProgressSerializer)
-    def get_progress(self, obj: Document) -> dict[str, int]:
-        return {
-            "tokens_done": obj.tokens_done,
-            "tokens_total": obj.tokens_total,
-            "percent": obj.progress_percent,
-        }
-
-    @extend_schema_field(VerificationSummarySerializer(allow_null=True))
-    def get_verification(self, obj: Document) -> dict[str, Any] | None:
-        report = obj.verification
-        if not report:
-            return None
-        keys = ("passed", "bitwise_equal", "greedy_matched", "greedy_total", "match_rate",
-                "max_logit_diff", "dtype")
-        return {k: report.get(k) for k in keys}
-
-    @extend_schema_field(serializers.CharField())
-    def get_preview(self, obj: Document) -> str:
-        text = obj.text.strip()
-        return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS].rstrip() + "…"
-
-    @extend_schema_field(serializers.CharField())
-    def get_publisher(self, obj: Document) -> str:
-        return obj.publisher.display_name or f"publisher {obj.publisher_id}"
-
-    @extend_schema_field(OwnerDetailsSerializer(allow_null=True))
-    def get_owner_details(self, obj: Document) -> dict[str, Any] | None:
-        """The publisher's own view (text, error, figures); null for anyone else."""
-        viewer = self.context.get("viewer")
-        if viewer is None or viewer.pk != obj.publisher_id:
-            return None
-        return OwnerDetailsSerializer(obj).data
-
-
-class DocumentCreateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=200)
-    text = serializers.CharField(trim_whitespace=False)
-    model = serializers.ChoiceField(choices=[])
-    price_per_load_nano = serializers.IntegerField(min_value=0, required=False, allow_null=True)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fields["model"].choices = list(settings.KVMARKET_MODELS)
-
-    def validate_text(self, value: str) -> str:
-        if len(value.encode()) > settings.DOCUMENT_MAX_UPLOAD_BYTES:
-            raise serializers.ValidationError(
-                f"At most {settings.DOCUMENT_MAX_UPLOAD_BYTES} bytes."
-            )
-        return value
-
-
-class DocumentUpdateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=200, required=False)
-    price_per_load_nano = serializers.IntegerField(min_value=0, required=False, allow_null=True)
-
-
-# --- licenses --------------------------------------------------------------------------------
-
-
-class LicenseCreateSerializer(serializers.Serializer):
-    document = serializers.IntegerField(min_value=1)
-    loads = serializers.IntegerField(min_value=1, max_value=1_000_000)
-
-
-class LicenseSerializer(serializers.ModelSerializer):
-    document = serializers.IntegerField(source="document_id")
-    document_title = serializers.CharField(source="document.title")
-    model = serializers.CharField(source="document.model_slug")
-    loads_left = serializers.IntegerField()
-    price_per_load_usd = serializers.SerializerMethodField()
-
-    class Meta:
-        model = License
-        fields = [
-            "id", "document", "document_title", "model", "loads_total", "loads_used",
-            "loads_left", "price_per_load_nano", "price_per_load_usd", "status", "expires_at",
-            "created_at",
-        ]
-        read_only_fields = fields
-
-    def get_price_per_load_usd(self, obj: License) -> str:
-        return usd(obj.price_per_load_nano) or "0"
-
-
-class LoadSerializer(serializers.ModelSerializer):
-    license = serializers.IntegerField(source="license_id")
-    document = serializers.IntegerField(source="license.document_id")
-
-    class Meta:
-        model = Load
-        fields = [
-            "id", "license", "document", "kind", "status", "cached_tokens", "suffix_tokens",
-            "output_tokens", "amount_nano", "compute_nano", "egress_nano", "egress_bytes",
-            "ttft_seconds", "total_seconds", "error_code", "created_at", "finished_at",
-        ]
-        read_only_fields = fields
-
-
-# --- completions (OpenAI-compatible) ---------------------------------------------------------
 
 
 # Schemas for fields whose rules the default mapping does not say (the API's schema is exact:
@@ -258,6 +96,172 @@ class TopPField(serializers.FloatField):
 class ContentPartSerializer(serializers.Serializer):
     type = serializers.CharField()
     text = serializers.CharField(required=False, allow_blank=True)
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+class ProgressSerializer(serializers.Serializer):
+    tokens_done = serializers.IntegerField()
+    tokens_total = serializers.IntegerField()
+    percent = serializers.IntegerField()
+
+
+class VerificationSummarySerializer(serializers.Serializer):
+    passed = serializers.BooleanField(allow_null=True)
+    bitwise_equal = serializers.BooleanField(allow_null=True)
+    greedy_matched = serializers.IntegerField(allow_null=True)
+    greedy_total = serializers.IntegerField(allow_null=True)
+    match_rate = serializers.FloatField(allow_null=True)
+    max_logit_diff = serializers.FloatField(allow_null=True)
+    dtype = serializers.CharField(allow_null=True)
+
+
+class OwnerDetailsSerializer(serializers.Serializer):
+    text = serializers.CharField()
+    error = serializers.CharField()
+    error_code = serializers.CharField()
+    precompute_seconds = serializers.FloatField(allow_null=True)
+    precompute_flops = serializers.FloatField(allow_null=True)
+    precompute_attempts = serializers.IntegerField()
+    unlisted_at = serializers.DateTimeField(allow_null=True)
+    ready_at = serializers.DateTimeField(allow_null=True)
+
+
+class DocumentSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_slug")
+    price_per_load_nano = serializers.SerializerMethodField()
+    price_per_load_usd = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField()
+    verification = serializers.SerializerMethodField()
+    preview = serializers.SerializerMethodField()
+    publisher = serializers.SerializerMethodField()
+    owner_details = serializers.SerializerMethodField()
+    example_questions = serializers.ListField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = Document
+        fields = [
+            "id", "title", "description", "model", "publisher", "n_tokens", "price_per_load_nano",
+            "price_per_load_usd", "status", "listed", "progress", "verification",
+            "artifact_bytes", "preview", "example_questions", "created_at", "updated_at",
+            "owner_details",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field({"type": "integer", "format": "int64", "nullable": True})
+    def get_price_per_load_nano(self, obj: Document) -> int | None:
+        return price_per_load_nano(obj)
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_price_per_load_usd(self, obj: Document) -> str | None:
+        return usd(price_per_load_nano(obj))
+
+    @extend_schema_field(ProgressSerializer)
+    def get_progress(self, obj: Document) -> dict[str, int]:
+        return {
+            "tokens_done": obj.tokens_done,
+            "tokens_total": obj.tokens_total,
+            "percent": obj.progress_percent,
+        }
+
+    @extend_schema_field(VerificationSummarySerializer(allow_null=True))
+    def get_verification(self, obj: Document) -> dict[str, Any] | None:
+        report = obj.verification
+        if not report:
+            return None
+        keys = ("passed", "bitwise_equal", "greedy_matched", "greedy_total", "match_rate",
+                "max_logit_diff", "dtype")
+        return {k: report.get(k) for k in keys}
+
+    @extend_schema_field(serializers.CharField())
+    def get_preview(self, obj: Document) -> str:
+        text = obj.text.strip()
+        return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS].rstrip() + "…"
+
+    @extend_schema_field(serializers.CharField())
+    def get_publisher(self, obj: Document) -> str:
+        return obj.publisher.display_name or f"publisher {obj.publisher_id}"
+
+    @extend_schema_field(OwnerDetailsSerializer(allow_null=True))
+    def get_owner_details(self, obj: Document) -> dict[str, Any] | None:
+        """The publisher's own view (text, error, figures); null for anyone else."""
+        viewer = self.context.get("viewer")
+        if viewer is None or viewer.pk != obj.publisher_id:
+            return None
+        return OwnerDetailsSerializer(obj).data
+
+
+class DocumentCreateSerializer(serializers.Serializer):
+    title = NonBlankCharField(max_length=200)
+    text = NonBlankCharField(trim_whitespace=False)
+    model = serializers.ChoiceField(choices=[])
+    price_per_load_nano = serializers.IntegerField(
+        min_value=0, max_value=MAX_NANO, required=False, allow_null=True
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["model"].choices = list(settings.KVMARKET_MODELS)
+
+    def validate_text(self, value: str) -> str:
+        if len(value.encode()) > settings.DOCUMENT_MAX_UPLOAD_BYTES:
+            raise serializers.ValidationError(
+                f"At most {settings.DOCUMENT_MAX_UPLOAD_BYTES} bytes."
+            )
+        return value
+
+
+class DocumentUpdateSerializer(serializers.Serializer):
+    title = NonBlankCharField(max_length=200, required=False)
+    price_per_load_nano = serializers.IntegerField(
+        min_value=0, max_value=MAX_NANO, required=False, allow_null=True
+    )
+
+
+# --- licenses --------------------------------------------------------------------------------
+
+
+class LicenseCreateSerializer(serializers.Serializer):
+    document = serializers.IntegerField(min_value=1)
+    loads = serializers.IntegerField(min_value=1, max_value=1_000_000)
+
+
+class LicenseSerializer(serializers.ModelSerializer):
+    document = serializers.IntegerField(source="document_id")
+    document_title = serializers.CharField(source="document.title")
+    model = serializers.CharField(source="document.model_slug")
+    loads_left = serializers.IntegerField()
+    price_per_load_usd = serializers.SerializerMethodField()
+
+    class Meta:
+        model = License
+        fields = [
+            "id", "document", "document_title", "model", "loads_total", "loads_used",
+            "loads_left", "price_per_load_nano", "price_per_load_usd", "status", "expires_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_price_per_load_usd(self, obj: License) -> str:
+        return usd(obj.price_per_load_nano) or "0"
+
+
+class LoadSerializer(serializers.ModelSerializer):
+    license = serializers.IntegerField(source="license_id")
+    document = serializers.IntegerField(source="license.document_id")
+
+    class Meta:
+        model = Load
+        fields = [
+            "id", "license", "document", "kind", "status", "cached_tokens", "suffix_tokens",
+            "output_tokens", "amount_nano", "compute_nano", "egress_nano", "egress_bytes",
+            "ttft_seconds", "total_seconds", "error_code", "created_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+# --- completions (OpenAI-compatible) ---------------------------------------------------------
 
 
 class NonEmptyListSerializer(serializers.ListSerializer):

@@ -23,6 +23,7 @@ from ledger.services.metering import (
 from ledger.services.payouts import (
     approve_payout,
     connect_onboarding_link,
+    connect_sandbox_account,
     create_due_payouts,
     create_payout,
     mark_payout_failed,
@@ -60,6 +61,7 @@ __all__ = [
     "record_egress",
     "refund_escrow",
     "reject_payout",
+    "connect_sandbox_account",
     "save_connect_account",
     "send_payout_transfer",
     "settle_load",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,11 +354,17 @@ def write_transaction(entry: Entry, *, idempotency_key: str, fingerprint: str) -
     return tx
 
 
-def _pipeline() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _pipeline() -> Iterator[None]:
+    """PostgreSQL: queue the statements sent inside (psycopg pipeline mode); the queue goes out
+    when a statement's rows are read, and at the end, where a refused write raises (as a
+    Django database error, like any other)."""
     if connection.vendor != "postgresql":
-        return contextlib.nullcontext()
+        yield
+        return
     connection.ensure_connection()
-    return connection.connection.pipeline()
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        yield
 
 
 def post_once(

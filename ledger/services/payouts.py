@@ -23,6 +23,7 @@ from ledger.errors import (
     LedgerError,
     PaymentProviderError,
     PayoutStateError,
+    SandboxDisabled,
 )
 from ledger.models import (
     NANO_PER_CENT,
@@ -242,6 +243,20 @@ def mark_payout_failed(*, payout: Payout | int, reason: str, actor=None) -> Payo
 def save_connect_account(*, publisher, stripe_account_id: str) -> ConnectAccount:
     connect, _ = ConnectAccount.objects.get_or_create(
         publisher=publisher, defaults={"stripe_account_id": stripe_account_id}
+    )
+    return connect
+
+
+@transaction.atomic
+def connect_sandbox_account(*, publisher) -> ConnectAccount:
+    """Sandbox mode without Stripe: a simulated payout account, so payouts can be approved
+    end to end (their transfers are simulated too; no money moves)."""
+    if not stripe_gateway.sandbox():
+        raise SandboxDisabled("Simulated payout accounts exist only in sandbox mode.")
+    connect, _ = ConnectAccount.objects.get_or_create(
+        publisher=publisher,
+        defaults={"stripe_account_id": f"{stripe_gateway.SANDBOX_ACCOUNT_PREFIX}{publisher.pk}",
+                  "payouts_enabled": True},
     )
     return connect
 

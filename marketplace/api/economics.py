@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from kvmarket.api_errors import ApiError
-from marketplace.api.common import COMMON_ERRORS, MarketplaceView
+from marketplace.api.common import COMMON_ERRORS, MarketplaceView, error_response
 from marketplace.selectors.documents import documents_visible_to
 from marketplace.selectors.economics import document_economics
 
@@ -56,7 +56,11 @@ class DocumentEconomicsView(MarketplaceView):
             "agents", {"type": "integer", "minimum": 1, "maximum": MAX_AGENTS},
             description="agents reading the document (default 1000)",
         )],
-        responses={200: EconomicsSerializer, **COMMON_ERRORS},
+        responses={
+            200: EconomicsSerializer,
+            409: error_response("The document is not ready (document_not_ready)."),
+            **COMMON_ERRORS,
+        },
     )
     def get(self, request: Request, pk: int) -> Response:
         document = documents_visible_to(request.user).filter(pk=pk).first()

@@ -26,6 +26,8 @@ class PayoutRow:
     def connect_status(self) -> str:
         if self.connect is None:
             return "not connected"
+        if self.connect.stripe_account_id.startswith("acct_sandbox_"):
+            return "sandbox (simulated)"
         return "payouts enabled" if self.connect.payouts_enabled else "onboarding unfinished"
 
 

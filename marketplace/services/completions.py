@@ -178,14 +178,15 @@ def reserve_load(
     require_agent(agent)
     digest = request_hash({"kind": kind, "license": license_id, "document": document_id, **payload})
     key = idempotency_key or f"auto:{uuid.uuid4().hex}"
+    retried = idempotency_key is not None  # a generated key is new: no earlier Load to find
     try:
         return _reserve(agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-                        key=key, digest=digest)
+                        key=key, digest=digest, find=retried)
     except IntegrityError:
         # Two requests with one Idempotency-Key raced to create the Load: the loser retries
         # and finds the winner's row (pending: 409 in progress).
         return _reserve(agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-                        key=key, digest=digest)
+                        key=key, digest=digest, find=True)
 
 
 def max_in_flight() -> int:
@@ -194,9 +195,12 @@ def max_in_flight() -> int:
 
 @transaction.atomic
 def _reserve(
-    *, agent: User, license_id: int, document_id: int | None, kind: LoadKind, key: str, digest: str
+    *, agent: User, license_id: int, document_id: int | None, kind: LoadKind, key: str,
+    digest: str, find: bool = True,
 ) -> Reservation:
-    load = Load.objects.select_for_update().filter(agent=agent, idempotency_key=key).first()
+    load = None
+    if find:
+        load = Load.objects.select_for_update().filter(agent=agent, idempotency_key=key).first()
     if load is not None:
         if load.request_hash != digest:
             raise conflict(
@@ -238,11 +242,11 @@ def _reserve(
             "(MAX_IN_FLIGHT_LOADS_PER_AGENT); retry when one finishes.",
             status=429, retry_after_seconds=TOO_MANY_RETRY_AFTER_SECONDS,
         )
-    License.objects.filter(pk=license.pk).update(
-        loads_used=F("loads_used") + 1, updated_at=timezone.now()
-    )
-    license.refresh_from_db()
     now = timezone.now()
+    License.objects.filter(pk=license.pk).update(loads_used=F("loads_used") + 1, updated_at=now)
+    # The row is locked: the increment is exactly what the database now holds.
+    license.loads_used += 1
+    license.updated_at = now
     if load is None:
         load = Load.objects.create(
             license=license, agent=agent, idempotency_key=key, request_hash=digest, kind=kind,

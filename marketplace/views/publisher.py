@@ -19,6 +19,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from ledger import stripe_gateway
 from marketplace.economics import cost_plot
 from marketplace.forms.documents import DocumentCreateForm, DocumentEditForm
 from marketplace.models import Document, DocumentStatus, Role
@@ -78,6 +79,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context["connect"] = page_selectors.connect_account_of(request.user)
     context["payouts"] = ops_selectors.publisher_payouts(request.user)
     context["models"] = model_status()
+    context["sandbox_payouts"] = stripe_gateway.sandbox()
     ready = [r for r in context["rows"] if r.document.n_tokens]
     if ready:
         top = max(ready, key=lambda r: (r.loads, r.document.pk))
@@ -246,10 +248,16 @@ def document_relist(request: HttpRequest, document_id: int) -> HttpResponse:
 @publisher_required
 @require_POST
 def stripe_connect(request: HttpRequest) -> HttpResponse:
-    """Start (or resume) Stripe Connect onboarding for payouts."""
+    """Start (or resume) Stripe Connect onboarding for payouts; in sandbox mode without Stripe,
+    connect a simulated payout account instead."""
     from ledger import services as ledger_services
     from ledger.errors import LedgerError
 
+    if stripe_gateway.sandbox():
+        ledger_services.connect_sandbox_account(publisher=request.user)
+        messages.success(request, "Sandbox: a simulated payout account is connected. Approved "
+                                  "payouts are marked paid; no money moves.")
+        return redirect("publisher-dashboard")
     back = request.build_absolute_uri(reverse("publisher-dashboard"))
     try:
         url = ledger_services.connect_onboarding_link(

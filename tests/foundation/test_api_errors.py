@@ -198,3 +198,11 @@ def test_idempotency_key_outside_its_schema_is_422(api_client, key) -> None:
                                HTTP_IDEMPOTENCY_KEY=key)
     assert response.status_code == 422
     assert "Idempotency-Key" in _error(response)["message"]
+
+
+@pytest.mark.parametrize("key", ["lone\ud800key", "nul\x00key"])
+def test_bad_text_in_a_json_key_is_422_and_the_answer_is_valid_json(api_client, key) -> None:
+    body = json.dumps({"document": 1, "loads": 1, key: "x"})
+    response = api_client.post("/api/v1/licenses", body, content_type="application/json")
+    assert response.status_code == 422
+    assert list(_error(response)["fields"]) == [key.replace("\ud800", "?").replace("\x00", "?")]

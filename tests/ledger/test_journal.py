@@ -3,7 +3,7 @@
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import IntegrityError, connection
 
 from ledger import services
 from ledger.errors import LedgerError
@@ -101,3 +101,46 @@ def test_an_escrow_belongs_to_one_agent_on_every_path(agent):
     services.purchase_license(agent=agent, license_ref="L", amount_nano=0, idempotency_key="b")
     with pytest.raises(LedgerError, match="belongs to another user"):
         services.purchase_license(agent=other, license_ref="L", amount_nano=1, idempotency_key="c")
+
+
+def _post_with_the_key_taken_meanwhile(agent) -> None:
+    """Post an egress whose idempotency key gets taken between the lock and the write."""
+    wallet, revenue = journal.wallet(agent.pk), journal.system("platform_revenue")
+
+    def decide(accounts: dict) -> journal.Entry:
+        with connection.cursor() as cur:
+            cur.execute(
+                "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
+                " license_ref, document_ref, external_ref, details, created_at)"
+                " VALUES ('taken', 'other', 'egress', '', '', '', '', '{}', now())"
+            )
+        return journal.Entry(
+            kind=TransactionKind.EGRESS,
+            legs=[(accounts[wallet.key], -40), (accounts[revenue.key], 40)],
+        )
+
+    journal.post_once(
+        idempotency_key="taken", fingerprint="f", accounts=[wallet, revenue], decide=decide
+    )
+
+
+def test_a_write_refused_by_the_database_rolls_back_only_its_own_savepoint(agent):
+    """Inside a caller's transaction, a write the database refuses surfaces inside the
+    posting's savepoint: nothing of it stays, and the caller's transaction goes on."""
+    services.credit_topup(agent=agent, amount_nano=100, idempotency_key="t")
+    with pytest.raises(IntegrityError):
+        _post_with_the_key_taken_meanwhile(agent)
+    assert not Transaction.objects.filter(idempotency_key="taken").exists()
+    assert services.record_egress(agent=agent, amount_nano=40, idempotency_key="e").pk
+    assert Posting.objects.filter(account__key=f"wallet:{agent.pk}").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_refused_by_the_database_rolls_back_its_transaction(agent):
+    services.credit_topup(agent=agent, amount_nano=100, idempotency_key="t")
+    with pytest.raises(IntegrityError):
+        _post_with_the_key_taken_meanwhile(agent)
+    assert connection.get_autocommit() and not connection.in_atomic_block
+    assert not Transaction.objects.filter(idempotency_key="taken").exists()
+    assert services.record_egress(agent=agent, amount_nano=40, idempotency_key="e").pk
+    assert Posting.objects.filter(account__key=f"wallet:{agent.pk}").count() == 2

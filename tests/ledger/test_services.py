@@ -44,19 +44,6 @@ def test_tariff_unknown_model():
         services.ensure_tariff(model_slug="no-such-model")
 
 
-def test_tariff_for_only_reads_and_ensure_tariff_stores_the_registry_defaults():
-    default = selectors.tariff_for("tiny-qwen3")
-    assert default.pk is None and not Tariff.objects.exists()
-    stored = services.ensure_tariff(model_slug="tiny-qwen3")
-    assert stored.pk is not None and Tariff.objects.count() == 1
-    assert (stored.input_price_usd_per_mtok, stored.publisher_share) == (
-        default.input_price_usd_per_mtok, default.publisher_share,
-    )
-    Tariff.objects.filter(pk=stored.pk).update(publisher_share=Decimal("0.5"))  # a staff edit
-    assert services.ensure_tariff(model_slug="tiny-qwen3").publisher_share == Decimal("0.5")
-    assert selectors.tariff_for("tiny-qwen3").publisher_share == Decimal("0.5")
-
-
 def test_reading_a_tariff_writes_nothing_and_ensure_stores_it_once():
     Tariff.objects.filter(model_slug="tiny-qwen3").delete()
     assert selectors.tariff_for("tiny-qwen3").load_price_nano(3774) == 37_740

@@ -185,3 +185,22 @@ def test_no_page_scrolls_sideways_at_390px(live_server, browser_page, artifacts_
                 wide.append((path, width))
     assert license is not None
     assert wide == [], wide
+
+
+def test_live_refresh_keeps_keyboard_focus_and_announces_progress(
+    live_server, browser_page, shop
+) -> None:
+    page, base = browser_page, live_server.url
+    doc = make_document(shop["publisher"], status="precomputing", title="Being prefilled",
+                        tokens_done=10, tokens_total=40)
+    log_in(page, base, shop["publisher"])
+    page.goto(base + "/publisher/")
+    page.evaluate("document.getElementById('publisher-documents').dataset.old = 'yes'")
+    page.focus(f"#document-link-{doc.pk}")
+    # the panel is replaced by the next poll (every second) ...
+    page.wait_for_function("!document.getElementById('publisher-documents').dataset.old")
+    # ... and the link with the same id has the focus again
+    assert page.evaluate("document.activeElement.id") == f"document-link-{doc.pk}"
+    assert page.locator(f"#document-{doc.pk} [aria-live=polite]").count() == 1
+    page.goto(f"{base}/publisher/documents/{doc.pk}/")
+    assert "10 / 40 tokens prefilled" in page.inner_text("#progress-text[aria-live=polite]")

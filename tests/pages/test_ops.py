@@ -166,3 +166,39 @@ def test_admin_approval_says_one_thing_per_payout(earned_payout) -> None:
     assert earned_payout.status == PayoutStatus.PENDING_REVIEW
     assert "$4.80" in staff_client.get(
         f"/admin/ledger/payout/{earned_payout.pk}/change/").content.decode()  # dollars
+
+
+def test_sandbox_payouts_are_simulated_end_to_end(
+    staff_client: Client, earned_payout, publisher_user, settings
+) -> None:
+    settings.SANDBOX_MODE = True
+    settings.STRIPE_SECRET_KEY = ""
+    publisher = login_client(publisher_user)
+    html = publisher.get(reverse("publisher-dashboard")).content.decode()
+    assert "Connect a simulated payout account (sandbox)" in html
+    r = publisher.post(reverse("publisher-connect"), follow=True)
+    assert 'id="sandbox-payouts"' in r.content.decode()
+    assert "sandbox (simulated)" in staff_client.get(reverse("ops-console")).content.decode()
+    r = staff_client.post(reverse("ops-payout-approve", args=[earned_payout.pk]), follow=True)
+    assert f"sent to {publisher_user.email} (transfer tr_sandbox_{earned_payout.pk})" in (
+        r.content.decode())
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.PAID
+    assert payable_balance(publisher_user) == 0
+
+
+def test_no_simulated_payouts_outside_sandbox_mode(
+    staff_client: Client, earned_payout, publisher_user, settings
+) -> None:
+    from ledger.errors import SandboxDisabled
+
+    settings.SANDBOX_MODE = False
+    settings.STRIPE_SECRET_KEY = ""
+    with pytest.raises(SandboxDisabled):
+        services.connect_sandbox_account(publisher=publisher_user)
+    ConnectAccount.objects.create(publisher=publisher_user,
+                                  stripe_account_id=f"acct_sandbox_{publisher_user.pk}")
+    r = staff_client.post(reverse("ops-payout-approve", args=[earned_payout.pk]), follow=True)
+    assert "is not sent yet" in r.content.decode()  # a real transfer needs Stripe
+    earned_payout.refresh_from_db()
+    assert earned_payout.status == PayoutStatus.APPROVED

@@ -166,7 +166,8 @@ def test_dashboard_polls_while_precomputing_and_stops_when_done(
     assert "Ready" in html and "4,096" in html
 
 
-def test_dashboard_empty(publisher_client) -> None:
+def test_dashboard_empty(publisher_client, settings) -> None:
+    settings.SANDBOX_MODE = False  # payouts through Stripe (sandbox mode simulates them)
     html = publisher_client.get(reverse("publisher-dashboard")).content.decode()
     assert "No documents yet" in html and "hx-trigger" not in html
     assert "Set up payouts with Stripe" in html
@@ -270,7 +271,8 @@ def test_unlist_explains_live_licenses_and_relist(
 # --- Stripe Connect -----------------------------------------------------------------------------
 
 
-def test_connect_without_stripe_shows_a_message(publisher_client, stripe_off) -> None:
+def test_connect_without_stripe_shows_a_message(publisher_client, stripe_off, settings) -> None:
+    settings.SANDBOX_MODE = False
     r = publisher_client.post(reverse("publisher-connect"), follow=True)
     assert r.redirect_chain[-1][0] == reverse("publisher-dashboard")
     html = r.content.decode()
