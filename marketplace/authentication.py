@@ -10,7 +10,7 @@ from marketplace.services.accounts import touch_api_key
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
-    def authenticate(self, request):  # noqa: ANN001, ANN201
+    def authenticate(self, request):
         header = authentication.get_authorization_header(request).decode("latin-1")
         if not header:
             return None
@@ -23,7 +23,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         touch_api_key(api_key=api_key)
         return api_key.user, api_key
 
-    def authenticate_header(self, request) -> str:  # noqa: ANN001
+    def authenticate_header(self, request) -> str:
         # A WWW-Authenticate header makes DRF answer 401 (not 403) to unauthenticated calls.
         return f'{self.keyword} realm="api"'
 
@@ -32,5 +32,5 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
     target_class = "marketplace.authentication.ApiKeyAuthentication"
     name = "ApiKey"
 
-    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201
+    def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "description": "An agent API key."}

@@ -33,7 +33,7 @@ def model_config(slug: str) -> dict[str, Any]:
         raise UnknownModel(f"Unknown model {slug!r}.") from None
 
 
-def get_store():  # noqa: ANN201 - inference.KVStore
+def get_store():
     """The process-wide KV store (disk tier under settings.KV_STORE_DIR, plus host/GPU tiers)."""
     global _store
     if _store is None:
@@ -72,7 +72,7 @@ def _cuda_wanted() -> bool:
     return any(runs_on_cuda(slug) for slug in settings.KVMARKET_MODELS)
 
 
-def get_loaded(slug: str):  # noqa: ANN201 - inference.LoadedModel
+def get_loaded(slug: str):
     import inference
 
     cfg = model_config(slug)
@@ -391,7 +391,7 @@ def hot_keys(limit: int = 1000) -> list[str]:
     return _store.memory_keys()[:limit]
 
 
-def artifact_path(artifact_key: str):  # noqa: ANN201 - pathlib.Path | None
+def artifact_path(artifact_key: str):
     """The artifact's file on local disk (None when this process's store does not have it)."""
     store = get_store()
     if not store.contains(artifact_key):

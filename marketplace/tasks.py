@@ -37,7 +37,7 @@ def enqueue_precompute(*, document_id: int, model_slug: str) -> str:
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noqa: ANN001
+def precompute_document(self, document_id: int) -> dict[str, Any] | None:
     """Prefill a document's KV, verify it, record it on the Document.
 
     Idempotent: a ready document is skipped, and the artifact is content-addressed, so a
@@ -94,7 +94,7 @@ def precompute_document(self, document_id: int) -> dict[str, Any] | None:  # noq
     return {"ok": True, "key": result["key"], "n_tokens": result["n_tokens"]}
 
 
-def _precompute_adopting(document, progress, should_cancel) -> dict[str, Any]:  # noqa: ANN001
+def _precompute_adopting(document, progress, should_cancel) -> dict[str, Any]:
     """engine.precompute, checking the payload hash of an artifact that was already there
     (say, written by a worker killed before it recorded it): adopted when it verifies,
     deleted and computed again when it does not."""

@@ -92,7 +92,7 @@ class ApiKeyRateThrottle(SimpleRateThrottle):
     def get_rate(self) -> str | None:
         return getattr(settings, "API_KEY_THROTTLE_RATE", None) or super().get_rate()
 
-    def get_cache_key(self, request, view):  # noqa: ANN001, ANN201
+    def get_cache_key(self, request, view):
         api_key = getattr(request, "auth", None)
         ident = f"key:{api_key.pk}" if api_key is not None else f"ip:{self.get_ident(request)}"
         return self.cache_format % {"scope": self.scope, "ident": ident}

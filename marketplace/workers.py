@@ -37,7 +37,7 @@ def cuda_models_served(queue_names: Iterable[str]) -> list[str]:
 
 
 @worker_ready.connect(weak=False)
-def prepare_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
+def prepare_models(sender, **_: object) -> None:
     """Load every model this worker serves before it takes a task or announces itself, and
     run each CUDA model's fast path once: loading (a GGUF model's first start also converts
     it), Triton's kernel compiles and cuBLAS's choices take seconds that an agent should not
@@ -68,7 +68,7 @@ def prepare_models(sender, **_: object) -> None:  # noqa: ANN001 - a celery Cons
 
 
 @worker_ready.connect(weak=False)
-def start_load_endpoint(sender, **_: object) -> None:  # noqa: ANN001 - a celery Consumer
+def start_load_endpoint(sender, **_: object) -> None:
     """Serve this worker's models over HTTP (after prepare_models above: connected in order)."""
     from marketplace import worker_server
 

@@ -33,7 +33,7 @@ def password() -> str:
 
 
 @pytest.fixture
-def agent_user(db):  # noqa: ANN001, ANN201
+def agent_user(db):
     from marketplace.models import Role
     from tests.support.accounts import make_user
 
@@ -41,7 +41,7 @@ def agent_user(db):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def publisher_user(db):  # noqa: ANN001, ANN201
+def publisher_user(db):
     from marketplace.models import Role
     from tests.support.accounts import make_user
 
@@ -49,7 +49,7 @@ def publisher_user(db):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def staff_user(db):  # noqa: ANN001, ANN201
+def staff_user(db):
     from marketplace.models import Role
     from tests.support.accounts import make_user
 
@@ -57,14 +57,14 @@ def staff_user(db):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def agent_key(agent_user) -> str:  # noqa: ANN001
+def agent_key(agent_user) -> str:
     from tests.support.accounts import make_api_key
 
     return make_api_key(agent_user)
 
 
 @pytest.fixture
-def api_client(agent_key: str):  # noqa: ANN201
+def api_client(agent_key: str):
     from rest_framework.test import APIClient
 
     client = APIClient()
@@ -73,14 +73,14 @@ def api_client(agent_key: str):  # noqa: ANN201
 
 
 @pytest.fixture
-def anon_api_client():  # noqa: ANN201
+def anon_api_client():
     from rest_framework.test import APIClient
 
     return APIClient()
 
 
 @pytest.fixture
-def celery_worker_factory(transactional_db) -> Iterator[Callable[..., CeleryWorker]]:  # noqa: ANN001
+def celery_worker_factory(transactional_db) -> Iterator[Callable[..., CeleryWorker]]:
     with contextlib.ExitStack() as stack:
 
         def start(queues: list[str], **kwargs) -> CeleryWorker:
@@ -90,14 +90,14 @@ def celery_worker_factory(transactional_db) -> Iterator[Callable[..., CeleryWork
 
 
 @pytest.fixture(scope="session")
-def live_server(django_db_setup, live_server):  # noqa: ANN001, ANN201
+def live_server(django_db_setup, live_server):
     """pytest-django's live server, set up after (so torn down before) the test database:
     its thread's connection is closed before the test database is dropped."""
     return live_server
 
 
 @pytest.fixture
-def browser_page(artifacts_dir: Path):  # noqa: ANN201
+def browser_page(artifacts_dir: Path):
     """A playwright Page in Debian's chromium (skips when /usr/bin/chromium is missing)."""
     from tests.support.browser import chromium_available, chromium_page
 

@@ -119,7 +119,7 @@ class MarketplaceView(APIView):
     # Session auth enforces CSRF on writes (the publisher's pages and htmx polling use it).
     authentication_classes = [ApiKeyAuthentication, authentication.SessionAuthentication]
 
-    def handle_exception(self, exc: Exception):  # noqa: ANN201
+    def handle_exception(self, exc: Exception):
         return super().handle_exception(to_api_error(exc))
 
 

@@ -75,7 +75,7 @@ class DocumentCreateForm(forms.Form):
             f"UTF-8 text, at most {limit:,} bytes. Give either pasted text or a file, not both."
         )
 
-    def clean_file(self):  # noqa: ANN201
+    def clean_file(self):
         upload = self.cleaned_data.get("file")
         if not upload:
             return None

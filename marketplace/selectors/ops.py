@@ -66,7 +66,7 @@ def _loads_behind(payout: Payout) -> tuple[int, list[dict]]:
     return loads.count(), documents
 
 
-def _rows(payouts) -> list[PayoutRow]:  # noqa: ANN001 - a Payout queryset
+def _rows(payouts) -> list[PayoutRow]:
     payouts = list(payouts)
     connects = {c.publisher_id: c for c in ConnectAccount.objects.filter(
         publisher_id__in={p.publisher_id for p in payouts})}
@@ -78,7 +78,7 @@ def _rows(payouts) -> list[PayoutRow]:  # noqa: ANN001 - a Payout queryset
     return rows
 
 
-def _payouts():  # noqa: ANN202
+def _payouts():
     return Payout.objects.select_related("publisher")
 
 

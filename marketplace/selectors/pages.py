@@ -112,7 +112,7 @@ def any_precomputing(publisher: User) -> bool:
     return documents_of(publisher).filter(status__in=ACTIVE_STATUSES).exists()
 
 
-def connect_account_of(publisher: User):  # noqa: ANN201 - ledger.models.ConnectAccount | None
+def connect_account_of(publisher: User):
     from ledger.models import ConnectAccount
 
     return ConnectAccount.objects.filter(publisher=publisher).first()
@@ -125,7 +125,7 @@ def document_daily(*, publisher: User, document: Document, days: int = 30) -> li
     return publisher_earnings(publisher, days=days, document_ref=document_ref(document))["days"]
 
 
-def _plain(value) -> str:  # noqa: ANN001
+def _plain(value) -> str:
     """A Decimal without trailing zeros, never in exponent form: 0.100000 -> "0.1"."""
     from decimal import Decimal
 
@@ -198,7 +198,7 @@ STEPS = (
 )
 
 
-def precompute_progress(document: Document, *, now=None) -> dict[str, Any]:  # noqa: ANN001
+def precompute_progress(document: Document, *, now=None) -> dict[str, Any]:
     """The steps of a running precompute (done / current / to do) and an estimate of the time
     left: the prefill's remaining tokens at its rate so far; verification re-runs the prefill
     about twice (a two-step prefill and a one-shot one), so it is estimated at twice the

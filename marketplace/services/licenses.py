@@ -140,7 +140,7 @@ def revoke_license(*, license: License) -> License:
     return _close(license=license, status=LicenseStatus.REVOKED)
 
 
-def expire_licenses(*, now=None) -> int:  # noqa: ANN001
+def expire_licenses(*, now=None) -> int:
     """Close licenses past their expiry and refund unused escrow. Returns how many closed."""
     from marketplace.models import LoadStatus
 

@@ -91,7 +91,7 @@ def percent(value: float | None, digits: int = 1) -> str:
 
 
 @register.filter
-def get_item(mapping: dict, key: str):  # noqa: ANN201
+def get_item(mapping: dict, key: str):
     return mapping.get(key) if isinstance(mapping, dict) else None
 
 

@@ -37,7 +37,7 @@ def role_home_url(user: User) -> str:
     return reverse("home")
 
 
-def agent_required(view):  # noqa: ANN001, ANN201
+def agent_required(view):
     """Logged-in agents only; others get a 403 page that says why."""
 
     @wraps(view)

@@ -26,7 +26,7 @@ from marketplace.selectors import ops as ops_selectors
 log = logging.getLogger(__name__)
 
 
-def staff_required(view):  # noqa: ANN001, ANN201
+def staff_required(view):
     """Logged-in staff only; others get a 403 page that says why."""
 
     @wraps(view)

@@ -36,7 +36,7 @@ POLL_SECONDS = 1
 CHART_DAYS = 30
 
 
-def publisher_required(view):  # noqa: ANN001, ANN201
+def publisher_required(view):
     """Logged-in publishers only; others get a 403 page that says why."""
 
     @wraps(view)

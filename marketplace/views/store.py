@@ -73,7 +73,7 @@ def _wallet(request: HttpRequest) -> int | None:
     return None
 
 
-def quickstart(request: HttpRequest, *, document, license_id: int | None,  # noqa: ANN001
+def quickstart(request: HttpRequest, *, document, license_id: int | None,
                question: str) -> dict:
     """The snippets of a document page and the licenses page, with the real ids."""
     return {

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.django_db
 NEW_PASSWORD = "another-Secret-42!"
 
 
-def _signup(client, **overrides):  # noqa: ANN001, ANN202
+def _signup(client, **overrides):
     data = {
         "role": "publisher",
         "email": "Pub.Lisher@Example.test",

@@ -16,13 +16,13 @@ from django.db import OperationalError
 pytestmark = pytest.mark.django_db
 
 
-def _error(response) -> dict:  # noqa: ANN001
+def _error(response) -> dict:
     assert response["Content-Type"].startswith("application/json"), response.content[:200]
     return response.json()["error"]
 
 
 @pytest.fixture(params=[False, True], ids=["debug-off", "debug-on"])
-def debug(request, settings) -> bool:  # noqa: ANN001
+def debug(request, settings) -> bool:
     settings.DEBUG = request.param
     return request.param
 
@@ -43,7 +43,7 @@ def test_page_404_stays_html(client, debug) -> None:
 def test_unhandled_exception_is_json_500_without_trace(api_client, debug, monkeypatch) -> None:
     from marketplace.api import documents
 
-    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def boom(*args, **kwargs):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(documents, "documents_visible_to", boom)
@@ -115,7 +115,7 @@ def test_lone_surrogate_in_chat_message_is_422_before_dispatch(api_client, agent
 def test_database_outage_is_503_json_with_retry_after(api_client, monkeypatch) -> None:
     from marketplace.api import documents
 
-    def down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def down(*args, **kwargs):
         raise OperationalError("connection refused")
 
     monkeypatch.setattr(documents, "documents_visible_to", down)
@@ -130,7 +130,7 @@ def test_broker_outage_is_503_json_with_retry_after(api_client, monkeypatch) -> 
 
     from marketplace.api import documents
 
-    def down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def down(*args, **kwargs):
         raise BrokerError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
     monkeypatch.setattr(documents, "documents_visible_to", down)
@@ -143,7 +143,7 @@ def test_broker_outage_is_503_json_with_retry_after(api_client, monkeypatch) -> 
 # --- Stripe webhook: a valid signature on an unexpected shape --------------------------------
 
 
-def _signed_post(client, payload: str, secret: str = "whsec_test"):  # noqa: ANN001, ANN202
+def _signed_post(client, payload: str, secret: str = "whsec_test"):
     import stripe
 
     header = stripe.WebhookSignature.generate_signature_header(payload, secret)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 KEY_RE = re.compile(r"kvm_[A-Za-z0-9_\-]{40,}")
 
 
-def _create_key_in_browser(client, name: str = "my agent") -> str:  # noqa: ANN001
+def _create_key_in_browser(client, name: str = "my agent") -> str:
     response = client.post(reverse("api-key-create"), {"name": name})
     assert response.status_code == 200
     assert response["Cache-Control"] == "no-store"

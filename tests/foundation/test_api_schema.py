@@ -41,14 +41,14 @@ expected-statuses = ["2xx", "3xx", "4xx", "503"]
 
 
 @pytest.fixture
-def stripe_stub(settings):  # noqa: ANN001, ANN201
+def stripe_stub(settings):
     from tests.ledger.stripe_stubs import API, checkout_session
 
     settings.STRIPE_SECRET_KEY = "sk_test_kvmarket_schema"
     settings.STRIPE_API_BASE = ""
     numbers = itertools.count(1)
 
-    def create_session(request):  # noqa: ANN001, ANN202
+    def create_session(request):
         body = checkout_session(f"cs_schema_{next(numbers)}", amount_cents=100, agent_id=0,
                                 paid=False)
         return 200, {}, json.dumps(body)
@@ -60,7 +60,7 @@ def stripe_stub(settings):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def ready_document_with_artifact(publisher_user, tmp_path, settings):  # noqa: ANN001, ANN201
+def ready_document_with_artifact(publisher_user, tmp_path, settings):
     from marketplace import engine
     from tests.marketplace.conftest import make_ready_document
     from tests.marketplace.integration import DOCUMENT_TEXT

@@ -26,7 +26,7 @@ def _fresh_throttle_fallback() -> Iterator[None]:
 
 
 @pytest.fixture
-def cache_down(settings) -> None:  # noqa: ANN001
+def cache_down(settings) -> None:
     settings.CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -76,7 +76,7 @@ def test_throttle_goes_back_to_the_shared_cache(api_client, settings, caplog) ->
 def test_healthz_is_liveness_only(client, monkeypatch) -> None:
     from django.db import connection
 
-    def down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def down(*args, **kwargs):
         raise OperationalError("the database is down")
 
     monkeypatch.setattr(connection, "cursor", down)
@@ -119,7 +119,7 @@ def test_readyz_is_503_when_the_broker_is_down(client, monkeypatch) -> None:
 def test_readyz_is_503_when_the_database_is_down(client, monkeypatch) -> None:
     from django.db import connection
 
-    def down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def down(*args, **kwargs):
         raise OperationalError("connection refused")
 
     monkeypatch.setattr(connection, "cursor", down)

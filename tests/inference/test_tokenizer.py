@@ -10,7 +10,7 @@ from inference import tokenizer as token_counting
 
 
 @pytest.fixture(autouse=True)
-def _no_cached_counters(monkeypatch) -> None:  # noqa: ANN001
+def _no_cached_counters(monkeypatch) -> None:
     monkeypatch.setattr(token_counting, "_COUNTERS", {})
 
 

@@ -44,7 +44,7 @@ def _stripe_settings(settings):
     settings.PAYOUT_THRESHOLD_NANO_USD = 10 * 10**9
 
 
-def insert_unbalanced_transaction(cur, account_id: int) -> None:  # noqa: ANN001
+def insert_unbalanced_transaction(cur, account_id: int) -> None:
     """Raw SQL: a 'raw' top-up transaction with one +5 posting on the account (sums to 5)."""
     cur.execute(
         "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"

@@ -13,13 +13,13 @@ from tests.support.factories import ReadyDocumentFactory
 from tests.support.money import NANO, fund  # noqa: F401 (re-exported for the tests)
 
 
-def wallet(agent) -> int:  # noqa: ANN001
+def wallet(agent) -> int:
     from ledger.selectors import wallet_balance
 
     return wallet_balance(agent)
 
 
-def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = None,  # noqa: ANN001
+def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = None,
                         listed: bool = True, text: str | None = None) -> Document:
     fields = {"text": text} if text else {}
     return ReadyDocumentFactory(
@@ -28,18 +28,18 @@ def make_ready_document(publisher, *, n_tokens: int = 1000, price: int | None = 
 
 
 @pytest.fixture
-def funded_agent(agent_user):  # noqa: ANN001, ANN201
+def funded_agent(agent_user):
     fund(agent_user, amount_nano=10 * NANO)
     return agent_user
 
 
 @pytest.fixture
-def ready_document(publisher_user) -> Document:  # noqa: ANN001
+def ready_document(publisher_user) -> Document:
     return make_ready_document(publisher_user)
 
 
 @pytest.fixture
-def other_agent_client(db):  # noqa: ANN001, ANN201
+def other_agent_client(db):
     from rest_framework.test import APIClient
 
     agent = make_user(role=Role.AGENT)
@@ -51,7 +51,7 @@ def other_agent_client(db):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def publisher_client(publisher_user):  # noqa: ANN001, ANN201
+def publisher_client(publisher_user):
     from rest_framework.test import APIClient
 
     client = APIClient()
@@ -89,7 +89,7 @@ class FakeStream:
         events.append({"type": "final", **final, "worker": self.worker})
         self.events = events
 
-    def __iter__(self):  # noqa: ANN204 - one iterator: iterating again resumes
+    def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -108,14 +108,14 @@ class FakeWorker:
         self.calls: list[dict[str, Any]] = []
         self.behaviour: Callable[[dict[str, Any]], dict[str, Any]] = lambda call: dict(FAKE_RESULT)
 
-    def __call__(self, *, load, document, params, timeout, exclude=frozenset()):  # noqa: ANN001, ANN204
+    def __call__(self, *, load, document, params, timeout, exclude=frozenset()):
         call = {"load": load, "document": document, "params": params, "timeout": timeout}
         self.calls.append(call)
         return FakeStream(self.behaviour(call))
 
 
 @pytest.fixture
-def fake_worker(monkeypatch) -> FakeWorker:  # noqa: ANN001
+def fake_worker(monkeypatch) -> FakeWorker:
     from marketplace.services import completions
 
     worker = FakeWorker()
@@ -124,6 +124,6 @@ def fake_worker(monkeypatch) -> FakeWorker:  # noqa: ANN001
 
 
 @pytest.fixture(autouse=True)
-def _fast_password_hashing(settings) -> None:  # noqa: ANN001
+def _fast_password_hashing(settings) -> None:
     """Users are made in almost every test; PBKDF2 would dominate the runtime."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -21,7 +21,7 @@ DOC = (
 
 
 @pytest.fixture
-def artifact_key(settings, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+def artifact_key(settings, tmp_path, monkeypatch):
     settings.KV_STORE_DIR = tmp_path / "kv"
     engine.reset_store()
     monkeypatch.setenv("KVMARKET_FASTPATH", "1")  # the GPU path's batching, eagerly on CPU

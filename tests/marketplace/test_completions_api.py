@@ -17,20 +17,20 @@ pytestmark = pytest.mark.django_db
 CHAT = "/api/v1/chat/completions"
 
 
-def buy(client, document, loads=3) -> dict:  # noqa: ANN001
+def buy(client, document, loads=3) -> dict:
     r = client.post("/api/v1/licenses", {"document": document.pk, "loads": loads}, format="json")
     assert r.status_code == 201, r.content
     return r.json()
 
 
-def chat_body(document, license, **extra) -> dict:  # noqa: ANN001
+def chat_body(document, license, **extra) -> dict:
     return {
         "model": "tiny-qwen3", "document": document.pk, "license": license["id"],
         "messages": [{"role": "user", "content": "What is this about?"}], **extra,
     }
 
 
-def payable(publisher) -> int:  # noqa: ANN001
+def payable(publisher) -> int:
     from ledger.selectors import payable_balance
 
     return payable_balance(publisher)
@@ -95,7 +95,7 @@ def test_failed_load_is_not_charged_and_retry_charges_once(
     lic = buy(api_client, ready_document)
     before = wallet(funded_agent)
 
-    def boom(call):  # noqa: ANN001, ANN202
+    def boom(call):
         raise MarketplaceError(code="generation_failed", message="worker died", status=502)
 
     fake_worker.behaviour = boom
@@ -123,7 +123,7 @@ def test_timeout_is_504_and_not_charged(api_client, funded_agent, ready_document
     lic = buy(api_client, ready_document)
     before = wallet(funded_agent)
 
-    def slow(call):  # noqa: ANN001, ANN202
+    def slow(call):
         raise CompletionTimeout(call["timeout"])
 
     fake_worker.behaviour = slow
@@ -138,7 +138,7 @@ def test_timeout_is_504_and_not_charged(api_client, funded_agent, ready_document
 def test_engine_rejection_is_422(api_client, funded_agent, ready_document, fake_worker):
     lic = buy(api_client, ready_document)
 
-    def bad(call):  # noqa: ANN001, ANN202
+    def bad(call):
         raise MarketplaceError(code="invalid_request", message="bad stop", status=422)
 
     fake_worker.behaviour = bad
@@ -261,7 +261,7 @@ def test_wallet_that_cannot_pay_output_is_402(api_client, agent_user, publisher_
     assert License.objects.get(pk=lic["id"]).loads_used == 0
 
 
-def _events(response) -> list:  # noqa: ANN001
+def _events(response) -> list:
     raw = b"".join(response.streaming_content).decode()
     assert raw.endswith("data: [DONE]\n\n")
     events = [e for e in raw.split("\n\n") if e]

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def sent_tasks(monkeypatch) -> list[int]:  # noqa: ANN001
+def sent_tasks(monkeypatch) -> list[int]:
     """Precompute tasks sent (recorded at the enqueue boundary, never run)."""
     sent: list[int] = []
 
@@ -29,7 +29,7 @@ TOO_LONG = "hello world " * 2100
 FITS = "hello world " * 500
 
 
-def _post(publisher_client, text: str):  # noqa: ANN001, ANN202
+def _post(publisher_client, text: str):
     body = json.dumps({"title": "Long", "text": text, "model": "tiny-qwen3"})
     return publisher_client.post("/api/v1/documents", body, content_type="application/json")
 

@@ -32,12 +32,12 @@ skip_module_unless_worker_can_run()
 
 
 @pytest.fixture(scope="module")
-def kv_dir(tmp_path_factory):  # noqa: ANN201
+def kv_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kv")
 
 
 @pytest.fixture(scope="module")
-def gpu_worker(django_db_setup, django_db_blocker, kv_dir):  # noqa: ANN001, ANN201
+def gpu_worker(django_db_setup, django_db_blocker, kv_dir):
     with django_db_blocker.unblock(), start_celery_worker(
         GPU_QUEUES, extra_env={"KV_STORE_DIR": str(kv_dir)}, ready_timeout=120
     ) as worker:
@@ -45,7 +45,7 @@ def gpu_worker(django_db_setup, django_db_blocker, kv_dir):  # noqa: ANN001, ANN
 
 
 @pytest.fixture(autouse=True)
-def _same_store(settings, kv_dir):  # noqa: ANN001
+def _same_store(settings, kv_dir):
     """This process (KV downloads, direct engine calls) reads the worker's store."""
     from marketplace import engine, registry
 
@@ -56,7 +56,7 @@ def _same_store(settings, kv_dir):  # noqa: ANN001
     engine.reset_store()
 
 
-def _publish(publisher_client, text: str = DOCUMENT_TEXT) -> Document:  # noqa: ANN001
+def _publish(publisher_client, text: str = DOCUMENT_TEXT) -> Document:
     r = publisher_client.post(
         "/api/v1/documents", {"title": "Skerry Point", "text": text, "model": "tiny-qwen3"},
         format="json",

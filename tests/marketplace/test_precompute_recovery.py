@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def sent(monkeypatch) -> list[int]:  # noqa: ANN001
+def sent(monkeypatch) -> list[int]:
     sent: list[int] = []
 
     def enqueue(*, document_id: int, model_slug: str) -> str:
@@ -32,13 +32,13 @@ def sent(monkeypatch) -> list[int]:  # noqa: ANN001
 
 
 @pytest.fixture(autouse=True)
-def _short_staleness(settings) -> None:  # noqa: ANN001
+def _short_staleness(settings) -> None:
     settings.PRECOMPUTE_STALE_SECONDS = 30
     settings.PRECOMPUTE_HEARTBEAT_SECONDS = 0.2
     settings.PRECOMPUTE_MAX_ATTEMPTS = 3
 
 
-def _precomputing(publisher, *, beat_seconds_ago: float, attempts: int = 1) -> Document:  # noqa: ANN001
+def _precomputing(publisher, *, beat_seconds_ago: float, attempts: int = 1) -> Document:
     document = Document.objects.create(
         publisher=publisher, title="t", text="Some text.", model_slug="tiny-qwen3",
         status=DocumentStatus.PRECOMPUTING, precompute_attempts=attempts,

@@ -34,7 +34,7 @@ WORKER_ENV = {"PRECOMPUTE_HEARTBEAT_SECONDS": "0.3", "PRECOMPUTE_STALE_SECONDS":
 
 
 @pytest.fixture
-def kv_dir(tmp_path, settings, monkeypatch):  # noqa: ANN001, ANN201
+def kv_dir(tmp_path, settings, monkeypatch):
     from marketplace import engine
 
     path = tmp_path / "kv"
@@ -85,7 +85,7 @@ def test_precompute_killed_mid_prefill_is_queued_again_and_finishes(
           f"after the kill ({recovered_in:.1f} s of sweeps)")
 
 
-def _dead_worker_left_an_artifact(publisher_user, text: str):  # noqa: ANN001, ANN202
+def _dead_worker_left_an_artifact(publisher_user, text: str):
     """A document whose worker wrote its artifact and died before recording it."""
     from marketplace import engine
 

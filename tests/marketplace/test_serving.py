@@ -34,12 +34,12 @@ QUESTION = [{"role": "user", "content": "What did the keeper write every evening
 
 
 @pytest.fixture(scope="module")
-def kv_dir(tmp_path_factory):  # noqa: ANN201
+def kv_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kv")
 
 
 @pytest.fixture
-def artifact(settings, kv_dir) -> dict:  # noqa: ANN001
+def artifact(settings, kv_dir) -> dict:
     settings.KV_STORE_DIR = kv_dir
     engine.reset_store()
     yield engine.precompute(slug=SLUG, text=TEXT)
@@ -47,7 +47,7 @@ def artifact(settings, kv_dir) -> dict:  # noqa: ANN001
 
 
 @pytest.fixture
-def worker(artifact):  # noqa: ANN001, ANN201
+def worker(artifact):
     server = worker_server.WorkerServer(name="inproc@test", model_slugs=[SLUG],
                                         host="127.0.0.1", port=0)
     server.start(heartbeat=False)
@@ -62,7 +62,7 @@ def worker(artifact):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def document(publisher_user, artifact) -> Document:  # noqa: ANN001
+def document(publisher_user, artifact) -> Document:
     return Document.objects.create(
         publisher=publisher_user, title="Skerry Point", text=TEXT, model_slug=SLUG,
         status=DocumentStatus.READY, n_tokens=artifact["n_tokens"],
@@ -72,7 +72,7 @@ def document(publisher_user, artifact) -> Document:  # noqa: ANN001
 
 
 @pytest.fixture
-def license_id(api_client, agent_user, document) -> int:  # noqa: ANN001
+def license_id(api_client, agent_user, document) -> int:
     fund(agent_user, amount_nano=5 * NANO)
     r = api_client.post("/api/v1/licenses", {"document": document.pk, "loads": 5},
                         format="json")
@@ -92,17 +92,17 @@ def _settlements() -> int:
 
 
 @pytest.fixture
-def slow_engine(monkeypatch):  # noqa: ANN001, ANN201
+def slow_engine(monkeypatch):
     """Each engine item (delta or result) takes 0.15 s more; records how far it got."""
     import inference
 
     real = inference.generate_stream
     state = {"items": 0, "finished": False, "closed": threading.Event()}
 
-    def slow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def slow(*args, **kwargs):
         inner = real(*args, **kwargs)
 
-        def items():  # noqa: ANN202
+        def items():
             try:
                 for item in inner:
                     time.sleep(0.15)
@@ -119,7 +119,7 @@ def slow_engine(monkeypatch):  # noqa: ANN001, ANN201
     return state
 
 
-def _sse_events(chunks) -> list[dict]:  # noqa: ANN001
+def _sse_events(chunks) -> list[dict]:
     out = []
     for raw in b"".join(chunks).decode().split("\n\n"):
         if raw.startswith("data: ") and raw != "data: [DONE]":
@@ -240,7 +240,7 @@ def test_no_live_worker_is_503_with_retry_after_and_uncharged(
 def test_a_busy_worker_is_429_with_retry_after_and_uncharged(
     worker, api_client, document, license_id, monkeypatch
 ):
-    def full(self, job):  # noqa: ANN001, ANN202
+    def full(self, job):
         raise engine.Busy("full")
 
     monkeypatch.setattr(engine.Scheduler, "submit", full)
@@ -273,7 +273,7 @@ def test_a_failed_charge_leaves_the_load_served_and_it_is_charged_once_later(
     real = ledger_services.settle_load
     failures = {"left": completions.CHARGE_ATTEMPTS}  # every attempt of the request fails
 
-    def flaky(**kwargs):  # noqa: ANN003, ANN202
+    def flaky(**kwargs):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise RuntimeError("the database went away mid-charge")

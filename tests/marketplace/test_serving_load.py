@@ -44,12 +44,12 @@ QUESTION = [{"role": "user", "content": "What did the keeper write every evening
 
 
 @pytest.fixture(scope="module")
-def kv_dir(tmp_path_factory):  # noqa: ANN201
+def kv_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kv")
 
 
 @pytest.fixture(scope="module")
-def artifact(kv_dir) -> dict:  # noqa: ANN001
+def artifact(kv_dir) -> dict:
     """Precomputed once in this process into the workers' KV directory."""
     from django.conf import settings
 
@@ -66,7 +66,7 @@ def artifact(kv_dir) -> dict:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def gpu_workers(django_db_setup, django_db_blocker, kv_dir, artifact):  # noqa: ANN001, ANN201
+def gpu_workers(django_db_setup, django_db_blocker, kv_dir, artifact):
     env = {"KV_STORE_DIR": str(kv_dir), "GPU_WORKER_HEARTBEAT_SECONDS": "0.5"}
     with django_db_blocker.unblock(), \
             start_celery_worker(GPU_QUEUES, extra_env=env, ready_timeout=180) as first, \
@@ -75,7 +75,7 @@ def gpu_workers(django_db_setup, django_db_blocker, kv_dir, artifact):  # noqa: 
 
 
 @pytest.fixture
-def document(gpu_workers, transactional_db, publisher_user, artifact) -> Document:  # noqa: ANN001
+def document(gpu_workers, transactional_db, publisher_user, artifact) -> Document:
     for worker in gpu_workers:
         wait_for_live_worker(worker.hostname)
     return Document.objects.create(
@@ -150,7 +150,7 @@ def test_16_agents_on_one_document_at_once_are_each_served_and_charged_once(
     assert_ledger_invariants()
 
 
-def _workers(document: Document) -> list:  # noqa: ANN001
+def _workers(document: Document) -> list:
     registry.forget()
     return [type("W", (), {"hostname": w.name})
             for w in registry.workers_for(slug=SLUG, artifact_key=document.artifact_key)]

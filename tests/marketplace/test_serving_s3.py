@@ -35,7 +35,7 @@ BUCKET = "kvmarket-test"
 
 
 @pytest.fixture
-def s3_endpoint():  # noqa: ANN201
+def s3_endpoint():
     import boto3
 
     with socket.socket() as sock:
@@ -50,7 +50,7 @@ def s3_endpoint():  # noqa: ANN201
     server.stop()
 
 
-def _env(kv_dir, endpoint: str) -> dict[str, str]:  # noqa: ANN001
+def _env(kv_dir, endpoint: str) -> dict[str, str]:
     return {"KV_STORE_DIR": str(kv_dir), "KV_S3_BUCKET": BUCKET, "KV_S3_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1", "GPU_WORKER_HEARTBEAT_SECONDS": "0.5"}

@@ -17,7 +17,7 @@ def _result(key: str = "a" * 64, n: int = 40, reused: bool = False) -> dict:
 
 
 @pytest.fixture
-def queued_document(publisher_user) -> Document:  # noqa: ANN001
+def queued_document(publisher_user) -> Document:
     return Document.objects.create(
         publisher=publisher_user, title="t", text="Some text.", model_slug="tiny-qwen3",
         status=DocumentStatus.QUEUED,
@@ -29,7 +29,7 @@ def test_precompute_task_records_progress_and_result(queued_document, monkeypatc
 
     seen = []
 
-    def fake(*, slug, text, progress, should_cancel):  # noqa: ANN001, ANN202
+    def fake(*, slug, text, progress, should_cancel):
         assert slug == "tiny-qwen3" and text == "Some text."
         for done in (10, 20, 30, 40):
             progress(done, 40)
@@ -61,7 +61,7 @@ def test_precompute_progress_is_throttled(queued_document, monkeypatch):
         lambda **kw: writes.append(kw["tokens_done"]) or real(**kw),
     )
 
-    def fake(*, slug, text, progress, should_cancel):  # noqa: ANN001, ANN202
+    def fake(*, slug, text, progress, should_cancel):
         for done in range(1, 1001):
             progress(done, 1000)
         return _result(n=1000)
@@ -75,7 +75,7 @@ def test_precompute_failure_is_recorded(queued_document, monkeypatch):
     from inference.errors import DocumentTooLong
     from marketplace import engine, tasks
 
-    def fake(**kw):  # noqa: ANN003, ANN202
+    def fake(**kw):
         raise DocumentTooLong("The document has 9000 tokens; the model takes 2048.")
 
     monkeypatch.setattr(engine, "precompute", fake)
@@ -109,7 +109,7 @@ def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
     class Result:
         id = "tid"
 
-    def fake_apply_async(*, args, queue):  # noqa: ANN001, ANN202
+    def fake_apply_async(*, args, queue):
         sent.update(args=args, queue=queue)
         return Result()
 
@@ -121,7 +121,7 @@ def test_enqueue_goes_to_the_models_gpu_queue(queued_document, monkeypatch):
 # --- routing -------------------------------------------------------------------------------
 
 
-def _info(name: str, *, models=("tiny-qwen3",), hot=()) -> registry.WorkerInfo:  # noqa: ANN001
+def _info(name: str, *, models=("tiny-qwen3",), hot=()) -> registry.WorkerInfo:
     return registry.WorkerInfo(name=name, url=f"http://{name}", model_slugs=tuple(models),
                                hot_keys=frozenset(hot), in_flight=0)
 

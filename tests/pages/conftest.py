@@ -17,29 +17,29 @@ from tests.support.money import NANO, fund  # noqa: F401 (re-exported for the te
 _seq = itertools.count(1)
 
 
-def login_client(user) -> Client:  # noqa: ANN001
+def login_client(user) -> Client:
     client = Client()
     client.force_login(user)
     return client
 
 
 @pytest.fixture
-def publisher_client(publisher_user) -> Client:  # noqa: ANN001
+def publisher_client(publisher_user) -> Client:
     return login_client(publisher_user)
 
 
 @pytest.fixture
-def other_publisher(db):  # noqa: ANN001, ANN201
+def other_publisher(db):
     return make_user(role=Role.PUBLISHER, display_name="Other Publisher")
 
 
 @pytest.fixture
-def other_publisher_client(other_publisher) -> Client:  # noqa: ANN001
+def other_publisher_client(other_publisher) -> Client:
     return login_client(other_publisher)
 
 
 @pytest.fixture
-def agent_client(agent_user) -> Client:  # noqa: ANN001
+def agent_client(agent_user) -> Client:
     return login_client(agent_user)
 
 
@@ -49,7 +49,7 @@ class SentTasks:
 
     calls: list[dict[str, Any]] = field(default_factory=list)
 
-    def __call__(self, args=None, kwargs=None, **options):  # noqa: ANN001, ANN204
+    def __call__(self, args=None, kwargs=None, **options):
         self.calls.append({"args": list(args or []), "kwargs": kwargs or {}, **options})
         return _Sent(f"task-{next(_seq)}")
 
@@ -60,7 +60,7 @@ class _Sent:
 
 
 @pytest.fixture
-def sent_tasks(monkeypatch) -> SentTasks:  # noqa: ANN001
+def sent_tasks(monkeypatch) -> SentTasks:
     """Replace only the broker send of marketplace.tasks.precompute_document."""
     from marketplace import tasks
 
@@ -70,14 +70,14 @@ def sent_tasks(monkeypatch) -> SentTasks:  # noqa: ANN001
 
 
 @pytest.fixture
-def stripe_on(settings):  # noqa: ANN001
+def stripe_on(settings):
     settings.STRIPE_SECRET_KEY = "sk_test_kvmarket_pages"
     settings.STRIPE_API_BASE = ""
     settings.STRIPE_MAX_NETWORK_RETRIES = 0
 
 
 @pytest.fixture
-def stripe_off(settings):  # noqa: ANN001
+def stripe_off(settings):
     settings.STRIPE_SECRET_KEY = ""
 
 
@@ -88,7 +88,7 @@ VERIFICATION = {
 }
 
 
-def make_document(publisher, *, status: str = "ready", n_tokens: int = 1000,  # noqa: ANN001
+def make_document(publisher, *, status: str = "ready", n_tokens: int = 1000,
                   price: int | None = None, title: str | None = None, **fields) -> Document:
     text = fields.pop("text", f"Document text {next(_seq)}.")
     ready = status == "ready"
@@ -119,7 +119,7 @@ WORKER_RESULT = {
 }
 
 
-def settled_load(agent, document: Document, *, loads: int = 2):  # noqa: ANN001, ANN201
+def settled_load(agent, document: Document, *, loads: int = 2):
     """Buy a license and settle one load through the real services, as the API does after a
     worker's result came back (reserve_load -> charge_load)."""
     from marketplace.models import LoadKind

@@ -30,7 +30,7 @@ PASSWORD = "a-Long-enough-passw0rd"
 
 
 @pytest.fixture
-def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
+def kv_dir(tmp_path, settings):
     """The worker's KV store; this process (and its live server thread) reads the same one."""
     from marketplace import engine, registry
 
@@ -41,7 +41,7 @@ def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
     engine.reset_store()
 
 
-def _shot(page, artifacts_dir, name: str) -> None:  # noqa: ANN001
+def _shot(page, artifacts_dir, name: str) -> None:
     page.screenshot(path=artifacts_dir / f"pages-{name}.png", full_page=True)
 
 

@@ -27,11 +27,11 @@ pytestmark = [pytest.mark.browser]
 PHONE = {"width": 390, "height": 844}
 
 
-def shot(page, artifacts_dir: Path, name: str) -> None:  # noqa: ANN001
+def shot(page, artifacts_dir: Path, name: str) -> None:
     page.screenshot(path=artifacts_dir / f"store-{name}.png", full_page=True)
 
 
-def log_in(page, base: str, user) -> None:  # noqa: ANN001
+def log_in(page, base: str, user) -> None:
     """Log the browser in as ``user`` (a session made by Django's test client)."""
     client = Client()
     client.force_login(user)
@@ -42,12 +42,12 @@ def log_in(page, base: str, user) -> None:  # noqa: ANN001
     }])
 
 
-def no_sideways_scroll(page) -> int:  # noqa: ANN001
+def no_sideways_scroll(page) -> int:
     return page.evaluate("document.documentElement.scrollWidth")
 
 
 @pytest.fixture
-def shop(transactional_db):  # noqa: ANN001, ANN201
+def shop(transactional_db):
     publisher = make_user(role=Role.PUBLISHER, display_name="Skerry Press")
     other = make_user(role=Role.PUBLISHER, display_name="Harbour Books")
     agent = make_user(role=Role.AGENT, display_name="Agent Smith")

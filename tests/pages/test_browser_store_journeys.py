@@ -33,7 +33,7 @@ PASSWORD = "a-Long-enough-passw0rd"
 
 
 @pytest.fixture
-def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
+def kv_dir(tmp_path, settings):
     from marketplace import engine, registry
 
     settings.KV_STORE_DIR = tmp_path / "kv"
@@ -43,11 +43,11 @@ def kv_dir(tmp_path, settings):  # noqa: ANN001, ANN201
     engine.reset_store()
 
 
-def _shot(page, artifacts_dir, name: str) -> None:  # noqa: ANN001
+def _shot(page, artifacts_dir, name: str) -> None:
     page.screenshot(path=artifacts_dir / f"store-journey-{name}.png", full_page=True)
 
 
-def _sign_up(page, base: str, *, role: str, email: str, name: str) -> None:  # noqa: ANN001
+def _sign_up(page, base: str, *, role: str, email: str, name: str) -> None:
     page.goto(f"{base}/account/signup/?role={role}")
     page.check(f"input[value={role}]")
     page.fill("#id_email", email)
@@ -57,7 +57,7 @@ def _sign_up(page, base: str, *, role: str, email: str, name: str) -> None:  # n
     page.click("button:has-text('Sign up')")
 
 
-def _watch_steps(page, document_id: int, on_step=None) -> list[str]:  # noqa: ANN001
+def _watch_steps(page, document_id: int, on_step=None) -> list[str]:
     """The precompute steps the page showed, in order, until it shows the document ready."""
     from playwright.sync_api import Error as PlaywrightError
 

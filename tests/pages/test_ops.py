@@ -19,19 +19,19 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def stripe_keys(settings):  # noqa: ANN001
+def stripe_keys(settings):
     settings.STRIPE_SECRET_KEY = "sk_test_kvmarket_ops"
     settings.STRIPE_API_BASE = ""
     settings.STRIPE_MAX_NETWORK_RETRIES = 0
 
 
 @pytest.fixture
-def staff_client(staff_user) -> Client:  # noqa: ANN001
+def staff_client(staff_user) -> Client:
     return login_client(staff_user)
 
 
 @pytest.fixture
-def earned_payout(publisher_user, agent_user):  # noqa: ANN001, ANN201
+def earned_payout(publisher_user, agent_user):
     """A payout pending review, for a publisher who earned it from two loads."""
     doc = make_document(publisher_user, title="Tide tables", price=3 * 10**9)  # $3 a load
     fund(agent_user, amount_nano=20 * NANO)

@@ -15,7 +15,7 @@ from tests.pages.conftest import NANO, fund, make_document, settled_load
 TEXT = "Call me Ishmael. Some years ago, never mind how long precisely, I went to sea."
 
 
-def _post_create(client, **data):  # noqa: ANN001, ANN201
+def _post_create(client, **data):
     body = {"title": "Loomings", "model": "tiny-qwen3", "text": "", "price_per_load": ""}
     body.update(data)
     return client.post(reverse("document-create"), body)
@@ -64,7 +64,7 @@ def test_create_from_upload_with_price_override(
     assert len(sent_tasks.calls) == 1
 
 
-def _errors(r) -> str:  # noqa: ANN001
+def _errors(r) -> str:
     assert r.status_code == 200, r.status_code
     html = r.content.decode()
     assert 'class="errorlist' in html or 'class="form-errors"' in html, html

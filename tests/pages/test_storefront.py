@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def shelf(publisher_user, other_publisher):  # noqa: ANN001, ANN201
+def shelf(publisher_user, other_publisher):
     """Three ready documents of two publishers, one draft and one unlisted."""
     other_publisher.display_name = "Harbour Books"
     other_publisher.save()
@@ -239,7 +239,7 @@ def test_home_page_shows_live_numbers_not_a_hard_coded_claim(client: Client, she
 
 
 @pytest.mark.slow  # seeds the whole demo; in CI (make test-all)
-def test_staff_user_is_seeded_by_the_demo(db) -> None:  # noqa: ANN001
+def test_staff_user_is_seeded_by_the_demo(db) -> None:
     from django.core.management import call_command
 
     from marketplace.models import User

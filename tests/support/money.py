@@ -7,7 +7,7 @@ import uuid
 NANO = 10**9  # nano-USD per USD
 
 
-def fund(agent, *, amount_nano: int = 10 * NANO) -> None:  # noqa: ANN001
+def fund(agent, *, amount_nano: int = 10 * NANO) -> None:
     """Credit the agent's wallet with amount_nano (a top-up with a fresh idempotency key).
     Keyword-only, so that no call passes dollars where nano-USD are meant."""
     from ledger.services import credit_topup

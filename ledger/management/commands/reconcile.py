@@ -24,7 +24,7 @@ from ledger.models import NANO_PER_CENT, Account, Payout, PayoutStatus, Posting,
 class Command(BaseCommand):
     help = "Reconcile the ledger with itself and with Stripe; exit 1 on any discrepancy."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--skip-stripe", action="store_true", help="only the ledger checks")
 
     def handle(self, *args, **options) -> None:

@@ -24,7 +24,7 @@ from marketplace.economics import PAPER, Economics, Timing, from_token_price
 class Command(BaseCommand):
     help = "Cost of re-prefilling a document for N agents against reusing its hosted KV."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--document", type=int, help="a document of this deployment")
         parser.add_argument("--paper", action="store_true",
                             help="the source paper's assumptions (flags given override them)")
@@ -43,7 +43,7 @@ class Command(BaseCommand):
         parser.add_argument("--egress-usd-per-gb", type=float, help="egress price")
         parser.add_argument("--json", action="store_true", help="print JSON only")
 
-    def handle(self, *args, **opts) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **opts) -> None:
         if opts["document"] is not None:
             econ = self._document(opts)
             agents = opts["agents"] or 1000

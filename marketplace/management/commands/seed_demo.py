@@ -43,7 +43,7 @@ def demo_documents() -> list[dict[str, Any]]:
 class Command(BaseCommand):
     help = "Create (idempotently) the demo publisher, agent, wallet credit and document."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument(
             "--password", default=os.environ.get("KVMARKET_DEMO_PASSWORD", DEFAULT_PASSWORD),
             help="Password for both demo accounts (env KVMARKET_DEMO_PASSWORD).",
@@ -53,7 +53,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-precompute", action="store_true",
                             help="Create the documents without queueing their precompute.")
 
-    def handle(self, *args, **opts) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **opts) -> None:
         from ledger.services import credit_topup
 
         password = opts["password"]
