@@ -34,6 +34,7 @@ from ledger.models import (
     Payout,
     PayoutEvent,
     PayoutStatus,
+    Transaction,
     TransactionKind,
 )
 from ledger.services import journal
@@ -107,6 +108,31 @@ def create_due_payouts(*, threshold_nano: int | None = None) -> list[Payout]:
     return created
 
 
+def _move_payout(
+    payout: Payout, *, kind: TransactionKind, to_clearing: bool, key: str, memo: str,
+    details: dict | None = None,
+) -> Transaction:
+    """Post the payout's amount from the publisher's payable to Stripe clearing (a payout), or
+    back (its reversal), once per payout under the key ``<key>:<payout id>``."""
+    payable, clearing = (
+        journal.payable(payout.publisher_id),
+        journal.system(AccountKind.STRIPE_CLEARING),
+    )
+    accounts = journal.lock_accounts([payable, clearing])
+    amount = payout.amount_nano if to_clearing else -payout.amount_nano
+    return journal.write_transaction(
+        journal.Entry(
+            kind=kind,
+            legs=[(accounts[payable.key], -amount), (accounts[clearing.key], amount)],
+            memo=memo,
+            details=details or {},
+        ),
+        idempotency_key=f"{key}:{payout.pk}",
+        fingerprint=journal.fingerprint(key.replace("-", "_"), payout=payout.pk,
+                                        amount=payout.amount_nano),
+    )
+
+
 def approve_payout(*, payout: Payout | int, actor, send_transfer: bool = True) -> Payout:
     """pending_review -> approved: posts payable -> Stripe clearing, then sends the Stripe
     transfer (outside the database transaction). Called inside an outer transaction, the
@@ -115,23 +141,8 @@ def approve_payout(*, payout: Payout | int, actor, send_transfer: bool = True) -
         payout = _locked_payout(payout)
         if payout.status != PayoutStatus.PENDING_REVIEW:
             raise PayoutStateError(f"Payout #{payout.pk} is {payout.status}, not pending review.")
-        payable, clearing = (
-            journal.payable(payout.publisher_id),
-            journal.system(AccountKind.STRIPE_CLEARING),
-        )
-        accounts = journal.lock_accounts([payable, clearing])
-        tx = journal.write_transaction(
-            journal.Entry(
-                kind=TransactionKind.PAYOUT,
-                legs=[
-                    (accounts[payable.key], -payout.amount_nano),
-                    (accounts[clearing.key], payout.amount_nano),
-                ],
-                memo=f"Payout #{payout.pk}",
-            ),
-            idempotency_key=f"payout:{payout.pk}",
-            fingerprint=journal.fingerprint("payout", payout=payout.pk, amount=payout.amount_nano),
-        )
+        tx = _move_payout(payout, kind=TransactionKind.PAYOUT, to_clearing=True,
+                          key="payout", memo=f"Payout #{payout.pk}")
         _set_status(payout, PayoutStatus.APPROVED, actor, "approved", transaction=tx)
     if send_transfer:
         payout_id = payout.pk
@@ -205,26 +216,9 @@ def mark_payout_failed(*, payout: Payout | int, reason: str, actor=None) -> Payo
     payout = _locked_payout(payout)
     if payout.status not in (PayoutStatus.APPROVED, PayoutStatus.PAID):
         raise PayoutStateError(f"Payout #{payout.pk} is {payout.status}; nothing to reverse.")
-    payable, clearing = (
-        journal.payable(payout.publisher_id),
-        journal.system(AccountKind.STRIPE_CLEARING),
-    )
-    accounts = journal.lock_accounts([payable, clearing])
-    tx = journal.write_transaction(
-        journal.Entry(
-            kind=TransactionKind.PAYOUT_REVERSAL,
-            legs=[
-                (accounts[clearing.key], -payout.amount_nano),
-                (accounts[payable.key], payout.amount_nano),
-            ],
-            memo=f"Reversal of payout #{payout.pk}",
-            details={"reason": reason[:500]},
-        ),
-        idempotency_key=f"payout-reversal:{payout.pk}",
-        fingerprint=journal.fingerprint(
-            "payout_reversal", payout=payout.pk, amount=payout.amount_nano
-        ),
-    )
+    tx = _move_payout(payout, kind=TransactionKind.PAYOUT_REVERSAL, to_clearing=False,
+                      key="payout-reversal", memo=f"Reversal of payout #{payout.pk}",
+                      details={"reason": reason[:500]})
     _set_status(
         payout,
         PayoutStatus.FAILED,

@@ -133,3 +133,15 @@ def settled_load(agent, document: Document, *, loads: int = 2):
     )
     load = charge_load(load=reservation.load, result=dict(WORKER_RESULT))
     return license, load
+
+
+@pytest.fixture
+def kv_dir(tmp_path, settings):
+    """The worker's KV store; this process (and its live server thread) reads the same one."""
+    from marketplace import engine, registry
+
+    settings.KV_STORE_DIR = tmp_path / "kv"
+    engine.reset_store()
+    registry.forget()
+    yield settings.KV_STORE_DIR
+    engine.reset_store()

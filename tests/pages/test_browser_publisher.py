@@ -29,18 +29,6 @@ READY_TIMEOUT_MS = 180_000
 PASSWORD = "a-Long-enough-passw0rd"
 
 
-@pytest.fixture
-def kv_dir(tmp_path, settings):
-    """The worker's KV store; this process (and its live server thread) reads the same one."""
-    from marketplace import engine, registry
-
-    settings.KV_STORE_DIR = tmp_path / "kv"
-    engine.reset_store()
-    registry.forget()
-    yield settings.KV_STORE_DIR
-    engine.reset_store()
-
-
 def _shot(page, artifacts_dir, name: str) -> None:
     page.screenshot(path=artifacts_dir / f"pages-{name}.png", full_page=True)
 

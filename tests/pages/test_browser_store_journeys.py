@@ -32,17 +32,6 @@ READY_TIMEOUT_S = 180
 PASSWORD = "a-Long-enough-passw0rd"
 
 
-@pytest.fixture
-def kv_dir(tmp_path, settings):
-    from marketplace import engine, registry
-
-    settings.KV_STORE_DIR = tmp_path / "kv"
-    engine.reset_store()
-    registry.forget()
-    yield settings.KV_STORE_DIR
-    engine.reset_store()
-
-
 def _shot(page, artifacts_dir, name: str) -> None:
     page.screenshot(path=artifacts_dir / f"store-journey-{name}.png", full_page=True)
 
