@@ -52,7 +52,8 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: beat's child too
             proc.wait()
 
 
