@@ -39,11 +39,13 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from inference import SAMPLING_DEFAULTS
 from marketplace import engine, registry
 
 log = logging.getLogger(__name__)
 
-GENERATION_FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop")
+# The suffix and the engine's sampling parameters: what a load request passes on.
+GENERATION_FIELDS = ("messages", "prompt", *SAMPLING_DEFAULTS)
 BUSY_RETRY_AFTER_SECONDS = 1
 
 
