@@ -5,15 +5,12 @@ import os
 from celery import Celery
 from kombu import Queue
 
+from marketplace.queues import gpu_queue_name
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmarket.settings")
 
 app = Celery("kvmarket")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-
-
-def gpu_queue_name(model_slug: str) -> str:
-    """The queue that the GPU workers serving one model consume."""
-    return f"gpu.{model_slug}"
 
 
 def _configure_queues() -> None:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("== manage.py seed_demo is not available yet: skipping the demo data")
 
-    from kvmarket.celery import gpu_queue_name
+    from marketplace.queues import gpu_queue_name
 
     queues = ["default", *(gpu_queue_name(slug) for slug in settings.KVMARKET_MODELS)]
     worker_cmd = [

@@ -22,7 +22,7 @@ from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from kvmarket.api_errors import RETRY_AFTER_SECONDS
+from marketplace.api_errors import RETRY_AFTER_SECONDS
 
 PROBE_TIMEOUT_SECONDS = 2.0
 

@@ -52,7 +52,7 @@ MIDDLEWARE = [
     "kvmarket.health.HealthCheckMiddleware",  # first: /healthz skips host checks and redirects
     "django.middleware.security.SecurityMiddleware",
     # JSON errors for /api/ whatever produced them, 413 / 503 before and around the rest.
-    "kvmarket.api_errors.ApiErrorMiddleware",
+    "marketplace.api_errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -143,7 +143,7 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["marketplace.throttling.ApiKeyRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"api_key": API_KEY_THROTTLE_RATE},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "kvmarket.api_errors.json_exception_handler",
+    "EXCEPTION_HANDLER": "marketplace.api_errors.json_exception_handler",
     # JSON bodies only (an OpenAI-compatible API): other media types are 415, and the schema
     # documents exactly that.
     "DEFAULT_PARSER_CLASSES": ["kvmarket.parsers.SafeJSONParser"],

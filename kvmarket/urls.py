@@ -16,5 +16,5 @@ urlpatterns = [
     path("", include("marketplace.urls")),
 ]
 
-handler404 = "kvmarket.api_errors.json_404"
-handler500 = "kvmarket.api_errors.json_500"
+handler404 = "marketplace.api_errors.json_404"
+handler500 = "marketplace.api_errors.json_500"

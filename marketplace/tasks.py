@@ -13,8 +13,8 @@ from typing import Any
 
 from celery import shared_task
 
-from kvmarket.celery import gpu_queue_name
 from marketplace import workers  # noqa: F401 - connects the GPU worker's start-up signals
+from marketplace.queues import gpu_queue_name
 from marketplace.services import documents as document_services
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
 
-from kvmarket.celery import gpu_queue_name
+from marketplace.queues import gpu_queue_name
 
 log = logging.getLogger(__name__)
 

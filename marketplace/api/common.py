@@ -9,7 +9,7 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from kvmarket.api_errors import ApiError
+from marketplace.api_errors import ApiError
 from marketplace.authentication import ApiKeyAuthentication
 from marketplace.serializers import ErrorSerializer
 from marketplace.services.errors import MarketplaceError

@@ -30,7 +30,6 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from kvmarket.api_errors import ApiError
 from marketplace.api.common import (
     COMMON_ERRORS,
     IDEMPOTENCY_PARAMETER,
@@ -38,6 +37,7 @@ from marketplace.api.common import (
     error_response,
     idempotency_key,
 )
+from marketplace.api_errors import ApiError
 from marketplace.models import Document, Load, LoadKind
 from marketplace.serializers import (
     ChatCompletionRequestSerializer,

@@ -9,7 +9,6 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from kvmarket.api_errors import ApiError
 from marketplace.api.common import (
     COMMON_ERRORS,
     IDEMPOTENCY_PARAMETER,
@@ -19,6 +18,7 @@ from marketplace.api.common import (
     error_response,
     idempotency_key,
 )
+from marketplace.api_errors import ApiError
 from marketplace.models import Document, Role
 from marketplace.selectors.documents import documents_visible_to
 from marketplace.serializers import (

@@ -7,8 +7,8 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from kvmarket.api_errors import ApiError
 from marketplace.api.common import COMMON_ERRORS, MarketplaceView, error_response
+from marketplace.api_errors import ApiError
 from marketplace.selectors.documents import documents_visible_to
 from marketplace.selectors.economics import document_economics
 

@@ -7,7 +7,6 @@ from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from kvmarket.api_errors import ApiError
 from marketplace.api.common import (
     COMMON_ERRORS,
     IDEMPOTENCY_PARAMETER,
@@ -17,6 +16,7 @@ from marketplace.api.common import (
     error_response,
     idempotency_key,
 )
+from marketplace.api_errors import ApiError
 from marketplace.selectors.licenses import license_of, licenses_of, loads_of
 from marketplace.serializers import LicenseCreateSerializer, LicenseSerializer, LoadSerializer
 from marketplace.services.licenses import purchase_license, require_agent

@@ -16,12 +16,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from kvmarket.api_errors import ApiError
 from ledger import selectors
 from ledger import services as ledger_services
 from ledger.errors import LedgerError
 from ledger.models import NANO_PER_USD
 from marketplace.api.common import AUTH_ERRORS, error_response, to_api_error
+from marketplace.api_errors import ApiError
 from marketplace.authentication import ApiKeyAuthentication
 from marketplace.models import Role
 

@@ -11,9 +11,9 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from kvmarket.api_errors import error_body
 from ledger import services as ledger_services
 from ledger import stripe_gateway
+from marketplace.api_errors import error_body
 
 log = logging.getLogger(__name__)
 

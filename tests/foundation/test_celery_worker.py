@@ -5,8 +5,9 @@ import os
 import pytest
 from django.conf import settings
 
-from kvmarket.celery import gpu_queue_name, ping
+from kvmarket.celery import ping
 from marketplace.models import User
+from marketplace.queues import gpu_queue_name
 from tests.support.celery_worker import database_url_from_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -7,7 +7,6 @@ Run by hand: .venv/bin/lint-imports
 
 from pathlib import Path
 
-import pytest
 from importlinter.cli import lint_imports
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -24,9 +23,5 @@ def test_inference_imports_no_django_celery_or_app_code() -> None:
     assert _kept("inference-plain"), "see the broken contract printed above"
 
 
-@pytest.mark.xfail(
-    reason="marketplace still imports kvmarket (kvmarket.celery, kvmarket.api_errors)",
-    strict=False,
-)
 def test_each_package_imports_only_the_layers_below_it() -> None:
     assert _kept("layers"), "see the broken contract printed above"
