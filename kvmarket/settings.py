@@ -296,6 +296,9 @@ GPU_WORKER_MAX_BATCH = env.int("GPU_WORKER_MAX_BATCH", default=32)
 GPU_WORKER_MAX_QUEUE = env.int("GPU_WORKER_MAX_QUEUE", default=256)
 GPU_WORKER_HEARTBEAT_SECONDS = env.float("GPU_WORKER_HEARTBEAT_SECONDS", default=2.0)
 GPU_WORKER_STALE_SECONDS = env.float("GPU_WORKER_STALE_SECONDS", default=6.0)
+# Send a completion to its worker before the load is reserved, so the reservation overlaps the
+# engine's prefill (nothing is relayed or charged before it commits; a refusal cancels the job).
+COMPLETION_EARLY_START = env.bool("COMPLETION_EARLY_START", default=True)
 # Loads one agent may have in flight at once (429 too_many_requests with Retry-After beyond).
 MAX_IN_FLIGHT_LOADS_PER_AGENT = env.int("MAX_IN_FLIGHT_LOADS_PER_AGENT", default=16)
 # A web process touches its in-flight loads every LOAD_HEARTBEAT_SECONDS; the sweep (every

@@ -91,19 +91,33 @@ class WorkerStream:
         self.response.close()
 
 
-def open_stream(
-    *, slug: str, artifact_key: str, body: dict[str, Any], timeout: float,
-    exclude: frozenset[str] | set[str] = frozenset(),
-) -> WorkerStream:
-    """Start a generation on the best live worker for the artifact (failing over).
-
-    Raises MarketplaceError: 503 no_worker (none live or none reachable), 429 busy (every
-    worker's queue is full; Retry-After), 502 worker_refused (a worker rejected the request).
-    """
+def candidates_for(
+    *, slug: str, artifact_key: str, exclude: frozenset[str] | set[str] = frozenset(),
+) -> list[registry.WorkerInfo]:
+    """The live workers to try for the artifact, in order (reads the database at most once a
+    second, so call it from the request's thread, not from a helper thread)."""
     candidates = registry.workers_for(slug=slug, artifact_key=artifact_key, exclude=exclude)
     if not candidates:
         registry.forget()
         candidates = registry.workers_for(slug=slug, artifact_key=artifact_key, exclude=exclude)
+    return candidates
+
+
+def open_stream(
+    *, slug: str, artifact_key: str, body: dict[str, Any], timeout: float,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    candidates: list[registry.WorkerInfo] | None = None,
+) -> WorkerStream:
+    """Start a generation on the best live worker for the artifact (failing over).
+
+    ``candidates`` (from candidates_for) skips the registry lookup: with it this function
+    touches no database and may run in any thread.
+
+    Raises MarketplaceError: 503 no_worker (none live or none reachable), 429 busy (every
+    worker's queue is full; Retry-After), 502 worker_refused (a worker rejected the request).
+    """
+    if candidates is None:
+        candidates = candidates_for(slug=slug, artifact_key=artifact_key, exclude=exclude)
     busy = 0
     http = client()
     for worker in candidates:

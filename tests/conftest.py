@@ -167,11 +167,15 @@ def _broker_keys_per_xdist_worker() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
-    """Throttle counters live in the cache: start every test with an empty one."""
+    """Throttle counters live in the cache, tariffs in the completions' process cache: start
+    every test with empty ones."""
     if not _django_configured():
         yield
         return
     from django.core.cache import cache
 
+    from marketplace.services import completions
+
     cache.clear()
+    completions.forget_tariffs()
     yield

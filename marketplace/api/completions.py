@@ -38,7 +38,7 @@ from marketplace.api.common import (
     idempotency_key,
 )
 from marketplace.api_errors import ApiError
-from marketplace.models import Document, Load, LoadKind
+from marketplace.models import Load, LoadKind
 from marketplace.serializers import (
     ChatCompletionRequestSerializer,
     ChatCompletionSerializer,
@@ -135,7 +135,10 @@ class _CompletionView(MarketplaceView):
         ser = self.request_serializer(data=request.data)
         ser.is_valid(raise_exception=True)
         data = ser.validated_data
-        document = Document.objects.filter(pk=data["document"]).first()
+        key = idempotency_key(request)
+        document = completion_services.request_document(
+            agent=request.user, document_id=data["document"], idempotency_key=key,
+        )
         if document is None:
             raise ApiError(status_code=404, code="not_found", message="No such document.")
         model = data.get("model")
@@ -152,11 +155,12 @@ class _CompletionView(MarketplaceView):
             kind=self.kind,
             license_id=data["license"],
             document_id=document.pk,
-            idempotency_key=idempotency_key(request),
+            idempotency_key=key,
             params=ser.generation_params(),
             until_final=not stream,
             timeout=getattr(settings, "COMPLETION_TIMEOUT_SECONDS", None),
             phases=self.phases,
+            document=document,
         )
         base = {
             "id": f"{self.id_prefix}-kvm{run.load.pk}",

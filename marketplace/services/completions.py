@@ -64,19 +64,21 @@ Idempotency-Key re-sends the artifact without a new charge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Exists, F
 from django.utils import timezone
 
 from marketplace import heartbeats
@@ -173,12 +175,17 @@ def reserve_load(
     kind: LoadKind,
     idempotency_key: str | None,
     payload: dict[str, Any],
+    key_seen: bool = True,
 ) -> Reservation:
-    """Reserve one load of the agent's license for this request (or find the retried one)."""
+    """Reserve one load of the agent's license for this request (or find the retried one).
+
+    ``key_seen=False``: the caller saw no Load with this Idempotency-Key, so none is looked
+    for (a concurrent first use of the key still ends in the IntegrityError retry below)."""
     require_agent(agent)
     digest = request_hash({"kind": kind, "license": license_id, "document": document_id, **payload})
     key = idempotency_key or f"auto:{uuid.uuid4().hex}"
-    retried = idempotency_key is not None  # a generated key is new: no earlier Load to find
+    # A generated key is new: no earlier Load to find.
+    retried = idempotency_key is not None and key_seen
     try:
         return _reserve(agent=agent, license_id=license_id, document_id=document_id, kind=kind,
                         key=key, digest=digest, find=retried)
@@ -479,22 +486,82 @@ class CompletionTimeout(MarketplaceError):
 
 
 def dispatch_generation(
-    *, load: Load, document: Document, params: dict[str, Any], timeout: float,
-    exclude: frozenset[str] = frozenset(),
+    *, load: Load | None, document: Document, params: dict[str, Any], timeout: float,
+    exclude: frozenset[str] = frozenset(), candidates: list[Any] | None = None,
 ) -> Any:
     """Start the generation on a GPU worker of the document's model (marketplace.worker_client).
 
     Returns an open stream: iterable of event dicts ("delta", then "final" or "error"), with
     ``worker``, ``connect_s`` and ``close()``; iterating raises WorkerLost when the stream
-    breaks. Raises MarketplaceError when no worker takes the request. Tests replace this
-    function to run without workers.
+    breaks. Raises MarketplaceError when no worker takes the request. ``load`` is None when
+    the generation starts before its reservation (``candidates`` given: no database access,
+    so it may run in a helper thread). Tests replace this function to run without workers.
     """
     from marketplace import worker_client
 
+    body = params if load is None else {"load": load.pk, **params}
     return worker_client.open_stream(
-        slug=document.model_slug, artifact_key=document.artifact_key,
-        body={"load": load.pk, **params}, timeout=timeout, exclude=exclude,
+        slug=document.model_slug, artifact_key=document.artifact_key, body=body,
+        timeout=timeout, exclude=exclude, candidates=candidates,
     )
+
+
+# Early starts: the worker's HTTP request is sent from one of these threads while the request's
+# own thread reserves the load (the database work overlaps the engine's prefill).
+_early_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="load-dispatch")
+
+
+class EarlyStart:
+    """A generation sent to a worker before its load was reserved.
+
+    Nothing of it reaches the agent (and nothing is charged) until the reservation committed:
+    the request's thread takes the stream with ``stream()`` only then. When the reservation
+    fails (or is a replay) ``discard()`` closes the stream, which cancels the worker's job."""
+
+    def __init__(self, *, document: Document, params: dict[str, Any], timeout: float) -> None:
+        from marketplace import worker_client
+
+        self.document = document
+        candidates = worker_client.candidates_for(slug=document.model_slug,
+                                                  artifact_key=document.artifact_key)
+        self.future: Future = _early_pool.submit(
+            dispatch_generation, load=None, document=document, params=params, timeout=timeout,
+            candidates=candidates,
+        )
+
+    def serves(self, document: Document) -> bool:
+        """Whether the reserved load's document is the one this generation runs on."""
+        return (document.pk == self.document.pk
+                and document.artifact_key == self.document.artifact_key
+                and document.model_slug == self.document.model_slug)
+
+    def stream(self) -> Any:
+        """The open stream (raises what the dispatch raised)."""
+        return self.future.result()
+
+    def discard(self) -> None:
+        """Close the stream now, or as soon as the dispatch returns one."""
+        def close(future: Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                with contextlib.suppress(Exception):
+                    future.result().close()
+
+        if not self.future.cancel():
+            self.future.add_done_callback(close)
+
+
+def request_document(
+    *, agent: User, document_id: int, idempotency_key: str | None
+) -> Document | None:
+    """The request's document, read with one query that also says whether the agent used this
+    Idempotency-Key before (``key_seen``): a retry may be a replay or still running, so only a
+    new key starts early, and its reservation need not look for an earlier Load."""
+    documents = Document.objects.filter(pk=document_id)
+    if idempotency_key is not None:
+        documents = documents.annotate(key_seen=Exists(
+            Load.objects.filter(agent=agent, idempotency_key=idempotency_key)
+        ))
+    return documents.first()
 
 
 def _worker_error(event: dict[str, Any]) -> MarketplaceError:
@@ -529,41 +596,67 @@ def start_generation(
     until_final: bool,
     timeout: float | None = None,
     phases: Phases | None = None,
+    document: Document | None = None,
 ) -> LoadRun:
     """Reserve, then start the load on a worker and read its events up to its first token
     (``until_final``: up to its final result), failing over to the next worker while nothing
-    was produced for the agent. Raises MarketplaceError after failing the load uncharged."""
+    was produced for the agent. Raises MarketplaceError after failing the load uncharged.
+
+    With ``document`` (the request's, read by the caller) the generation is sent to the worker
+    first and the reservation runs while the engine starts (EarlyStart); the money rules are
+    unchanged: the stream is read only once the reservation committed, and a failed
+    reservation cancels the worker's job."""
     phases = phases or Phases()
+    timeout = completion_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    # A document from request_document says whether the key is new; without one, assume not.
+    key_seen = idempotency_key is not None and getattr(document, "key_seen", True)
+    early = None
+    if document is not None and settings.COMPLETION_EARLY_START and not key_seen:
+        early = EarlyStart(document=document, params=params, timeout=timeout)
     t0 = time.perf_counter()
-    reservation = reserve_load(
-        agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-        idempotency_key=idempotency_key, payload=params,
-    )
+    try:
+        reservation = reserve_load(
+            agent=agent, license_id=license_id, document_id=document_id, kind=kind,
+            idempotency_key=idempotency_key, payload=params, key_seen=key_seen,
+        )
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
     phases.add("reserve", time.perf_counter() - t0)
     load = reservation.load
     run = LoadRun(load=load, document=reservation.document, replayed=reservation.replay,
-                  phases=phases, started=time.monotonic())
+                  phases=phases, started=time.monotonic(), deadline=deadline)
+    if early is not None and (reservation.replay or not early.serves(reservation.document)):
+        early.discard()
+        early = None
     if reservation.replay:
         return run
     heartbeats.track(load.pk)
     try:
         _precheck_compute_funds(agent=agent, document=reservation.document, load=load,
                                 params=params)
-        timeout = completion_timeout() if timeout is None else timeout
-        run.deadline = run.started + timeout
-        _open(run, params, until_final=until_final)
+        _open(run, params, until_final=until_final, early=early)
     except MarketplaceError as exc:
-        heartbeats.untrack(load.pk)
+        _abandon(run, early)
         fail_load(load=load, code=exc.code, message=exc.message)
         raise
     except Exception as exc:
-        heartbeats.untrack(load.pk)
+        _abandon(run, early)
         fail_load(load=load, code="generation_failed", message=str(exc)[:500])
         raise
     return run
 
 
-def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool) -> None:
+def _abandon(run: LoadRun, early: EarlyStart | None) -> None:
+    heartbeats.untrack(run.load.pk)
+    if early is not None:
+        early.discard()  # a no-op when its stream was taken (and closed) by _open
+
+
+def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool,
+          early: EarlyStart | None = None) -> None:
     from marketplace.worker_client import WorkerLost
 
     tried: set[str] = set()
@@ -572,8 +665,11 @@ def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool) -> None:
         if remaining <= 0:
             raise CompletionTimeout(completion_timeout())
         t0 = time.perf_counter()
-        stream = dispatch_generation(load=run.load, document=run.document, params=params,
-                                     timeout=remaining, exclude=frozenset(tried))
+        if early is not None:
+            stream, early = early.stream(), None
+        else:
+            stream = dispatch_generation(load=run.load, document=run.document, params=params,
+                                         timeout=remaining, exclude=frozenset(tried))
         run.phases.add("route", getattr(stream, "connect_s", time.perf_counter() - t0))
         head: list[dict[str, Any]] = []
         try:
@@ -717,14 +813,35 @@ def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:
             _finish(run, partial("disconnected"))
 
 
+TARIFF_CACHE_SECONDS = 5.0
+_tariffs: dict[str, tuple[float, Any]] = {}
+
+
+def _tariff(slug: str) -> Any:
+    """The model's tariff, read at most every TARIFF_CACHE_SECONDS per process: only the
+    funds pre-check uses it (the charge reads the ledger's own)."""
+    from ledger.selectors import tariff_for
+
+    now = time.monotonic()
+    cached = _tariffs.get(slug)
+    if cached is None or now - cached[0] > TARIFF_CACHE_SECONDS:
+        cached = _tariffs[slug] = (now, tariff_for(slug))
+    return cached[1]
+
+
+def forget_tariffs() -> None:
+    """Read tariffs again on next use (tests)."""
+    _tariffs.clear()
+
+
 def _precheck_compute_funds(
     *, agent: User, document: Document, load: Load, params: dict[str, Any]
 ) -> None:
     """402 before running when the wallet cannot pay the output tokens this request may use."""
-    from ledger.selectors import tariff_for, wallet_balance
+    from ledger.selectors import wallet_balance
 
-    worst = int(tariff_for(document.model_slug).compute_price_nano(0, int(params.get("max_tokens")
-                                                                          or 0)))
+    worst = int(_tariff(document.model_slug).compute_price_nano(0, int(params.get("max_tokens")
+                                                                       or 0)))
     if worst > 0 and wallet_balance(agent) < worst:
         raise MarketplaceError(
             code="insufficient_funds",

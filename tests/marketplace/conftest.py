@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ class FakeStream:
         self.worker = result.get("worker", worker)
         self.connect_s = 0.0
         self.closed = False
+        self.read = 0  # events taken: a stream closed with none read relayed nothing
         usage = result.get("usage") or {}
         events: list[dict[str, Any]] = []
         for n, text in enumerate(result.get("deltas") or [], start=1):
@@ -95,6 +97,7 @@ class FakeStream:
     def __next__(self) -> dict[str, Any]:
         if self.closed or not self.events:
             raise StopIteration
+        self.read += 1
         return self.events.pop(0)
 
     def close(self) -> None:
@@ -106,12 +109,34 @@ class FakeWorker:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.streams: list[FakeStream] = []
+        self.returned = 0  # calls that returned or raised (an early start runs in a thread)
         self.behaviour: Callable[[dict[str, Any]], dict[str, Any]] = lambda call: dict(FAKE_RESULT)
 
-    def __call__(self, *, load, document, params, timeout, exclude=frozenset()):
+    def __call__(self, *, load, document, params, timeout, exclude=frozenset(), candidates=None):
         call = {"load": load, "document": document, "params": params, "timeout": timeout}
         self.calls.append(call)
-        return FakeStream(self.behaviour(call))
+        try:
+            stream = FakeStream(self.behaviour(call))
+            self.streams.append(stream)
+            return stream
+        finally:
+            self.returned += 1
+
+    def relayed(self) -> int:
+        """Generations whose events the web read (started early but cancelled ones are not)."""
+        return sum(1 for stream in self.streams if stream.read)
+
+    def all_cancelled(self, timeout: float = 5.0) -> bool:
+        """Every generation started was closed unread (polled: early starts close later)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.returned == len(self.calls) and all(
+                stream.closed and not stream.read for stream in self.streams
+            ):
+                return True
+            time.sleep(0.01)
+        return False
 
 
 @pytest.fixture

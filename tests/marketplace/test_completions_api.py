@@ -188,7 +188,7 @@ def test_another_agents_license_is_404(api_client, funded_agent, ready_document,
     theirs = buy(other_agent_client, ready_document)
     r = api_client.post(CHAT, chat_body(ready_document, theirs), format="json")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    assert not fake_worker.calls
+    assert fake_worker.relayed() == 0 and fake_worker.all_cancelled()
     assert License.objects.get(pk=theirs["id"]).loads_used == 0
 
 
@@ -257,7 +257,7 @@ def test_wallet_that_cannot_pay_output_is_402(api_client, agent_user, publisher_
     lic = buy(api_client, doc)
     r = api_client.post(CHAT, chat_body(doc, lic, max_tokens=64), format="json")
     assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_funds"
-    assert not fake_worker.calls
+    assert fake_worker.relayed() == 0 and fake_worker.all_cancelled()
     assert License.objects.get(pk=lic["id"]).loads_used == 0
 
 

@@ -97,9 +97,10 @@ def slow_engine(monkeypatch):
     import inference
 
     real = inference.generate_stream
-    state = {"items": 0, "finished": False, "closed": threading.Event()}
+    state = {"started": 0, "items": 0, "finished": False, "closed": threading.Event()}
 
     def slow(*args, **kwargs):
+        state["started"] += 1
         inner = real(*args, **kwargs)
 
         def items():
@@ -204,6 +205,36 @@ def test_a_client_disconnect_stops_the_generation_and_charges_what_was_made(
     assert load.response["finish_reason"] == "disconnected"
     price = tariff_for(SLUG).compute_price_nano(load.suffix_tokens, load.output_tokens)
     assert load.compute_nano == int(price) and load.amount_nano > 0
+
+
+def test_a_reservation_that_fails_after_the_job_started_cancels_it_uncharged(
+    worker, api_client, agent_user, document, license_id, slow_engine, monkeypatch
+):
+    # The generation is sent to the worker before the reservation: here the reservation
+    # fails only once the engine is running, and finds the license used up.
+    from ledger.selectors import wallet_balance
+    from marketplace.services import completions
+
+    License.objects.filter(pk=license_id).update(loads_used=5)  # all 5 loads used
+    real_reserve = completions.reserve_load
+
+    def reserve_once_started(**kwargs):
+        deadline = time.monotonic() + 15
+        while not slow_engine["started"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_reserve(**kwargs)
+
+    monkeypatch.setattr(completions, "reserve_load", reserve_once_started)
+    before = wallet_balance(agent_user)
+    r = api_client.post(CHAT, _body(document, license_id, stream=True, max_tokens=40),
+                        format="json")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "license_exhausted"
+    assert slow_engine["started"] == 1
+    assert slow_engine["closed"].wait(15)  # the worker saw the stream closed and stopped
+    assert not slow_engine["finished"] and slow_engine["items"] < 40
+    assert not Load.objects.exists() and _settlements() == 0
+    assert wallet_balance(agent_user) == before
+    assert License.objects.get(pk=license_id).loads_used == 5
 
 
 def test_failover_to_the_next_worker_when_the_first_is_unreachable(
