@@ -16,7 +16,8 @@ the web (gunicorn gthread). Then, per concurrency level, streamed and plain comp
 Per level and mode: p50/p95/p99 of time to first byte (the first SSE chunk; for plain
 requests the whole answer) and of total time, requests/s, errors by status, and the engine's
 own TTFT for the same requests (the worker reports it in ``kvmarket.timings``), so
-``overhead = client TTFT - engine TTFT`` (also without the worker's queue wait).
+``overhead = client TTFT - engine TTFT`` for streamed requests and ``client total - engine
+total`` for plain ones (each also without the worker's queue wait).
 
 ``run`` drives a stack that is already running (``make run``): N completions at C clients
 with the given API key and document, retrying 429s as told by Retry-After, then (--check-db,
@@ -153,11 +154,12 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
                 if "engine_ttft" in r["timings"]]
     overhead_no_queue = [r["ttfb"] - r["timings"]["engine_ttft"] - r["timings"].get("queue", 0)
                          for r in ok if "engine_ttft" in r["timings"]]
-    if not stream:  # the first byte is the whole answer: compare with the engine's total
-        engine_total = [r["timings"]["engine_ttft"] + r["timings"].get("decode", 0) for r in ok
-                        if "engine_ttft" in r["timings"]]
-        overhead = [r["total"] - e for r, e in zip(
-            [r for r in ok if "engine_ttft" in r["timings"]], engine_total, strict=True)]
+    timed = [r for r in ok if "engine_ttft" in r["timings"]]
+    engine_total = [r["timings"]["engine_ttft"] + r["timings"].get("decode", 0) for r in timed]
+    if not stream:  # the first byte is the whole answer: client total - engine total
+        overhead = [r["total"] - e for r, e in zip(timed, engine_total, strict=True)]
+        overhead_no_queue = [r["total"] - e - r["timings"].get("queue", 0)
+                             for r, e in zip(timed, engine_total, strict=True)]
     phases: dict[str, dict[str, float | None]] = {}
     for name in ("auth", "reserve", "route", "queue", "charge"):
         values = [r["timings"][name] for r in ok if name in r["timings"]]
@@ -174,6 +176,8 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
         "ttfb": _summary([r["ttfb"] for r in ok]),
         "total": _summary([r["total"] for r in ok]),
         "engine_ttft": _summary(engine_ttft),
+        "engine_total": _summary(engine_total),
+        # streamed: client time to first byte - engine TTFT; plain: client total - engine total
         "overhead": _summary(overhead),
         "overhead_excluding_worker_queue": _summary(overhead_no_queue),
         "phases": phases,
