@@ -137,6 +137,9 @@ STORAGES = {
 # --- REST API -------------------------------------------------------------------------------
 # Requests per API key (marketplace.throttling reads this setting on every request).
 API_KEY_THROTTLE_RATE = env("API_KEY_THROTTLE_RATE", default="600/min")
+# An API key (and its user) is read from the database at most this often per web process; a
+# key revoked in another process, or a deactivated user, is refused within this time.
+API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=2.0)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["marketplace.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -167,15 +167,17 @@ def _broker_keys_per_xdist_worker() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
-    """Throttle counters live in the cache, tariffs in the completions' process cache: start
-    every test with empty ones."""
+    """Throttle counters live in the cache, tariffs and API keys in process caches: start every
+    test with empty ones."""
     if not _django_configured():
         yield
         return
     from django.core.cache import cache
 
+    from marketplace.selectors.accounts import forget_api_key
     from marketplace.services import completions
 
     cache.clear()
     completions.forget_tariffs()
+    forget_api_key()
     yield

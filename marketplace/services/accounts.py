@@ -47,16 +47,22 @@ def create_api_key(*, user: User, name: str) -> IssuedApiKey:
 
 @transaction.atomic
 def revoke_api_key(*, user: User, key_id: int) -> ApiKey:
+    from marketplace.selectors.accounts import forget_api_key
+
     api_key = ApiKey.objects.select_for_update().get(pk=key_id, user=user)
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
+    forget_api_key(api_key.key_hash)
     return api_key
 
 
 def touch_api_key(*, api_key: ApiKey) -> None:
     """Record last use; at most once a minute per key so hot keys do not write on every call."""
+    from marketplace.selectors.accounts import note_api_key_used
+
     now = timezone.now()
     if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
+        note_api_key_used(api_key.key_hash, now)

@@ -2,9 +2,11 @@
 
 import hashlib
 import re
+import time
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from marketplace.models import ApiKey
@@ -112,6 +114,29 @@ def test_missing_or_unknown_key_gets_401_json(header, code, agent_key) -> None:
     assert response["WWW-Authenticate"].startswith("Bearer")
     body = response.json()
     assert body["error"]["code"] == code and body["error"]["message"]
+
+
+def test_a_key_revoked_by_another_process_is_refused_within_the_cache_time(
+    api_client, agent_user, settings
+) -> None:
+    settings.API_KEY_CACHE_SECONDS = 0.5
+    assert api_client.get("/api/v1/me").status_code == 200  # the key is cached now
+    revoked = timezone.now()
+    ApiKey.objects.filter(user=agent_user).update(revoked_at=revoked)  # not through this process
+    deadline = time.monotonic() + 5
+    while api_client.get("/api/v1/me").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api_client.get("/api/v1/me").status_code == 401
+    assert (timezone.now() - revoked).total_seconds() < 0.5 + 1.0
+
+
+def test_a_cached_key_reads_no_key_row(api_client, agent_user, settings,
+                                        django_assert_num_queries) -> None:
+    settings.API_KEY_CACHE_SECONDS = 60
+    assert api_client.get("/api/v1/me").status_code == 200
+    ApiKey.objects.filter(user=agent_user).update(name="renamed")
+    with django_assert_num_queries(0):
+        api_client.get("/api/v1/me")
 
 
 def test_an_inactive_users_key_gets_401(api_client, agent_user) -> None:
