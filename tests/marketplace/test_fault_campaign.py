@@ -15,7 +15,7 @@ released). At the end: each load the client saw served is charged exactly once (
 whose connection broke before any token may or may not have been served: it may be charged,
 at most once), no license over its limit, `reconcile` clean, no deadlock in the PostgreSQL
 log, every error a JSON body with a code (503 with Retry-After when the database is down).
-The summary goes to test-artifacts/fault_campaign.json.
+The summary goes to test-artifacts/fault_campaign.json, the server's log next to it.
 
 KVMARKET_FAULT_CAMPAIGN_SECONDS sets the seconds of load per phase (default 5).
 """
@@ -339,6 +339,8 @@ def _run_campaign(pg, redis, gpu, web, env, setup) -> dict:
         for t in threads:
             t.join(timeout=90)
     audit = _db_script(env, "audit")
+    ARTIFACT.parent.mkdir(exist_ok=True)
+    ARTIFACT.with_name("fault_campaign_postgres.log").write_text(pg.log())
     return _summary(campaign, phases, audit, pg.log())
 
 
@@ -366,7 +368,6 @@ def _summary(campaign: Campaign, phases: list[dict], audit: dict, pg_log: str) -
         "error_bodies_not_json": sorted({o.problem for o in campaign.outcomes if o.problem}),
         "audit": audit,
     }
-    ARTIFACT.parent.mkdir(exist_ok=True)
     ARTIFACT.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
