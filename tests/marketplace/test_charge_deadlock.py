@@ -1,5 +1,9 @@
-"""The charge path under 16 concurrent agents on one document, at the service level, on
-PostgreSQL: no deadlock.
+"""The charge path's row locks on PostgreSQL: what it locks, and 16 concurrent agents on one
+document at the service level with no deadlock.
+
+The lock footprint test probes, from a second connection, the shared rows while reserve and
+charge hold their locks: the Document and the agent's User must stay unlocked (NOWAIT), as
+every concurrent load of the document reads them.
 
 Each thread is an agent with its own database connection and license, running many loads
 through the real services (reserve_load -> record_served -> charge_load, some failed and
@@ -135,3 +139,66 @@ def test_16_agents_charging_on_one_document_never_deadlock(skip_unless_postgresq
         assert lic.loads_used == LOADS_PER_AGENT - LOADS_PER_AGENT // 10
         assert lic.status == LicenseStatus.ACTIVE
     assert_ledger_invariants()
+
+
+def _locked_elsewhere(table: str, pk: int) -> bool:
+    """Whether another connection holds a row lock on the row (probed from a new thread)."""
+    from django.db import OperationalError, transaction
+
+    found: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cur:
+                cur.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE NOWAIT", [pk])
+            found.append(False)
+        except OperationalError:  # could not obtain lock on row
+            found.append(True)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(timeout=30)
+    return found == [True]
+
+
+def test_reserve_and_charge_lock_neither_the_document_nor_the_agent(
+    skip_unless_postgresql, publisher_user, monkeypatch
+):
+    from ledger import services as ledger_services
+    from tests.marketplace.conftest import make_ready_document
+
+    document = make_ready_document(publisher_user, price=1000)
+    agent = make_user(role=Role.AGENT)
+    fund(agent, amount_nano=NANO)
+    lic, _ = purchase_license(agent=agent, document_id=document.pk, loads=2)
+    seen: dict[str, dict[str, bool]] = {}
+
+    def probe(step: str) -> None:
+        seen[step] = {
+            "license": _locked_elsewhere("marketplace_license", lic.pk),
+            "document": _locked_elsewhere("marketplace_document", document.pk),
+            "agent": _locked_elsewhere("marketplace_user", agent.pk),
+        }
+
+    real_check, real_settle = completions._check_usable, ledger_services.settle_load
+
+    def check_usable(**kwargs):  # inside _reserve's transaction, after its locks
+        probe("reserve")
+        return real_check(**kwargs)
+
+    def settle_load(**kwargs):  # inside charge_load's transaction, after its locks
+        probe("charge")
+        return real_settle(**kwargs)
+
+    monkeypatch.setattr(completions, "_check_usable", check_usable)
+    monkeypatch.setattr(ledger_services, "settle_load", settle_load)
+    reservation = completions.reserve_load(
+        agent=agent, license_id=lic.pk, document_id=document.pk, kind=LoadKind.CHAT,
+        idempotency_key=None, payload={},
+    )
+    load = completions.record_served(load=reservation.load, result=RESULT)
+    assert completions.charge_load(load=load).status == LoadStatus.SUCCEEDED
+    expected = {"license": True, "document": False, "agent": False}
+    assert seen == {"reserve": expected, "charge": expected}
