@@ -17,7 +17,8 @@ at most once), no license over its limit, `reconcile` clean, no deadlock in the 
 log, every error a JSON body with a code (503 with Retry-After when the database is down).
 The summary goes to test-artifacts/fault_campaign.json, the server's log next to it.
 
-KVMARKET_FAULT_CAMPAIGN_SECONDS sets the seconds of load per phase (default 5).
+KVMARKET_FAULT_CAMPAIGN_SECONDS sets the seconds of load per phase (default 5),
+KVMARKET_FAULT_CAMPAIGN_AGENTS the number of agents (default 8).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from tests.support.subprocess_settings import clean_env
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SLUG = "tiny-qwen3"
-AGENTS = 8
+AGENTS = int(os.environ.get("KVMARKET_FAULT_CAMPAIGN_AGENTS", "8"))
 LOADS_PER_LICENSE = 25
 PHASE_SECONDS = float(os.environ.get("KVMARKET_FAULT_CAMPAIGN_SECONDS", "5"))
 OUTAGE_SECONDS = 3.0
