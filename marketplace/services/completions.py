@@ -25,14 +25,16 @@ Charge rule (what a load costs, and when)
 Exactly once, even when the charge fails (the outbox)
 -----------------------------------------------------
 The worker's result is recorded durably on the Load (status ``served``, ``response`` = the
-result; a streamed load is recorded ``served`` with its partial usage right after its first
-chunk went out, and again with its final usage) before the agent is answered, and the charge
+result; a streamed load is recorded ``served`` with its partial usage before its first token
+goes out, and again with its final usage) before the agent is answered, and the charge
 is then made from that record: one transaction that locks the Load, moves it served ->
 succeeded and calls ledger.settle_load(idempotency_key="load:<id>"). If the charge
 transaction fails, the request retries it a few times; if it still fails the agent still gets
 the answer and the load stays ``served``: the sweep (sweep_loads, every LOAD_SWEEP_SECONDS in
 beat) charges it later, as does a retry of the request with the same Idempotency-Key. The
-status check and the ledger key make a second charge impossible.
+status check and the ledger key make a second charge impossible. A stream whose later record
+fails (the database went away mid-stream) still ends normally for the agent; the load stays
+``served`` with its first record and the sweep charges it.
 
 Abandoned work
 --------------
@@ -638,6 +640,11 @@ def start_generation(
         _precheck_compute_funds(agent=agent, document=reservation.document, load=load,
                                 params=params)
         _open(run, params, until_final=until_final, early=early)
+        if run.head[-1].get("type") == "delta":
+            # The first token goes out with the response: the load is served from then on,
+            # so it is recorded served (the outbox) before. If the database cannot take the
+            # record, the agent gets an error and no token, and the load is released.
+            run.load = record_served(load=load, result=_partial_result(run, run.head, "length"))
     except MarketplaceError as exc:
         _abandon(run, early)
         fail_load(load=load, code=exc.code, message=exc.message)
@@ -651,8 +658,22 @@ def start_generation(
 
 def _abandon(run: LoadRun, early: EarlyStart | None) -> None:
     heartbeats.untrack(run.load.pk)
+    if run.stream is not None:
+        run.stream.close()  # stops the generation on the worker
     if early is not None:
-        early.discard()  # a no-op when its stream was taken (and closed) by _open
+        early.discard()  # closes the early stream too, whether _open took it or not
+
+
+def _partial_result(run: LoadRun, events: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    """A streamed load's result so far: the text and usage of the deltas sent (not final)."""
+    text, n, usage = "", 0, {}
+    for event in events:
+        if event.get("type") == "delta":
+            text += event.get("text", "")
+            n = int(event.get("n") or n)
+            usage = event.get("usage") or usage
+    return {"text": text, "finish_reason": reason, "usage": {**usage, "output_tokens": n},
+            "timings": {}, "worker": getattr(run.stream, "worker", ""), "final": False}
 
 
 def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool,
@@ -756,24 +777,15 @@ def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:
     away closes this generator, which closes the worker's stream and stops the generation)."""
     from marketplace.worker_client import WorkerLost
 
-    produced = {"text": "", "n": 0, "usage": {}}
+    sent: list[dict[str, Any]] = []
     finished = False
 
-    def note(event: dict[str, Any]) -> None:
-        if event.get("type") == "delta":
-            produced["text"] += event.get("text", "")
-            produced["n"] = int(event.get("n") or produced["n"])
-            if event.get("usage"):
-                produced["usage"] = event["usage"]
-
     def partial(reason: str) -> dict[str, Any]:
-        usage = {**produced["usage"], "output_tokens": produced["n"]}
-        return {"text": produced["text"], "finish_reason": reason, "usage": usage,
-                "timings": {}, "worker": getattr(run.stream, "worker", ""), "final": True}
+        return {**_partial_result(run, sent, reason), "final": True}
 
     try:
         for event in run.head:
-            note(event)
+            sent.append(event)
             if event.get("type") == "final":
                 run.phases.from_worker(event.get("timings") or {})
                 _finish(run, _result_of(event))
@@ -781,28 +793,29 @@ def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:
             yield event
         if finished:
             return
-        # The first chunk is out: the load is served from here on, whatever happens next.
-        record_served(load=run.load, result={**partial("length"), "final": False})
+        # The load was recorded served with its first chunk (start_generation); from here
+        # on the agent has tokens, so a failed record or charge must not break the stream:
+        # the load stays served and the sweep charges it.
         try:
             for event in run.stream:
                 kind = event.get("type")
                 if kind == "error":
-                    _finish(run, partial("error"))
+                    _finish_served(run, partial("error"))
                     finished = True
                     yield event
                     return
                 if kind == "final":
                     run.phases.from_worker(event.get("timings") or {})
-                    _finish(run, _result_of(event))
+                    _finish_served(run, _result_of(event))
                     finished = True
                     yield event
                     return
-                note(event)
+                sent.append(event)
                 yield event
             raise WorkerLost("the stream ended without a result")
         except WorkerLost as exc:
             log.warning("Load %s: worker lost mid-stream (%s)", run.load.pk, exc)
-            _finish(run, partial("error"))
+            _finish_served(run, partial("error"))
             finished = True
             yield {"type": "error", "code": "worker_lost",
                    "message": "The GPU worker was lost mid-stream; charged for what was sent."}
@@ -810,7 +823,17 @@ def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:
         if run.stream is not None:
             run.stream.close()  # stops the generation on the worker if it still runs
         if not finished:  # the client went away mid-stream: charge what was produced
-            _finish(run, partial("disconnected"))
+            _finish_served(run, partial("disconnected"))
+
+
+def _finish_served(run: LoadRun, result: dict[str, Any]) -> None:
+    """_finish for a load already recorded served: a database error is logged, not raised
+    (the agent has its tokens; the sweep charges the load from its last record)."""
+    try:
+        _finish(run, result)
+    except Exception:  # noqa: BLE001 - the outbox record stands; the sweep charges it
+        log.exception("Load %s: recording or charging its end failed; the sweep charges it",
+                      run.load.pk)
 
 
 TARIFF_CACHE_SECONDS = 5.0

@@ -329,6 +329,61 @@ def test_a_failed_charge_leaves_the_load_served_and_it_is_charged_once_later(
     assert load.status == "succeeded" and load.amount_nano > 0 and _settlements() == 1
 
 
+def _flaky_record(monkeypatch, fail_call: int) -> None:
+    """record_served raises OperationalError (the database went away) on its fail_call-th call."""
+    from django.db import OperationalError
+
+    from marketplace.services import completions
+
+    real, calls = completions.record_served, {"n": 0}
+
+    def flaky(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_call:
+            raise OperationalError("the database went away")
+        return real(**kwargs)
+
+    monkeypatch.setattr(completions, "record_served", flaky)
+
+
+def _stream_license(client, document) -> dict:
+    lic = client.post("/api/v1/licenses", {"document": document.pk, "loads": 2},
+                      format="json").json()["id"]
+    return {"model": SLUG, "document": document.pk, "license": lic, "messages": QUESTION,
+            "stream": True}
+
+
+def test_a_stream_whose_first_record_fails_sends_no_token_and_is_released(
+    fake_worker, api_client, ready_document, funded_agent, monkeypatch
+):
+    body = _stream_license(api_client, ready_document)
+    _flaky_record(monkeypatch, fail_call=1)
+    r = api_client.post(CHAT, body, format="json")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+    load = Load.objects.get()
+    assert load.status == "failed" and _settlements() == 0
+    assert License.objects.get(pk=body["license"]).loads_used == 0
+
+
+def test_a_stream_whose_last_record_fails_ends_normally_and_is_charged_by_the_sweep(
+    fake_worker, api_client, ready_document, funded_agent, monkeypatch
+):
+    from marketplace.services import completions
+
+    body = _stream_license(api_client, ready_document)
+    _flaky_record(monkeypatch, fail_call=2)  # the first token's record works, the end's not
+    r = api_client.post(CHAT, body, format="json")
+    assert r.status_code == 200, r.content
+    chunks = list(r.streaming_content)
+    assert chunks[-1] == b"data: [DONE]\n\n"  # the agent got every token
+    load = Load.objects.get()
+    assert load.status == "served" and _settlements() == 0  # not lost: in the outbox
+    Load.objects.update(heartbeat_at=timezone.now() - timedelta(seconds=31))
+    assert completions.sweep_loads() == {"released": 0, "charged": 1}
+    load.refresh_from_db()
+    assert load.status == "succeeded" and load.amount_nano > 0 and _settlements() == 1
+
+
 def test_a_retry_of_a_served_load_charges_it(fake_worker, api_client, ready_document,
                                              funded_agent, monkeypatch):
     from ledger import services as ledger_services
