@@ -309,26 +309,32 @@ def fail_load(*, load: Load, code: str, message: str) -> Load:
     return locked
 
 
-@transaction.atomic
 def record_served(*, load: Load, result: dict[str, Any]) -> Load:
     """The outbox: record the worker's result on the Load (pending or served -> served).
 
     ``result["final"]`` says whether it is the load's last word (a streamed load is recorded
-    once with its partial usage after its first chunk, and again at its end)."""
-    locked = Load.objects.select_for_update().get(pk=load.pk)
-    if locked.status not in (LoadStatus.PENDING, LoadStatus.SERVED):
-        return locked  # already charged (or failed by a sweep that thought it abandoned)
+    once with its partial usage before its first chunk, and again at its end). One conditional
+    UPDATE (one round trip, on the path to the first token): a load already charged, or failed
+    by a sweep that thought it abandoned, is left as it is and returned as stored."""
     usage = result.get("usage") or {}
-    locked.status = LoadStatus.SERVED
-    locked.response = result
-    locked.cached_tokens = int(usage.get("cached_tokens", 0))
-    locked.suffix_tokens = int(usage.get("suffix_tokens", 0))
-    locked.output_tokens = int(usage.get("output_tokens", 0))
-    locked.worker = str(result.get("worker") or locked.worker)[:255]
-    locked.heartbeat_at = timezone.now()
-    locked.save(update_fields=["status", "response", "cached_tokens", "suffix_tokens",
-                               "output_tokens", "worker", "heartbeat_at"])
-    return locked
+    fields: dict[str, Any] = {
+        "status": LoadStatus.SERVED,
+        "response": result,
+        "cached_tokens": int(usage.get("cached_tokens", 0)),
+        "suffix_tokens": int(usage.get("suffix_tokens", 0)),
+        "output_tokens": int(usage.get("output_tokens", 0)),
+        "heartbeat_at": timezone.now(),
+    }
+    if result.get("worker"):
+        fields["worker"] = str(result["worker"])[:255]
+    updated = Load.objects.filter(
+        pk=load.pk, status__in=[LoadStatus.PENDING, LoadStatus.SERVED]
+    ).update(**fields)
+    if not updated:
+        return Load.objects.get(pk=load.pk)
+    for name, value in fields.items():
+        setattr(load, name, value)
+    return load
 
 
 @transaction.atomic
