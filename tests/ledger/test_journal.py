@@ -32,16 +32,9 @@ def test_the_database_function_path_is_gone():
 def test_unbalanced_legs_are_refused_and_nothing_is_written(agent):
     wallet, clearing = journal.wallet(agent.pk), journal.system("stripe_clearing")
 
-    def decide(accounts: dict) -> journal.Entry:
-        return journal.Entry(
-            kind=TransactionKind.TOPUP,
-            legs=[(accounts[clearing.key], -5), (accounts[wallet.key], 6)],
-        )
-
+    entry = journal.Entry(kind=TransactionKind.TOPUP, legs=[(clearing, -5), (wallet, 6)])
     with pytest.raises(LedgerError, match="unbalanced"):
-        journal.post_once(
-            idempotency_key="u", fingerprint="f", accounts=[wallet, clearing], decide=decide
-        )
+        journal.post(idempotency_key="u", fingerprint="f", entry=entry)
     assert not Transaction.objects.exists() and not Posting.objects.exists()
 
 
@@ -107,7 +100,7 @@ def _post_with_the_key_taken_meanwhile(agent) -> None:
     """Post an egress whose idempotency key gets taken between the lock and the write."""
     wallet, revenue = journal.wallet(agent.pk), journal.system("platform_revenue")
 
-    def decide(accounts: dict) -> journal.Entry:
+    def decide(balances: dict) -> journal.Entry:
         with connection.cursor() as cur:
             cur.execute(
                 "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
@@ -116,12 +109,10 @@ def _post_with_the_key_taken_meanwhile(agent) -> None:
             )
         return journal.Entry(
             kind=TransactionKind.EGRESS,
-            legs=[(accounts[wallet.key], -40), (accounts[revenue.key], 40)],
+            legs=[(wallet, -40), (revenue, 40)],
         )
 
-    journal.post_once(
-        idempotency_key="taken", fingerprint="f", accounts=[wallet, revenue], decide=decide
-    )
+    journal.post_once(idempotency_key="taken", fingerprint="f", accounts=[wallet], decide=decide)
 
 
 def test_a_write_refused_by_the_database_rolls_back_only_its_own_savepoint(agent):
