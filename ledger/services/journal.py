@@ -37,6 +37,7 @@ trip to the server, `post_once` two.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -137,17 +138,69 @@ def _check_key(idempotency_key: str) -> None:
 # --- statements ------------------------------------------------------------------------------
 
 
+class _Batch:
+    """PostgreSQL: the statements of one database transaction, collected and sent to the server
+    as one query string (one round trip; the server runs them in order and stops at the first
+    error). Reading a statement's rows sends what is collected so far."""
+
+    def __init__(self, nested: bool) -> None:
+        self.pg = connection.connection
+        self.quote = psycopg.ClientCursor(self.pg)
+        self.nested = nested
+        self.pending: list[str] = []
+        self.results: list[list[tuple]] = []
+        self.begun = False  # BEGIN (or SAVEPOINT) was sent
+
+    def add(self, sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
+        self.pending.append(self.quote.mogrify(sql, params))
+        index = len(self.results) + len(self.pending) - 1
+        return lambda: self.rows(index)
+
+    def rows(self, index: int) -> list[tuple]:
+        if index >= len(self.results):
+            self.send(last=False)
+        return self.results[index]
+
+    def send(self, *, last: bool) -> None:
+        begin, end = (
+            (["SAVEPOINT ledger_post"], ["RELEASE SAVEPOINT ledger_post"])
+            if self.nested else (["BEGIN"], ["COMMIT"])
+        )  # fmt: skip
+        head: list[str] = []
+        if not self.begun and (self.nested or not last):
+            # sent all at once, statements without BEGIN run as one transaction of their own
+            head, self.begun = begin, True
+        tail = end if last and self.begun else []
+        statements, self.pending = self.pending, []
+        if not (head or statements or tail):
+            return
+        cur = self.pg.cursor()
+        cur.execute(";\n".join(head + statements + tail))  # no parameters: one simple query
+        for _ in head:
+            cur.nextset()
+        for _ in statements:
+            self.results.append(cur.fetchall() if cur.description else [])
+            cur.nextset()
+
+    def undo(self) -> None:
+        if self.begun and not self.pg.closed:
+            if self.nested:
+                self.pg.execute("ROLLBACK TO SAVEPOINT ledger_post")
+                self.pg.execute("RELEASE SAVEPOINT ledger_post")
+            else:
+                self.pg.execute("ROLLBACK")
+
+
+_batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("_batch", default=None)
+
+
 def _send(sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
     """Run one statement on Django's connection; returns a function that gives its rows. On
-    PostgreSQL inside `_unit` the statement is only queued (pipeline mode): reading its rows
-    sends the queue and waits for the answer."""
-    if connection.vendor == "postgresql":
-        if connection.connection is None:
-            connection.ensure_connection()
-        with connection.wrap_database_errors:
-            cur = psycopg.Cursor(connection.connection)
-            cur.execute(sql, params, prepare=True)
-        return cur.fetchall
+    PostgreSQL inside `_unit` the statement is only collected: reading its rows sends what is
+    collected and waits for the answer."""
+    batch = _batch.get()
+    if batch is not None:
+        return batch.add(sql, params)
     with connection.cursor() as cur:
         cur.execute(sql, params)
         result = cur.fetchall() if cur.description else []
@@ -253,34 +306,25 @@ def _unit() -> Iterator[None]:
     caller's transaction, else a transaction of their own. A failure rolls all of it back and
     raises (database errors as Django's, like any other).
 
-    PostgreSQL: in pipeline mode, with BEGIN/COMMIT (or SAVEPOINT/RELEASE) queued with the
-    statements, so nothing waits for the server until a statement's rows are read or the block
+    PostgreSQL: the statements are collected (`_Batch`) and sent together with the transaction
+    control, so nothing waits for the server until a statement's rows are read or the block
     ends. Code run inside must not open or end transactions itself."""
     if connection.vendor != "postgresql":
         with transaction.atomic():
             yield
         return
     connection.ensure_connection()
-    pg = connection.connection
-    nested = connection.in_atomic_block or not connection.get_autocommit()
-    if nested:
-        begin, end = ["SAVEPOINT ledger_post"], ["RELEASE SAVEPOINT ledger_post"]
-        undo = ["ROLLBACK TO SAVEPOINT ledger_post", "RELEASE SAVEPOINT ledger_post"]
-    else:
-        begin, end, undo = ["BEGIN"], ["COMMIT"], ["ROLLBACK"]
+    batch = _Batch(nested=connection.in_atomic_block or not connection.get_autocommit())
+    token = _batch.set(batch)
     with connection.wrap_database_errors:
         try:
-            with pg.pipeline():
-                for sql in begin:
-                    pg.execute(sql)
-                yield
-                for sql in end:
-                    pg.execute(sql)
+            yield
+            batch.send(last=True)
         except BaseException:
-            if not pg.closed:
-                for sql in undo:
-                    pg.execute(sql)
+            batch.undo()
             raise
+        finally:
+            _batch.reset(token)
 
 
 # --- writing ---------------------------------------------------------------------------------
