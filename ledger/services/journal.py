@@ -25,13 +25,15 @@ Rules and where they live (each once):
 - an account belongs to its owner: a posting finds its account by key AND owner, so a foreign
   account leaves account_id NULL and the NOT NULL constraint refuses it.
 
+The first posting to a new account fails on NOT NULL, creates the account, and runs again.
+
 Row locks are taken in account key order on every path (the locking read, then one UPDATE per
-account in key order), so two postings never wait on each other in a cycle. The statements are
-plain SQL that PostgreSQL and SQLite (the demo) both run; only the row lock differs (SQLite has
-none: it serialises writers on the whole database). On PostgreSQL they go through psycopg,
-each prepared once per connection, in pipeline mode, with the transaction control (BEGIN and
-COMMIT, or a savepoint inside a caller's transaction) queued with them: `post` is one round
-trip to the server, `post_once` two.
+stored balance in key order), so two postings never wait on each other in a cycle. The
+statements are plain SQL that PostgreSQL and SQLite (the demo) both run; only the row lock
+differs (SQLite has none: it serialises writers on the whole database). On PostgreSQL the
+statements of a posting, with its transaction control (BEGIN and COMMIT, or a savepoint inside
+a caller's transaction), are sent as one query string, quoted by psycopg (`_Batch`): `post` is
+one round trip to the server, `post_once` two.
 """
 
 from __future__ import annotations
@@ -162,13 +164,15 @@ class _Batch:
         return self.results[index]
 
     def send(self, *, last: bool) -> None:
-        begin, end = (
-            (["SAVEPOINT ledger_post"], ["RELEASE SAVEPOINT ledger_post"])
-            if self.nested else (["BEGIN"], ["COMMIT"])
-        )  # fmt: skip
+        if self.nested:
+            begin, end = ["SAVEPOINT ledger_post"], ["RELEASE SAVEPOINT ledger_post"]
+        else:
+            begin, end = ["BEGIN"], ["COMMIT"]
         head: list[str] = []
+        # A query string of several statements without BEGIN is one transaction of its own
+        # (committed at its end, rolled back on any error): a posting sent in one go needs no
+        # BEGIN or COMMIT. One sent in two parts (a read first) opens a transaction block.
         if not self.begun and (self.nested or not last):
-            # sent all at once, statements without BEGIN run as one transaction of their own
             head, self.begun = begin, True
         tail = end if last and self.begun else []
         statements, self.pending = self.pending, []
@@ -510,8 +514,9 @@ def post_once(
 ) -> Transaction | None:
     """Lock `accounts` (bounded ones), let `decide` work out the Entry from their balances (by
     key; a missing account is absent), and post it as `post` does; a replay returns the first
-    transaction without calling decide. The Entry's legs may name other accounts too (system
-    accounts, a payable credited). Returns None when decide does."""
+    transaction without calling decide. `accounts` must name every stored balance (wallet,
+    escrow) the Entry may touch (locks in key order); its legs may name other accounts too
+    (system accounts, a payable credited). Returns None when decide does."""
     return _post(idempotency_key, fingerprint, None, accounts, decide)
 
 
