@@ -6,12 +6,13 @@ BIGINT. Sign convention: a posting's amount is the change of its account's balan
 postings of one transaction sum to zero (enforced by a deferred PostgreSQL constraint trigger,
 see migration 0002), and postings are never updated or deleted (a trigger rejects it).
 
-Balances: accounts with a floor (agent wallet, license escrow, publisher payable) keep a
-materialised `balance` column, updated in the same database transaction as their postings
-while the rows are locked (SELECT ... FOR UPDATE in id order) and guarded by CHECK >= 0.
-System accounts (platform revenue, platform compute revenue, Stripe clearing) are touched by
-every settlement; they have no floor, so they keep no balance column (NULL) and their balance
-is the sum of their postings. That keeps concurrent settlements from queueing on one hot row.
+Balances: the agent wallet and the license escrow keep a materialised `balance` column,
+guarded by CHECK >= 0 and changed by an UPDATE in the same database transaction as their
+postings. A publisher payable and the system accounts (platform revenue, compute revenue,
+Stripe clearing, sandbox funding) have no balance column (NULL): their balance is the sum of
+their postings, so concurrent settlements append postings without queueing on one hot row.
+A payable never goes below zero all the same: only payouts debit it, and they lock its row and
+check the sum first (ledger/services/journal.py).
 """
 
 from decimal import Decimal
@@ -38,11 +39,14 @@ class AccountKind(models.TextChoices):
     SANDBOX_FUNDING = "sandbox_funding", "Sandbox funding"
 
 
+# Never below zero.
 BOUNDED_KINDS = (
     AccountKind.AGENT_WALLET,
     AccountKind.LICENSE_ESCROW,
     AccountKind.PUBLISHER_PAYABLE,
 )
+# Bounded accounts whose balance is stored (the rest: the sum of their postings).
+STORED_BALANCE_KINDS = (AccountKind.AGENT_WALLET, AccountKind.LICENSE_ESCROW)
 SYSTEM_KINDS = (
     AccountKind.PLATFORM_REVENUE,
     AccountKind.PLATFORM_COMPUTE_REVENUE,
@@ -65,7 +69,7 @@ class Account(models.Model):
     )
     license_ref = models.CharField(max_length=160, blank=True, default="")
     currency = models.CharField(max_length=3, default="usd")
-    # Materialised for BOUNDED_KINDS (never negative); NULL for SYSTEM_KINDS (sum of postings).
+    # Stored for STORED_BALANCE_KINDS (never negative); NULL for the others (sum of postings).
     balance = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -77,8 +81,11 @@ class Account(models.Model):
             ),
             models.CheckConstraint(
                 condition=(
-                    Q(kind__in=[k.value for k in BOUNDED_KINDS], balance__gte=0)
-                    | Q(kind__in=[k.value for k in SYSTEM_KINDS], balance__isnull=True)
+                    Q(kind__in=[k.value for k in STORED_BALANCE_KINDS], balance__gte=0)
+                    | (
+                        ~Q(kind__in=[k.value for k in STORED_BALANCE_KINDS])
+                        & Q(balance__isnull=True)
+                    )
                 ),
                 name="ledger_account_balance_non_negative",
             ),

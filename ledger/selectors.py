@@ -23,21 +23,25 @@ from ledger.models import (
 )
 
 
-def _bounded_balance(key: str) -> int:
+def _stored_balance(key: str) -> int:
     balance = Account.objects.filter(key=key).values_list("balance", flat=True).first()
     return balance or 0
 
 
 def wallet_balance(agent) -> int:
-    return _bounded_balance(wallet_key(agent.pk))
+    return _stored_balance(wallet_key(agent.pk))
 
 
 def escrow_balance(license_ref: str) -> int:
-    return _bounded_balance(escrow_key(license_ref))
+    return _stored_balance(escrow_key(license_ref))
 
 
 def payable_balance(publisher) -> int:
-    return _bounded_balance(payable_key(publisher.pk))
+    """The sum of the payable's postings (a payable has no stored balance, see models.py)."""
+    total = Posting.objects.filter(account__key=payable_key(publisher.pk)).aggregate(
+        s=Sum("amount")
+    )["s"]
+    return total or 0
 
 
 def postings_sum(account: Account) -> int:
@@ -45,7 +49,7 @@ def postings_sum(account: Account) -> int:
 
 
 def account_balance(account: Account) -> int:
-    """The materialised balance of a bounded account, else the sum of its postings."""
+    """The stored balance (wallet, escrow), else the sum of the account's postings."""
     return account.balance if account.balance is not None else postings_sum(account)
 
 

@@ -5,7 +5,8 @@ with the same key (and the same request) returns the first Transaction without p
 a retry with the same key and a different request raises IdempotencyConflict. All amounts are
 int nano-USD (1 USD = 10**9); all functions are keyword-only.
 
-- journal.py: the posting core (lock, idempotency, balanced write); every rule once.
+- journal.py: the posting core (idempotency, balanced write, a locked read only where the
+  legs depend on a balance); every rule once.
 - metering.py: license purchases, load settlements (the compute cap), egress, refunds.
 - topups.py: wallet credits: Stripe Checkout top-ups, sandbox test credits.
 - payouts.py: settlement runs, approval, transfers, reversals, Connect onboarding.

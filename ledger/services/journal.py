@@ -1,39 +1,49 @@
 """The posting core: every money movement goes through here, on every database.
 
-A money-moving service calls `post_once(idempotency_key=..., fingerprint=..., accounts=...,
-decide=...)`. In one database transaction (a savepoint inside the caller's) it runs four
-statements:
+Two ways in, one writer:
 
-1. one SELECT that locks the bounded accounts (wallet, escrow, payable) FOR UPDATE in id order,
-   reads the system accounts (platform revenue, compute revenue, Stripe clearing) without a
-   lock, and finds the idempotency key if it was already used (then nothing is posted and the
-   first transaction is returned);
-   then `decide(locked accounts)` returns the Entry to post (kind, legs, memo, details), or
-   None for nothing to post;
-2. INSERT the transaction; 3. INSERT its postings; 4. one UPDATE of the bounded balances.
+- `post(idempotency_key=..., fingerprint=..., entry=...)`: the legs are known up front (top-up,
+  license purchase, egress, a settlement without compute). Nothing is read first: the
+  transaction, one UPDATE per stored balance and the postings are sent together, and the
+  database's constraints decide.
+- `post_once(..., accounts=..., decide=...)`: the legs depend on balances (the compute cap, a
+  refund of what is left in an escrow, a payout). One read locks `accounts` and finds the
+  idempotency key (a replay returns the first transaction and `decide` is not called); then
+  `decide(balances)` returns the Entry, written by the same writer.
 
-Two callers racing with the same key: the loser does not see the winner's row in step 1 (its
-snapshot predates the winner's commit), fails on the unique key (or on a balance the winner
-spent), rolls back, and `post_once` returns the winner's transaction.
+Rules and where they live (each once):
+- a stored balance (wallet, escrow) never goes below zero: the CHECK constraint of models.py
+  (a refused UPDATE raises InsufficientFunds);
+- a publisher payable has no stored balance (the sum of its postings), so a settlement credits
+  it without locking its row; only payouts debit it, under its row lock, after
+  `_check_floors` here;
+- the legs sum to zero: `_merge` here (the only guard on SQLite), and the deferred trigger of
+  migration 0002 at commit;
+- postings and transactions are never changed: trigger (0002);
+- an idempotency key is used once: UNIQUE. A replay fails on it, rolls back, and returns the
+  stored transaction (or raises IdempotencyConflict for a different request);
+- an account belongs to its owner: a posting finds its account by key AND owner, so a foreign
+  account leaves account_id NULL and the NOT NULL constraint refuses it.
 
-Rules and where they live (each once): a bounded balance never goes below zero (checked here on
-the locked balance, with the CHECK constraint of models.py as the backstop); the legs sum to
-zero (checked here, and by the deferred trigger of migration 0002 at commit); postings and
-transactions are never changed (trigger, 0002); an idempotency key is used once (UNIQUE).
+The first posting to a new account fails on NOT NULL, creates the account, and runs again.
 
-The statements are plain SQL that PostgreSQL and SQLite (the demo) both run; only the row lock
-differs (SQLite has no FOR UPDATE: it serialises writers on the whole database). On PostgreSQL
-they go through psycopg with server-side binding, each prepared once per connection, and in
-pipeline mode: BEGIN and the lock travel together, then the three writes together, then COMMIT
-(three round trips to the server instead of six).
+Row locks are taken in account key order on every path (the locking read, then one UPDATE per
+stored balance in key order), so two postings never wait on each other in a cycle. The
+statements are plain SQL that PostgreSQL and SQLite (the demo) both run; only the row lock
+differs (SQLite has none: it serialises writers on the whole database). On PostgreSQL the
+statements of a posting, with its transaction control (BEGIN and COMMIT, or a savepoint inside
+a caller's transaction), are sent as one query string, quoted by psycopg (`_Batch`): `post` is
+one round trip to the server, `post_once` two.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +53,13 @@ from django.utils import timezone
 
 from ledger.accounts import SYSTEM_KEYS, escrow_key, payable_key, wallet_key
 from ledger.errors import IdempotencyConflict, InsufficientFunds, InvalidAmount, LedgerError
-from ledger.models import BOUNDED_KINDS, AccountKind, Transaction, TransactionKind
+from ledger.models import (
+    BOUNDED_KINDS,
+    STORED_BALANCE_KINDS,
+    AccountKind,
+    Transaction,
+    TransactionKind,
+)
 
 # --- which accounts a transaction touches ----------------------------------------------------
 
@@ -61,6 +77,10 @@ class AccountSpec:
     @property
     def bounded(self) -> bool:
         return self.kind in BOUNDED_KINDS
+
+    @property
+    def stored(self) -> bool:
+        return self.kind in STORED_BALANCE_KINDS
 
 
 def wallet(agent_id: int) -> AccountSpec:
@@ -82,18 +102,16 @@ def system(kind: AccountKind) -> AccountSpec:
 
 
 @dataclass
-class LockedAccount:
-    """An account row as the lock read it. `balance` is None for system accounts."""
+class Entry:
+    """What to post: legs are (account, signed amount) and must sum to zero."""
 
-    id: int
-    key: str
-    kind: str
-    owner_id: int | None
-    balance: int | None
-
-    @property
-    def bounded(self) -> bool:
-        return self.balance is not None
+    kind: TransactionKind
+    legs: list[tuple[AccountSpec, int]]
+    memo: str = ""
+    license_ref: str = ""
+    document_ref: str = ""
+    external_ref: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 # --- request checks --------------------------------------------------------------------------
@@ -119,30 +137,74 @@ def _check_key(idempotency_key: str) -> None:
         raise LedgerError("Idempotency keys are at most 200 characters.")
 
 
-def _conflict(idempotency_key: str) -> IdempotencyConflict:
-    return IdempotencyConflict(
-        f"Idempotency key {idempotency_key!r} was already used for a different request."
-    )
-
-
 # --- statements ------------------------------------------------------------------------------
 
 
+class _Batch:
+    """PostgreSQL: the statements of one database transaction, collected and sent to the server
+    as one query string (one round trip; the server runs them in order and stops at the first
+    error). Reading a statement's rows sends what is collected so far."""
+
+    def __init__(self, nested: bool) -> None:
+        self.pg = connection.connection
+        self.quote = psycopg.ClientCursor(self.pg)
+        self.nested = nested
+        self.pending: list[str] = []
+        self.results: list[list[tuple]] = []
+        self.begun = False  # BEGIN (or SAVEPOINT) was sent
+
+    def add(self, sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
+        self.pending.append(self.quote.mogrify(sql, params))
+        index = len(self.results) + len(self.pending) - 1
+        return lambda: self.rows(index)
+
+    def rows(self, index: int) -> list[tuple]:
+        if index >= len(self.results):
+            self.send(last=False)
+        return self.results[index]
+
+    def send(self, *, last: bool) -> None:
+        if self.nested:
+            begin, end = ["SAVEPOINT ledger_post"], ["RELEASE SAVEPOINT ledger_post"]
+        else:
+            begin, end = ["BEGIN"], ["COMMIT"]
+        head: list[str] = []
+        # A query string of several statements without BEGIN is one transaction of its own
+        # (committed at its end, rolled back on any error): a posting sent in one go needs no
+        # BEGIN or COMMIT. One sent in two parts (a read first) opens a transaction block.
+        if not self.begun and (self.nested or not last):
+            head, self.begun = begin, True
+        tail = end if last and self.begun else []
+        statements, self.pending = self.pending, []
+        if not (head or statements or tail):
+            return
+        cur = self.pg.cursor()
+        cur.execute(";\n".join(head + statements + tail))  # no parameters: one simple query
+        for _ in head:
+            cur.nextset()
+        for _ in statements:
+            self.results.append(cur.fetchall() if cur.description else [])
+            cur.nextset()
+
+    def undo(self) -> None:
+        if self.begun and not self.pg.closed:
+            if self.nested:
+                self.pg.execute("ROLLBACK TO SAVEPOINT ledger_post")
+                self.pg.execute("RELEASE SAVEPOINT ledger_post")
+            else:
+                self.pg.execute("ROLLBACK")
+
+
+_batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("_batch", default=None)
+
+
 def _send(sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
-    """Run one statement on Django's connection (inside its current transaction); returns a
-    function that gives its rows. On PostgreSQL in pipeline mode (see `post_once`) the statement
-    is only queued: reading its rows sends the queue and waits for the answer."""
-    if connection.vendor == "postgresql":
-        connection.ensure_connection()
-        with connection.wrap_database_errors:
-            cur = psycopg.Cursor(connection.connection)
-            cur.execute(sql, params, prepare=True)
-
-        def rows() -> list[tuple]:
-            with connection.wrap_database_errors:
-                return cur.fetchall()
-
-        return rows
+    """Run one statement on Django's connection; returns a function that gives its rows. On
+    PostgreSQL inside `_unit` the statement is only collected: reading its rows sends what is
+    collected and waits for the answer."""
+    batch = _batch.get()
+    if batch is not None:
+        return batch.add(sql, params)
     with connection.cursor() as cur:
         cur.execute(sql, params)
         result = cur.fetchall() if cur.description else []
@@ -153,29 +215,27 @@ def _placeholders(n: int) -> str:
     return ", ".join(["%s"] * n)
 
 
-def _lock_sql(n_bounded: int, n_system: int, with_key: bool) -> str:
-    parts = []
-    columns = "id, key, kind, owner_id, balance"
-    if n_bounded:
-        lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-        parts.append(f"SELECT 'account', {columns} FROM locked")
-        cte = (
-            f"WITH locked AS (SELECT {columns} FROM ledger_account"
-            f" WHERE key IN ({_placeholders(n_bounded)}) ORDER BY id{lock}) "
-        )
-    else:
-        cte = ""
-    if n_system:
-        parts.append(
-            f"SELECT 'account', {columns} FROM ledger_account"
-            f" WHERE key IN ({_placeholders(n_system)})"
-        )
+@functools.cache
+def _lock_sql(n: int) -> str:
+    # A lock in its own statement: the balances are read by the next one, whose snapshot is
+    # taken after the lock was granted (a sum of postings read in the locking statement could
+    # miss a posting committed while it waited).
+    return (
+        f"SELECT 1 FROM ledger_account WHERE key IN ({_placeholders(n)})"
+        " ORDER BY key FOR NO KEY UPDATE"
+    )
+
+
+@functools.cache
+def _read_sql(n: int, with_key: bool) -> str:
+    sql = (
+        "SELECT 0, key, COALESCE(balance, (SELECT COALESCE(SUM(p.amount), 0)"
+        " FROM ledger_posting p WHERE p.account_id = ledger_account.id))"
+        f" FROM ledger_account WHERE key IN ({_placeholders(n)})"
+    )
     if with_key:
-        parts.append(
-            "SELECT 'transaction', id, idempotency_key, '', NULL, NULL FROM ledger_transaction"
-            " WHERE idempotency_key = %s"
-        )
-    return cte + " UNION ALL ".join(parts)
+        sql += " UNION ALL SELECT 1, '', id FROM ledger_transaction WHERE idempotency_key = %s"
+    return sql
 
 
 _INSERT_TRANSACTION = (
@@ -183,125 +243,126 @@ _INSERT_TRANSACTION = (
     " document_ref, external_ref, details, created_at)"
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
 )
+_UPDATE_BALANCE = "UPDATE ledger_account SET balance = balance + %s WHERE key = %s"
 
 
-def _insert_postings_sql(n: int) -> str:
-    # The transaction is found by its key, so this statement can be sent before the INSERT of
-    # the transaction has answered (pipeline mode).
-    row = "((SELECT id FROM ledger_transaction WHERE idempotency_key = %s), %s, %s, %s, %s)"
+@functools.cache
+def _insert_postings_sql(shape: tuple[tuple[bool, bool], ...]) -> str:
+    """One row per (stored balance, owner checked) in `shape`. Each row finds its transaction
+    by key (so it can be queued before the INSERT of the transaction has answered) and its
+    account by key and owner (NULL, refused, when the account is missing or foreign); a stored
+    balance is read after its UPDATE, under the row lock that UPDATE took."""
+    rows = []
+    for stored, owned in shape:
+        account = "(SELECT id FROM ledger_account WHERE key = %s" + (
+            " AND owner_id = %s)" if owned else ")"
+        )
+        after = "(SELECT balance FROM ledger_account WHERE key = %s)" if stored else "NULL"
+        rows.append(
+            f"((SELECT id FROM ledger_transaction WHERE idempotency_key = %s), {account},"
+            f" %s, {after}, %s)"
+        )
     return (
         "INSERT INTO ledger_posting (transaction_id, account_id, amount, balance_after,"
-        " created_at) VALUES " + ", ".join([row] * n)
+        " created_at) VALUES " + ", ".join(rows)
     )
 
 
-def _update_balances_sql(n: int) -> str:
-    return (
-        "UPDATE ledger_account SET balance = balance + CASE id"
-        + " WHEN %s THEN %s" * n
-        + f" END WHERE id IN ({_placeholders(n)})"
-    )
-
-
-# --- locking and writing ---------------------------------------------------------------------
-
-
-class _Replay(Exception):  # noqa: N818 - control flow, never escapes this module
-    """The idempotency key is already recorded: return its transaction, post nothing."""
-
-    def __init__(self, transaction_id: int) -> None:
-        self.transaction_id = transaction_id
-
-
-def _create_accounts(specs: Iterable[AccountSpec]) -> None:
-    """Create the accounts that do not exist yet (an existing key is left alone)."""
-    rows = []
+def _open_accounts(legs: list[tuple[AccountSpec, int]]) -> None:
+    """Create the accounts of `legs` that are missing and may be created (an existing key is
+    left alone), then refuse a leg whose account is still missing or is another user's."""
+    specs = {spec.key: (spec, amount) for spec, amount in legs}
+    rows: list[Any] = []
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     # key order: concurrent creators of the same accounts insert them in one order
-    for s in sorted(specs, key=lambda s: s.key):
-        rows += [s.key, s.kind, s.owner_id, s.license_ref, "usd", 0 if s.bounded else None, now]
-    _send(
-        "INSERT INTO ledger_account (key, kind, owner_id, license_ref, currency, balance,"
-        " created_at) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * (len(rows) // 7))
-        + " ON CONFLICT (key) DO NOTHING",
-        rows,
+    creatable = sorted((s for s, _ in specs.values() if s.create), key=lambda s: s.key)
+    for s in creatable:
+        rows += [s.key, s.kind, s.owner_id, s.license_ref, "usd", 0 if s.stored else None, now]
+    if creatable:
+        _send(
+            "INSERT INTO ledger_account (key, kind, owner_id, license_ref, currency, balance,"
+            " created_at) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(creatable))
+            + " ON CONFLICT (key) DO NOTHING",
+            rows,
+        )
+    found = dict(
+        _send(
+            f"SELECT key, owner_id FROM ledger_account WHERE key IN ({_placeholders(len(specs))})",
+            list(specs),
+        )()
     )
+    for key, (spec, amount) in specs.items():
+        if key not in found:
+            if amount < 0:
+                raise InsufficientFunds(f"No account {key}.")
+            raise LedgerError(f"No account {key}.")
+        if spec.owner_id is not None and found[key] != spec.owner_id:
+            raise LedgerError(f"Account {key} belongs to another user.")
 
 
-def _read_locked(
-    specs: list[AccountSpec], idempotency_key: str
-) -> tuple[dict[str, LockedAccount], int | None]:
-    bounded = [s.key for s in specs if s.bounded]
-    unlocked = [s.key for s in specs if not s.bounded]
-    sql = _lock_sql(len(bounded), len(unlocked), bool(idempotency_key))
-    params = [*bounded, *unlocked] + ([idempotency_key] if idempotency_key else [])
-    found: dict[str, LockedAccount] = {}
-    replay_id = None
-    for source, *row in _send(sql, params)():
-        if source == "transaction":
-            replay_id = row[0]
-        else:
-            account = LockedAccount(*row)
-            found[account.key] = account
-    return found, replay_id
+# --- one database transaction ----------------------------------------------------------------
 
 
-def lock_accounts(
-    specs: list[AccountSpec], *, idempotency_key: str = ""
-) -> dict[str, LockedAccount]:
-    """Lock the bounded accounts of `specs` (one statement, id order), read the system ones,
-    create the missing accounts that may be created, and stop with the first transaction when
-    `idempotency_key` is already recorded. Returns the accounts by key (absent: not created)."""
-    found, replay_id = _read_locked(specs, idempotency_key)
-    missing = [s for s in specs if s.key not in found and s.create]
-    if missing and replay_id is None:
-        _create_accounts(missing)
-        found, replay_id = _read_locked(specs, idempotency_key)
-    if replay_id is not None:
-        raise _Replay(replay_id)
-    for s in specs:
-        account = found.get(s.key)
-        if account is not None and s.owner_id is not None and account.owner_id != s.owner_id:
-            raise LedgerError(f"Account {s.key} belongs to another user.")
-    return found
+@contextlib.contextmanager
+def _unit() -> Iterator[None]:
+    """The statements sent inside run in one database transaction: a savepoint inside the
+    caller's transaction, else a transaction of their own. A failure rolls all of it back and
+    raises (database errors as Django's, like any other).
+
+    PostgreSQL: the statements are collected (`_Batch`) and sent together with the transaction
+    control, so nothing waits for the server until a statement's rows are read or the block
+    ends. Code run inside must not open or end transactions itself."""
+    if connection.vendor != "postgresql":
+        with transaction.atomic():
+            yield
+        return
+    connection.ensure_connection()
+    batch = _Batch(nested=connection.in_atomic_block or not connection.get_autocommit())
+    token = _batch.set(batch)
+    with connection.wrap_database_errors:
+        try:
+            yield
+            batch.send(last=True)
+        except BaseException:
+            batch.undo()
+            raise
+        finally:
+            _batch.reset(token)
 
 
-@dataclass
-class Entry:
-    """What to post: legs are (locked account, signed amount) and must sum to zero."""
+# --- writing ---------------------------------------------------------------------------------
 
-    kind: TransactionKind
-    legs: list[tuple[LockedAccount, int]]
-    memo: str = ""
-    license_ref: str = ""
-    document_ref: str = ""
-    external_ref: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
+
+def _merge(entry: Entry) -> list[tuple[AccountSpec, int]]:
+    """The legs merged per account; refuses legs that do not sum to zero."""
+    merged: dict[str, list] = {}
+    for spec, amount in entry.legs:
+        merged.setdefault(spec.key, [spec, 0])[1] += amount
+    if sum(amount for _, amount in merged.values()) != 0:
+        raise LedgerError("Internal error: unbalanced transaction.")
+    return [(spec, amount) for spec, amount in merged.values()]
+
+
+def _check_floors(lines: list[tuple[AccountSpec, int]], balances: dict[str, int]) -> None:
+    """A bounded account without a stored balance (a payable) is debited only after its row
+    was locked and its balance read (`post_once`), and never below zero."""
+    for spec, amount in lines:
+        if amount < 0 and spec.bounded and not spec.stored:
+            if spec.key not in balances:
+                raise LedgerError(f"Internal error: {spec.key} is debited without its lock.")
+            if balances[spec.key] + amount < 0:
+                raise InsufficientFunds(
+                    f"{spec.key} has {balances[spec.key]} nano-USD; {-amount} needed."
+                )
 
 
 def _send_transaction(
-    entry: Entry, *, idempotency_key: str, fingerprint: str
+    entry: Entry, lines: list[tuple[AccountSpec, int]], *, idempotency_key: str,
+    fingerprint: str,
 ) -> tuple[Transaction, Callable[[], list[tuple]]]:
     """Send the writes of one balanced transaction; returns it (without its id yet) and the
-    reader of its id. The bounded accounts among the legs must be locked by `lock_accounts`."""
-    merged: dict[int, list] = {}
-    for account, amount in entry.legs:
-        merged.setdefault(account.id, [account, 0])[1] += amount
-    if sum(amount for _, amount in merged.values()) != 0:
-        raise LedgerError("Internal error: unbalanced transaction.")
-    lines: list[tuple[LockedAccount, int, int | None]] = []
-    for account, amount in merged.values():
-        if amount == 0:
-            continue
-        balance_after = None
-        if account.bounded:
-            balance_after = account.balance + amount
-            if balance_after < 0:
-                raise InsufficientFunds(
-                    f"{account.key} has {account.balance} nano-USD; {-amount} needed."
-                )
-        lines.append((account, amount, balance_after))
+    reader of its id."""
     tx = Transaction(
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
@@ -316,55 +377,132 @@ def _send_transaction(
     created_at = connection.ops.adapt_datetimefield_value(tx.created_at)
     read_id = _send(
         _INSERT_TRANSACTION,
-        [
-            tx.idempotency_key,
-            tx.fingerprint,
-            str(tx.kind),
-            tx.memo,
-            tx.license_ref,
-            tx.document_ref,
-            tx.external_ref,
-            json.dumps(tx.details),
-            created_at,
-        ],
-    )
+        [idempotency_key, fingerprint, str(tx.kind), tx.memo, tx.license_ref, tx.document_ref,
+         tx.external_ref, json.dumps(tx.details), created_at],
+    )  # fmt: skip
+    for spec, amount in sorted(lines, key=lambda line: line[0].key):
+        if spec.stored:
+            _send(_UPDATE_BALANCE, [amount, spec.key])
     if lines:
         params: list[Any] = []
-        for account, amount, balance_after in lines:
-            params += [idempotency_key, account.id, amount, balance_after, created_at]
-        _send(_insert_postings_sql(len(lines)), params)
-    bounded = [(account, amount) for account, amount, after in lines if after is not None]
-    if bounded:
-        params = []
-        for account, amount in bounded:
-            params += [account.id, amount]
-        _send(_update_balances_sql(len(bounded)), params + [a.id for a, _ in bounded])
-        for account, amount in bounded:
-            account.balance += amount
+        for spec, amount in lines:
+            params += [idempotency_key, spec.key]
+            if spec.owner_id is not None:
+                params.append(spec.owner_id)
+            params.append(amount)
+            if spec.stored:
+                params.append(spec.key)
+            params.append(created_at)
+        shape = tuple((spec.stored, spec.owner_id is not None) for spec, _ in lines)
+        _send(_insert_postings_sql(shape), params)
     tx._state.adding = False
     tx._state.db = connection.alias
     return tx, read_id
 
 
-def write_transaction(entry: Entry, *, idempotency_key: str, fingerprint: str) -> Transaction:
-    """Write one balanced transaction now, in the caller's database transaction (payouts: the
-    payout row lock already makes the call happen once). Prefer `post_once`."""
-    tx, read_id = _send_transaction(entry, idempotency_key=idempotency_key, fingerprint=fingerprint)
+def lock_balances(specs: list[AccountSpec]) -> dict[str, int]:
+    """Lock the rows of bounded accounts (key order) and read their balances (a payable's is
+    the sum of its postings), in the caller's transaction; a missing account is left out."""
+    balances, _ = _lock_and_read(specs, "")
+    return balances
+
+
+def _lock_and_read(specs: list[AccountSpec], idempotency_key: str) -> tuple[dict[str, int], Any]:
+    keys = sorted({s.key for s in specs})
+    if any(not s.bounded for s in specs):
+        raise LedgerError("Internal error: only bounded accounts are locked.")
+    if connection.features.has_select_for_update:
+        _send(_lock_sql(len(keys)), keys)
+    params = keys + ([idempotency_key] if idempotency_key else [])
+    balances: dict[str, int] = {}
+    replay_id = None
+    for source, key, value in _send(_read_sql(len(keys), bool(idempotency_key)), params)():
+        if source:
+            replay_id = value
+        else:
+            balances[key] = int(value)
+    return balances, replay_id
+
+
+class _Replay(Exception):  # noqa: N818 - control flow, never escapes this module
+    """The idempotency key is already recorded: return its transaction, post nothing."""
+
+
+def _attempt(
+    idempotency_key: str,
+    fingerprint: str,
+    entry: Entry | None,
+    accounts: list[AccountSpec],
+    decide: Callable[[dict[str, int]], Entry | None] | None,
+    decided: list[Entry],
+) -> Transaction | None:
+    with _unit():
+        balances: dict[str, int] = {}
+        if decide is not None:
+            balances, replay_id = _lock_and_read(accounts, idempotency_key)
+            if replay_id is not None:
+                raise _Replay
+            entry = decide(balances)
+            if entry is None:
+                return None
+            decided.append(entry)
+        assert entry is not None
+        merged = _merge(entry)
+        lines = [(spec, amount) for spec, amount in merged if amount != 0]
+        # a zero leg posts nothing but still opens its account (a free license's escrow)
+        opened = [(spec, 0) for spec, amount in merged if amount == 0 and spec.create]
+        if opened:
+            _open_accounts(opened)
+        _check_floors(lines, balances)
+        tx, read_id = _send_transaction(
+            entry, lines, idempotency_key=idempotency_key, fingerprint=fingerprint
+        )
     [(tx.pk,)] = read_id()
     return tx
 
 
-@contextlib.contextmanager
-def _pipeline() -> Iterator[None]:
-    """PostgreSQL: queue the statements sent inside (psycopg pipeline mode); the queue goes out
-    when a statement's rows are read, and at the end, where a refused write raises (as a
-    Django database error, like any other)."""
-    if connection.vendor != "postgresql":
-        yield
-        return
-    connection.ensure_connection()
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        yield
+def _post(
+    idempotency_key: str,
+    fingerprint: str,
+    entry: Entry | None,
+    accounts: list[AccountSpec],
+    decide: Callable[[dict[str, int]], Entry | None] | None,
+) -> Transaction | None:
+    _check_key(idempotency_key)
+    decided: list[Entry] = []
+    for retry in (False, True):
+        try:
+            return _attempt(idempotency_key, fingerprint, entry, accounts, decide, decided)
+        except (_Replay, IntegrityError) as exc:
+            tx = Transaction.objects.filter(idempotency_key=idempotency_key).first()
+            if tx is not None:  # a replay, or a racing call with the same key won
+                if tx.fingerprint != fingerprint:
+                    raise IdempotencyConflict(
+                        f"Idempotency key {idempotency_key!r} was already used for a"
+                        " different request."
+                    ) from None
+                return tx
+            message = str(exc)
+            if "ledger_account_balance_non_negative" in message:
+                raise InsufficientFunds("The account cannot pay this amount.") from exc
+            if retry or "account_id" not in message:
+                raise
+            # a leg's account is missing or another user's (the first posting to a new
+            # account, or a refused one): create or explain, then run once more
+            legs = _merge(entry or decided[-1])
+            with _unit():
+                _open_accounts([(spec, n) for spec, n in legs if n != 0 or spec.create])
+    raise AssertionError("unreachable")
+
+
+def post(*, idempotency_key: str, fingerprint: str, entry: Entry) -> Transaction:
+    """Post `entry` once per idempotency key, in one database transaction (a savepoint inside
+    the caller's): a retry with the same request returns the first transaction, a retry with a
+    different request raises IdempotencyConflict; InsufficientFunds when a stored balance
+    cannot pay. Missing accounts that may be created are created (then it runs again)."""
+    tx = _post(idempotency_key, fingerprint, entry, [], None)
+    assert tx is not None
+    return tx
 
 
 def post_once(
@@ -372,42 +510,14 @@ def post_once(
     idempotency_key: str,
     fingerprint: str,
     accounts: list[AccountSpec],
-    decide: Callable[[dict[str, LockedAccount]], Entry | None],
+    decide: Callable[[dict[str, int]], Entry | None],
 ) -> Transaction | None:
-    """Lock `accounts`, let `decide` work out the Entry from their balances, and post it, in
-    one database transaction (a savepoint inside the caller's), once per idempotency key: a
-    retry with the same request returns the first transaction (decide is not called), a retry
-    with a different request raises IdempotencyConflict. Returns None when decide does."""
-    _check_key(idempotency_key)
-    try:
-        with transaction.atomic():
-            # inside the atomic block: BEGIN (or SAVEPOINT) and COMMIT stay Django's, and an
-            # error of a queued write surfaces here, where the block rolls it back
-            with _pipeline():
-                entry = decide(lock_accounts(accounts, idempotency_key=idempotency_key))
-                if entry is None:
-                    return None
-                tx, read_id = _send_transaction(
-                    entry, idempotency_key=idempotency_key, fingerprint=fingerprint
-                )
-            [(tx.pk,)] = read_id()
-        return tx
-    except _Replay as replay:
-        tx = Transaction.objects.get(pk=replay.transaction_id)
-    except (IntegrityError, LedgerError) as exc:
-        if isinstance(exc, IdempotencyConflict):
-            raise
-        # a racing call with the same key may have won while we waited: return its result
-        tx = Transaction.objects.filter(idempotency_key=idempotency_key).first()
-        if tx is None:
-            if isinstance(exc, IntegrityError) and "ledger_account_balance_non_negative" in str(
-                exc
-            ):
-                raise InsufficientFunds("The account cannot pay this amount.") from exc
-            raise
-    if tx.fingerprint != fingerprint:
-        raise _conflict(idempotency_key)
-    return tx
+    """Lock `accounts` (bounded ones), let `decide` work out the Entry from their balances (by
+    key; a missing account is absent), and post it as `post` does; a replay returns the first
+    transaction without calling decide. `accounts` must name every stored balance (wallet,
+    escrow) the Entry may touch (locks in key order); its legs may name other accounts too
+    (system accounts, a payable credited). Returns None when decide does."""
+    return _post(idempotency_key, fingerprint, None, accounts, decide)
 
 
 def transfer(
@@ -424,20 +534,15 @@ def transfer(
     external_ref: str = "",
 ) -> Transaction:
     """Post `amount_nano` from `source` to `dest` as one idempotent transaction."""
-
-    def decide(accounts: dict[str, LockedAccount]) -> Entry:
-        return Entry(
+    return post(
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        entry=Entry(
             kind=kind,
-            legs=[(accounts[source.key], -amount_nano), (accounts[dest.key], amount_nano)],
+            legs=[(source, -amount_nano), (dest, amount_nano)],
             memo=memo,
             license_ref=license_ref,
             document_ref=document_ref,
             external_ref=external_ref,
-        )
-
-    return post_once(
-        idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
-        accounts=[source, dest],
-        decide=decide,
+        ),
     )

@@ -8,10 +8,10 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 from ledger.accounts import escrow_key
-from ledger.errors import InsufficientFunds, LedgerError
+from ledger.errors import LedgerError
 from ledger.models import Account, AccountKind, Transaction, TransactionKind
 from ledger.services import journal
-from ledger.services.journal import Entry, LockedAccount
+from ledger.services.journal import Entry
 
 
 def purchase_license(
@@ -91,45 +91,22 @@ def settle_load(
         compute=compute_nano,
     )
     escrow = journal.escrow(license_ref, None, create=False)
-    payable = journal.payable(publisher.pk)
-    revenue = journal.system(AccountKind.PLATFORM_REVENUE)
+    legs = [
+        (escrow, -amount_nano),  # a missing or short escrow: InsufficientFunds
+        (journal.payable(publisher.pk), publisher_nano),
+        (journal.system(AccountKind.PLATFORM_REVENUE), platform_nano),
+    ]
 
-    buyer_id = agent_id
-    if compute_nano > 0 and buyer_id is None:  # default: the agent who bought the license
-        buyer_id = _license_buyer_id(license_ref)
-    charges_compute = compute_nano > 0 and buyer_id is not None
-    accounts = [escrow, payable, revenue]
-    if charges_compute:
-        wallet = journal.wallet(buyer_id)
-        compute_revenue = journal.system(AccountKind.PLATFORM_COMPUTE_REVENUE)
-        accounts += [wallet, compute_revenue]
-
-    def decide(locked: dict[str, LockedAccount]) -> Entry:
-        escrow_account = locked.get(escrow.key)
-        if escrow_account is None:
-            if amount_nano > 0:
-                raise InsufficientFunds(f"No escrow for license {license_ref!r}.")
-            # a free license (no purchase, so no escrow): only compute can be charged
-            escrow_account = LockedAccount(0, escrow.key, escrow.kind, None, 0)
-        if escrow_account.balance < amount_nano:
-            raise InsufficientFunds(
-                f"Escrow of {license_ref!r} has {escrow_account.balance} nano-USD;"
-                f" {amount_nano} needed."
-            )
-        legs = [
-            (escrow_account, -amount_nano),
-            (locked[payable.key], publisher_nano),
-            (locked[revenue.key], platform_nano),
-        ]
-        charged = 0
-        if charges_compute:
-            # the compute cap: charge at most what the wallet holds, so a served load settles
-            wallet_account = locked[wallet.key]
-            charged = min(compute_nano, wallet_account.balance)
-            legs += [(wallet_account, -charged), (locked[compute_revenue.key], charged)]
+    def entry(charged: int) -> Entry:
+        compute_legs = []
+        if charged:
+            compute_legs = [
+                (journal.wallet(buyer_id), -charged),
+                (journal.system(AccountKind.PLATFORM_COMPUTE_REVENUE), charged),
+            ]
         return Entry(
             kind=TransactionKind.LOAD_SETTLEMENT,
-            legs=legs,
+            legs=legs + compute_legs,
             memo=memo or f"Load of {license_ref}",
             license_ref=license_ref,
             document_ref=document_ref,
@@ -144,9 +121,29 @@ def settle_load(
             },
         )
 
-    return journal.post_once(
-        idempotency_key=idempotency_key, fingerprint=fingerprint, accounts=accounts, decide=decide
+    buyer_id = agent_id
+    if compute_nano > 0 and buyer_id is None:  # default: the agent who bought the license
+        buyer_id = _license_buyer_id(license_ref)
+    if compute_nano == 0 or buyer_id is None:
+        # nothing depends on a balance: no read, one round trip
+        return journal.post(
+            idempotency_key=idempotency_key, fingerprint=fingerprint, entry=entry(0)
+        )
+    wallet = journal.wallet(buyer_id)
+
+    def decide(balances: dict[str, int]) -> Entry:
+        # the compute cap: charge at most what the wallet holds, so a served load settles
+        return entry(min(compute_nano, balances.get(wallet.key, 0)))
+
+    # the escrow is locked with the wallet: every path locks accounts in key order
+    tx = journal.post_once(
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+        accounts=[escrow, wallet],
+        decide=decide,
     )
+    assert tx is not None
+    return tx
 
 
 def record_egress(
@@ -184,14 +181,13 @@ def refund_escrow(*, license_ref: str, agent, idempotency_key: str) -> Transacti
     escrow = journal.escrow(license_ref, agent.pk, create=False)
     wallet = journal.wallet(agent.pk)
 
-    def decide(locked: dict[str, LockedAccount]) -> Entry | None:
-        escrow_account = locked.get(escrow.key)
-        if escrow_account is None or escrow_account.balance == 0:
+    def decide(balances: dict[str, int]) -> Entry | None:
+        remaining = balances.get(escrow.key, 0)
+        if remaining == 0:
             return None
-        remaining = escrow_account.balance
         return Entry(
             kind=TransactionKind.ESCROW_REFUND,
-            legs=[(escrow_account, -remaining), (locked[wallet.key], remaining)],
+            legs=[(escrow, -remaining), (wallet, remaining)],
             memo=f"Refund of license {license_ref}",
             license_ref=license_ref,
         )

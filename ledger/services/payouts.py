@@ -14,6 +14,7 @@ import logging
 import stripe
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Sum
 
 from ledger import stripe_gateway
 from ledger.accounts import payable_key
@@ -73,14 +74,16 @@ def create_payout(
     """A payout pending review, for whole cents of the publisher's payable (default: all of it,
     rounded down to a cent; the sub-cent remainder stays payable). Nothing is posted until
     approval; at most one open payout per publisher (a partial unique index)."""
-    payable = journal.lock_accounts([journal.payable(publisher.pk)])[payable_key(publisher.pk)]
+    balance = journal.lock_balances([journal.payable(publisher.pk)]).get(
+        payable_key(publisher.pk), 0
+    )
     if amount_nano is None:
-        amount_nano = payable.balance - payable.balance % NANO_PER_CENT
+        amount_nano = balance - balance % NANO_PER_CENT
     journal.check_amount(amount_nano)
     if amount_nano % NANO_PER_CENT:
         raise InvalidAmount("Payouts are whole cents (multiples of 10,000,000 nano-USD).")
-    if amount_nano > payable.balance:
-        raise InsufficientFunds(f"Payable is {payable.balance} nano-USD; {amount_nano} requested.")
+    if amount_nano > balance:
+        raise InsufficientFunds(f"Payable is {balance} nano-USD; {amount_nano} requested.")
     if Payout.objects.filter(publisher=publisher, status__in=OPEN_PAYOUT_STATUSES).exists():
         raise PayoutStateError("This publisher already has an open payout.")
     payout = Payout.objects.create(publisher=publisher, amount_nano=amount_nano)
@@ -94,8 +97,10 @@ def create_due_payouts(*, threshold_nano: int | None = None) -> list[Payout]:
     threshold = settings.PAYOUT_THRESHOLD_NANO_USD if threshold_nano is None else threshold_nano
     threshold = max(threshold, NANO_PER_CENT)
     due = (
-        Account.objects.filter(kind=AccountKind.PUBLISHER_PAYABLE, balance__gte=threshold)
+        Account.objects.filter(kind=AccountKind.PUBLISHER_PAYABLE)
         .exclude(owner__payouts__status__in=OPEN_PAYOUT_STATUSES)
+        .annotate(total=Sum("postings__amount"))  # a payable's balance: its postings' sum
+        .filter(total__gte=threshold)
         .select_related("owner")
         .order_by("id")
     )
@@ -114,23 +119,26 @@ def _move_payout(
 ) -> Transaction:
     """Post the payout's amount from the publisher's payable to Stripe clearing (a payout), or
     back (its reversal), once per payout under the key ``<key>:<payout id>``."""
-    payable, clearing = (
-        journal.payable(payout.publisher_id),
-        journal.system(AccountKind.STRIPE_CLEARING),
-    )
-    accounts = journal.lock_accounts([payable, clearing])
+    payable = journal.payable(payout.publisher_id)
+    clearing = journal.system(AccountKind.STRIPE_CLEARING)
     amount = payout.amount_nano if to_clearing else -payout.amount_nano
-    return journal.write_transaction(
-        journal.Entry(
-            kind=kind,
-            legs=[(accounts[payable.key], -amount), (accounts[clearing.key], amount)],
-            memo=memo,
+
+    def decide(balances: dict[str, int]) -> journal.Entry:
+        # the payable's floor is checked by the journal on the locked balance
+        return journal.Entry(
+            kind=kind, legs=[(payable, -amount), (clearing, amount)], memo=memo,
             details=details or {},
-        ),
+        )  # fmt: skip
+
+    tx = journal.post_once(
         idempotency_key=f"{key}:{payout.pk}",
         fingerprint=journal.fingerprint(key.replace("-", "_"), payout=payout.pk,
                                         amount=payout.amount_nano),
-    )
+        accounts=[payable],
+        decide=decide,
+    )  # fmt: skip
+    assert tx is not None
+    return tx
 
 
 def approve_payout(*, payout: Payout | int, actor, send_transfer: bool = True) -> Payout:

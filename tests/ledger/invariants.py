@@ -20,4 +20,9 @@ def assert_ledger_invariants() -> None:
             " GROUP BY a.id HAVING a.balance <> COALESCE(SUM(p.amount), 0)"
         )
         assert cur.fetchall() == [], "balance differs from the sum of postings"
+        cur.execute(
+            "SELECT a.key FROM ledger_account a JOIN ledger_posting p ON p.account_id = a.id"
+            " WHERE a.kind = 'publisher_payable' GROUP BY a.id HAVING SUM(p.amount) < 0"
+        )
+        assert cur.fetchall() == [], "negative payable"
     assert not Account.objects.filter(balance__lt=0).exists(), "negative balance"

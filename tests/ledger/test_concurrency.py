@@ -121,3 +121,51 @@ def test_deferred_zero_sum_trigger_rejects_unbalanced_commit():
             with connection.cursor() as cur:
                 insert_unbalanced_transaction(cur, wallet.pk)
     assert not Transaction.objects.filter(idempotency_key="raw").exists()
+
+
+def test_settlements_for_one_publisher_do_not_wait_on_each_other():
+    """A settlement (with compute, as the charge path does) commits while another for the same
+    publisher is still open in its caller's transaction: a payable is credited without a row
+    lock, so a lock wait would hit the lock timeout and fail this test."""
+    from django.db import transaction
+
+    publisher = make_user(Role.PUBLISHER)
+    agents = [make_user(Role.AGENT) for _ in range(2)]
+    for i, agent in enumerate(agents):
+        services.credit_topup(agent=agent, amount_nano=10**6, idempotency_key=f"t{i}")
+        services.purchase_license(
+            agent=agent, license_ref=f"L{i}", amount_nano=10**5, idempotency_key=f"b{i}"
+        )
+
+    def settle(i: int, key: str) -> None:
+        services.settle_load(
+            license_ref=f"L{i}", publisher=publisher, amount_nano=1_000,
+            publisher_share=Decimal("0.8"), idempotency_key=key, agent=agents[i],
+            compute_nano=10,
+        )  # fmt: skip
+
+    settle(0, "first")  # creates the payable (a new account's creator holds its key until commit)
+    settled, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        try:
+            with transaction.atomic():
+                settle(0, "open")
+                settled.set()
+                assert release.wait(timeout=30)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert settled.wait(timeout=30)
+        with transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute("SET LOCAL lock_timeout = '500ms'")
+            settle(1, "other")
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    assert selectors.payable_balance(publisher) == 3 * 800
+    assert_ledger_invariants()

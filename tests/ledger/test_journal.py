@@ -5,8 +5,8 @@ from decimal import Decimal
 import pytest
 from django.db import IntegrityError, connection
 
-from ledger import services
-from ledger.errors import LedgerError
+from ledger import selectors, services
+from ledger.errors import IdempotencyConflict, InsufficientFunds, LedgerError
 from ledger.models import Posting, Transaction, TransactionKind
 from ledger.services import journal
 from marketplace.models import Role
@@ -32,16 +32,9 @@ def test_the_database_function_path_is_gone():
 def test_unbalanced_legs_are_refused_and_nothing_is_written(agent):
     wallet, clearing = journal.wallet(agent.pk), journal.system("stripe_clearing")
 
-    def decide(accounts: dict) -> journal.Entry:
-        return journal.Entry(
-            kind=TransactionKind.TOPUP,
-            legs=[(accounts[clearing.key], -5), (accounts[wallet.key], 6)],
-        )
-
+    entry = journal.Entry(kind=TransactionKind.TOPUP, legs=[(clearing, -5), (wallet, 6)])
     with pytest.raises(LedgerError, match="unbalanced"):
-        journal.post_once(
-            idempotency_key="u", fingerprint="f", accounts=[wallet, clearing], decide=decide
-        )
+        journal.post(idempotency_key="u", fingerprint="f", entry=entry)
     assert not Transaction.objects.exists() and not Posting.objects.exists()
 
 
@@ -107,7 +100,7 @@ def _post_with_the_key_taken_meanwhile(agent) -> None:
     """Post an egress whose idempotency key gets taken between the lock and the write."""
     wallet, revenue = journal.wallet(agent.pk), journal.system("platform_revenue")
 
-    def decide(accounts: dict) -> journal.Entry:
+    def decide(balances: dict) -> journal.Entry:
         with connection.cursor() as cur:
             cur.execute(
                 "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
@@ -116,12 +109,10 @@ def _post_with_the_key_taken_meanwhile(agent) -> None:
             )
         return journal.Entry(
             kind=TransactionKind.EGRESS,
-            legs=[(accounts[wallet.key], -40), (accounts[revenue.key], 40)],
+            legs=[(wallet, -40), (revenue, 40)],
         )
 
-    journal.post_once(
-        idempotency_key="taken", fingerprint="f", accounts=[wallet, revenue], decide=decide
-    )
+    journal.post_once(idempotency_key="taken", fingerprint="f", accounts=[wallet], decide=decide)
 
 
 def test_a_write_refused_by_the_database_rolls_back_only_its_own_savepoint(agent):
@@ -144,3 +135,41 @@ def test_a_write_refused_by_the_database_rolls_back_its_transaction(agent):
     assert not Transaction.objects.filter(idempotency_key="taken").exists()
     assert services.record_egress(agent=agent, amount_nano=40, idempotency_key="e").pk
     assert Posting.objects.filter(account__key=f"wallet:{agent.pk}").count() == 2
+
+
+def test_a_payable_is_debited_only_under_its_lock_and_never_below_zero(agent, publisher):
+    services.credit_topup(agent=agent, amount_nano=10**6, idempotency_key="t")
+    services.purchase_license(agent=agent, license_ref="L", amount_nano=10**5, idempotency_key="b")
+    services.settle_load(license_ref="L", publisher=publisher, amount_nano=1_000,
+                         publisher_share=Decimal(1), idempotency_key="s")  # fmt: skip
+    payable, clearing = journal.payable(publisher.pk), journal.system("stripe_clearing")
+
+    def payout(amount: int) -> journal.Entry:
+        legs = [(payable, -amount), (clearing, amount)]
+        return journal.Entry(kind=TransactionKind.PAYOUT, legs=legs)
+
+    with pytest.raises(LedgerError, match="without its lock"):
+        journal.post(idempotency_key="p0", fingerprint="f", entry=payout(1))
+    with pytest.raises(InsufficientFunds):
+        journal.post_once(idempotency_key="p1", fingerprint="f", accounts=[payable],
+                          decide=lambda balances: payout(balances[payable.key] + 1))  # fmt: skip
+    journal.post_once(idempotency_key="p2", fingerprint="f", accounts=[payable],
+                      decide=lambda balances: payout(balances[payable.key]))  # fmt: skip
+    assert selectors.payable_balance(publisher) == 0
+    assert not Transaction.objects.filter(idempotency_key__in=["p0", "p1"]).exists()
+
+
+def test_a_settlement_without_compute_is_replayed_and_conflicts_on_the_same_key(
+    agent, publisher
+):
+    services.credit_topup(agent=agent, amount_nano=10**6, idempotency_key="t")
+    services.purchase_license(agent=agent, license_ref="L", amount_nano=10**5, idempotency_key="b")
+    kwargs = dict(license_ref="L", publisher=publisher, amount_nano=1_000,
+                  publisher_share=Decimal("0.8"), idempotency_key="s")  # fmt: skip
+    first = services.settle_load(**kwargs)
+    before = Posting.objects.count()
+    assert services.settle_load(**kwargs).pk == first.pk
+    with pytest.raises(IdempotencyConflict):
+        services.settle_load(**{**kwargs, "amount_nano": 999})
+    assert Posting.objects.count() == before
+    assert selectors.escrow_balance("L") == 10**5 - 1_000

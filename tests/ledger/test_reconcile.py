@@ -9,7 +9,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from ledger import services
-from ledger.models import ConnectAccount
+from ledger.models import Account, ConnectAccount
 
 from .stripe_stubs import API, checkout_session, stripe_list, transfer
 
@@ -84,3 +84,29 @@ def test_tampered_balance_exit_1(books):
     assert run("--skip-stripe") == 1
     with connection.cursor() as cur:  # put it back for the end-of-test invariant check
         cur.execute("UPDATE ledger_account SET balance = balance - 1 WHERE kind = 'agent_wallet'")
+
+
+def test_negative_payable_exit_1(books, publisher):
+    """A payable has no stored balance: reconcile checks the sum of its postings."""
+    payable = Account.objects.get(key=f"payable:{publisher.pk}")
+    revenue = Account.objects.get(key="platform:revenue")
+
+    def post(key: str, amount: int) -> None:  # raw, balanced: payable += amount
+        with connection.cursor() as cur:
+            cur.execute(
+                "INSERT INTO ledger_transaction (idempotency_key, fingerprint, kind, memo,"
+                " license_ref, document_ref, external_ref, details, created_at)"
+                " VALUES (%s, '', 'payout', '', '', '', '', '{}', now()) RETURNING id",
+                [key],
+            )
+            tx_id = cur.fetchone()[0]
+            cur.execute(
+                "INSERT INTO ledger_posting (transaction_id, account_id, amount, created_at)"
+                " VALUES (%s, %s, %s, now()), (%s, %s, %s, now())",
+                [tx_id, payable.pk, amount, tx_id, revenue.pk, -amount],
+            )
+
+    assert run("--skip-stripe") == 0
+    post("raw-debit", -5)
+    assert run("--skip-stripe") == 1
+    post("raw-credit", 5)  # whole again for the end-of-test invariant check

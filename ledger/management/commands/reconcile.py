@@ -2,8 +2,8 @@
 
 1. Trial balance: all postings sum to zero (per currency).
 2. Every transaction's postings sum to zero.
-3. Every materialised balance (wallet, escrow, payable) equals the sum of its postings, and
-   none is negative.
+3. Every stored balance (wallet, escrow) equals the sum of its postings, and no bounded
+   balance is negative (a payable's is the sum of its postings).
 4. Stripe (unless --skip-stripe or Stripe is not configured): every Stripe transfer matches a
    paid payout (same id and amount) and every paid payout has its transfer; every paid wallet
    top-up Checkout Session was credited once with its amount, and every top-up credit has its
@@ -18,7 +18,15 @@ from django.db import connection
 from django.db.models import Count, Sum
 
 from ledger import stripe_gateway
-from ledger.models import NANO_PER_CENT, Account, Payout, PayoutStatus, Posting, Transaction
+from ledger.models import (
+    NANO_PER_CENT,
+    Account,
+    AccountKind,
+    Payout,
+    PayoutStatus,
+    Posting,
+    Transaction,
+)
 
 
 class Command(BaseCommand):
@@ -69,6 +77,13 @@ class Command(BaseCommand):
                 problems.append(f"account {key}: balance {balance} != sum of postings {total}")
         for account in Account.objects.filter(balance__lt=0):
             problems.append(f"account {account.key} is negative: {account.balance}")
+        negative_payables = (
+            Account.objects.filter(kind=AccountKind.PUBLISHER_PAYABLE)
+            .annotate(total=Sum("postings__amount"))
+            .filter(total__lt=0)
+        )
+        for account in negative_payables:
+            problems.append(f"account {account.key} is negative: {account.total}")
         n_tx = Transaction.objects.count()
         n_postings = Posting.objects.count()
         self.stdout.write(f"Ledger: {n_tx} transactions, {n_postings} postings checked")
