@@ -82,6 +82,19 @@ def get_loaded(slug: str):
     )
 
 
+def token_counter(slug: str):
+    """The model's tokenizer and context length without its weights (inference.tokenizer), or
+    None where this process cannot load them (e.g. weights only the GPU workers have): the
+    worker still checks exactly."""
+    from inference.tokenizer import get_token_counter
+
+    try:
+        return get_token_counter(model_config(slug)["ref"], cache_dir=settings.MODEL_CACHE_DIR)
+    except Exception:  # noqa: BLE001 - any failure only skips an early check
+        log.warning("No tokenizer for %s here; context length not checked", slug, exc_info=True)
+        return None
+
+
 def precompute(
     *,
     slug: str,

@@ -57,6 +57,10 @@ COMPLETION_ERRORS = {
     503: error_response("No GPU worker of this model is available; not charged (Retry-After)."),
     504: error_response("The completion timed out; not charged."),
     **COMMON_ERRORS,
+    422: error_response(
+        "The request is invalid (invalid_request, with the fields), or its text cannot fit the "
+        "context the document leaves (context_length_exceeded); not charged."
+    ),
 }
 
 
@@ -149,6 +153,8 @@ class _CompletionView(MarketplaceView):
                 message=f"This document's KV is for model {document.model_slug!r}, not {model!r}.",
                 fields={"model": [f"Use {document.model_slug!r}."]},
             )
+        params = ser.generation_params()
+        completion_services.check_prompt_fits(document=document, params=params)
         stream = bool(data.get("stream"))
         run = completion_services.start_generation(
             agent=request.user,
@@ -156,7 +162,7 @@ class _CompletionView(MarketplaceView):
             license_id=data["license"],
             document_id=document.pk,
             idempotency_key=key,
-            params=ser.generation_params(),
+            params=params,
             until_final=not stream,
             timeout=getattr(settings, "COMPLETION_TIMEOUT_SECONDS", None),
             phases=self.phases,

@@ -558,6 +558,36 @@ class EarlyStart:
             self.future.add_done_callback(close)
 
 
+def check_prompt_fits(*, document: Document, params: dict[str, Any]) -> None:
+    """Refuse (422 context_length_exceeded) before anything is reserved or sent to a worker a
+    request whose new text cannot fit in the context the document leaves. The bound is the
+    text's tokens without the chat template, which only adds tokens, so nothing that fits is
+    refused; the worker still checks the exact count."""
+    from marketplace import engine
+
+    texts = [m["content"] for m in params.get("messages") or []] or [params.get("prompt") or ""]
+    counter = engine.token_counter(document.model_slug)
+    if counter is None:
+        return
+    room = counter.max_context - int(document.n_tokens or 0)
+    # A token covers at least one byte: text of fewer bytes than the room cannot overflow it,
+    # so the common request is not tokenized here.
+    if sum(len(text.encode()) + 1 for text in texts) < room:
+        return
+    try:
+        needed = sum(len(counter.tokenizer.encode(text, add_special_tokens=False))
+                     for text in texts)
+    except (ValueError, UnicodeError):
+        return  # the worker answers text the tokenizer cannot take with its own 422
+    if needed >= room:
+        raise MarketplaceError(
+            code="context_length_exceeded", status=422,
+            message=(f"The document takes {document.n_tokens} of the model's "
+                     f"{counter.max_context}-token context; the request's text needs at least "
+                     f"{needed} more, leaving no room to answer."),
+        )
+
+
 def request_document(
     *, agent: User, document_id: int, idempotency_key: str | None
 ) -> Document | None:

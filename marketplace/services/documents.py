@@ -90,15 +90,10 @@ def _check_context(*, text: str, model_slug: str) -> int | None:
     """The document's token count as the cached prefix; ValidationError when it leaves the
     model no room to answer. None when this process cannot load the model's tokenizer (the
     worker still refuses a document that is too long, with document_too_long)."""
-    from inference.tokenizer import get_token_counter
     from marketplace import engine
 
-    try:
-        counter = get_token_counter(engine.model_config(model_slug)["ref"],
-                                    cache_dir=settings.MODEL_CACHE_DIR)
-    except Exception:  # noqa: BLE001 - e.g. weights that only the GPU hosts have
-        log.warning("No tokenizer for %s here; context length not checked", model_slug,
-                    exc_info=True)
+    counter = engine.token_counter(model_slug)
+    if counter is None:
         return None
     try:
         n_tokens = counter.document_tokens(text)

@@ -410,3 +410,33 @@ def test_concurrent_requests_never_overdraw_a_license(transactional_db, publishe
     assert outcomes.count("ok") == 2
     assert set(outcomes) - {"ok"} == {"license_exhausted"}
     assert License.objects.get(pk=lic.pk).loads_used == 2
+
+
+# The built-in tiny-qwen3 has a 4096-token context; "hello world " is five of its tokens.
+def test_text_that_cannot_fit_the_context_is_422_before_anything_is_reserved(
+    api_client, funded_agent, publisher_user, fake_worker
+):
+    document = make_ready_document(publisher_user, n_tokens=4000)
+    lic = buy(api_client, document)
+    before = wallet(funded_agent)
+    body = chat_body(document, lic)
+    body["messages"] = [{"role": "user", "content": "hello world " * 60}]
+    r = api_client.post(CHAT, body, format="json")
+    assert r.status_code == 422, r.content
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "4096-token context" in error["message"]
+    assert fake_worker.calls == []  # not even started early
+    assert not Load.objects.exists() and wallet(funded_agent) == before
+
+
+def test_text_of_many_bytes_but_few_tokens_still_fits(
+    api_client, funded_agent, publisher_user, fake_worker
+):
+    document = make_ready_document(publisher_user, n_tokens=4000)
+    lic = buy(api_client, document)
+    body = chat_body(document, lic)
+    body["messages"] = [{"role": "user", "content": "hello world " * 10}]  # 120 bytes, 50 tokens
+    r = api_client.post(CHAT, body, format="json")
+    assert r.status_code == 200, r.content
+    assert len(fake_worker.calls) == 1
