@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from marketplace.models import Document
+from tests.support.live_stack import poll
 
 GPU_QUEUES = ["default", "gpu.tiny-qwen3"]
 
@@ -46,14 +46,8 @@ def skip_module_unless_worker_can_run() -> None:
 
 def wait_for(predicate: Callable[[], object], *, timeout: float, what: str,
              interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """poll() that lets an exception in predicate through."""
+    return poll(predicate, timeout=timeout, what=what, interval=interval, errors_ok=False)
 
 
 def wait_for_live_worker(name: str | None = None, *, timeout: float = 30.0) -> None:

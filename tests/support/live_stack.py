@@ -30,14 +30,19 @@ def free_port() -> int:
 
 
 def poll(predicate: Callable[[], object], *, timeout: float, what: str,
-         interval: float = 0.1) -> object:
-    """predicate()'s first truthy value, or AssertionError after timeout seconds."""
+         interval: float = 0.1, errors_ok: bool = True) -> object:
+    """predicate()'s first truthy value, or AssertionError after timeout seconds. With
+    errors_ok, an exception in predicate counts as not yet (a server still starting)."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(Exception):
+        try:
             value = predicate()
-            if value:
-                return value
+        except Exception:
+            if not errors_ok:
+                raise
+            value = None
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
