@@ -800,10 +800,19 @@ def run_generation(
 
 
 def complete(run: LoadRun) -> Load:
-    """Record and charge a load started with ``until_final`` (its head ends with the result)."""
-    final = run.head[-1]
-    run.phases.from_worker(final.get("timings") or {})
-    return _finish(run, _result_of(final))
+    """Record and charge a load started with ``until_final`` (its head ends with the result).
+
+    The worker's stream is closed here, not left to the garbage collector: a response that
+    the collector closes takes httpcore's pool lock from whatever code the collection
+    interrupted, which in a thread already holding that lock (opening the next request)
+    never returns, and every later request of the process waits on the lock."""
+    try:
+        final = run.head[-1]
+        run.phases.from_worker(final.get("timings") or {})
+        return _finish(run, _result_of(final))
+    finally:
+        if run.stream is not None:
+            run.stream.close()
 
 
 def stream_events(run: LoadRun) -> Iterator[dict[str, Any]]:

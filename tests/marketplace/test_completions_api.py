@@ -440,3 +440,18 @@ def test_text_of_many_bytes_but_few_tokens_still_fits(
     r = api_client.post(CHAT, body, format="json")
     assert r.status_code == 200, r.content
     assert len(fake_worker.calls) == 1
+
+
+def test_every_worker_stream_is_closed_when_its_completion_ends(
+    api_client, funded_agent, ready_document, fake_worker
+):
+    """Closed here, not by the garbage collector, which could take httpx's pool lock in a thread
+    already holding it (a process-wide hang)."""
+    lic = buy(api_client, ready_document)
+    plain = api_client.post(CHAT, chat_body(ready_document, lic), format="json")
+    assert plain.status_code == 200, plain.content
+    streamed = api_client.post(CHAT, chat_body(ready_document, lic, stream=True), format="json")
+    assert streamed.status_code == 200
+    b"".join(streamed.streaming_content)
+    assert len(fake_worker.streams) == 2
+    assert all(stream.closed for stream in fake_worker.streams)
