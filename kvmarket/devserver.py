@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a parent that ignores it (pytest-xdist's workers do) makes Python start with
+    # it ignored, and Ctrl-C or the test's stop would then leave the children running.
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         print(f"== starting the Celery worker (queues: {', '.join(queues)})", flush=True)
         # Own sessions: Ctrl-C reaches only this process, which then stops both in order.

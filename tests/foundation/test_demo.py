@@ -132,9 +132,10 @@ def test_demo_serves_a_paid_completion_from_the_hosted_kv(tmp_path):
         assert "Ishmael" in completion["choices"][0]["message"]["content"], completion
         _32_agents_at_once(base, key, document)
     finally:
-        demo.send_signal(signal.SIGINT)
+        demo.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops its worker, web and Redis
         try:
-            demo.wait(timeout=30)
+            demo.wait(timeout=60)
         except subprocess.TimeoutExpired:
             demo.kill()
         log.close()
+    assert "== stopping the web server and the worker" in (tmp_path / "demo.log").read_text()
