@@ -172,6 +172,7 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
         "ok": len(ok),
         "errors": errors,
         "retried_429": sum(r.get("retries", 0) for r in results),
+        "client_errors": sorted({r["error"] for r in results if r.get("error")})[:5],
         "requests_per_s": round(len(ok) / wall, 2) if wall else None,
         "ttfb": _summary([r["ttfb"] for r in ok]),
         "total": _summary([r["total"] for r in ok]),
