@@ -1,6 +1,7 @@
 """Reads for accounts."""
 
 import copy
+import hashlib
 import threading
 import time
 
@@ -8,7 +9,12 @@ from django.conf import settings
 from django.db.models import QuerySet
 
 from marketplace.models import ApiKey, User
-from marketplace.services.accounts import hash_api_key
+
+
+def hash_api_key(raw_key: str) -> str:
+    """What is stored of a key (ApiKey.key_hash): never the key itself."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
 
 # Active API keys by hash, with their user, for API_KEY_CACHE_SECONDS per process: every API
 # request authenticates, and the key rarely changes. A revocation in this process forgets the

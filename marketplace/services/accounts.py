@@ -1,6 +1,5 @@
 """Writes for accounts: sign-up and API keys."""
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 
@@ -8,12 +7,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from marketplace.models import ApiKey, Role, User
+from marketplace.selectors.accounts import forget_api_key, hash_api_key, note_api_key_used
 
 API_KEY_PREFIX = "kvm_"
-
-
-def hash_api_key(raw_key: str) -> str:
-    return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -47,8 +43,6 @@ def create_api_key(*, user: User, name: str) -> IssuedApiKey:
 
 @transaction.atomic
 def revoke_api_key(*, user: User, key_id: int) -> ApiKey:
-    from marketplace.selectors.accounts import forget_api_key
-
     api_key = ApiKey.objects.select_for_update().get(pk=key_id, user=user)
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
@@ -59,8 +53,6 @@ def revoke_api_key(*, user: User, key_id: int) -> ApiKey:
 
 def touch_api_key(*, api_key: ApiKey) -> None:
     """Record last use; at most once a minute per key so hot keys do not write on every call."""
-    from marketplace.selectors.accounts import note_api_key_used
-
     now = timezone.now()
     if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
