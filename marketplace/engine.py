@@ -82,15 +82,25 @@ def get_loaded(slug: str):
     )
 
 
+# When a model's tokenizer last failed to load here: every completion asks for it, and a web
+# box without the model files must not retry the load (and log it) on each request.
+TOKEN_COUNTER_RETRY_SECONDS = 60.0
+_no_token_counter: dict[str, float] = {}
+
+
 def token_counter(slug: str):
     """The model's tokenizer and context length without its weights (inference.tokenizer), or
     None where this process cannot load them (e.g. weights only the GPU workers have): the
     worker still checks exactly."""
     from inference.tokenizer import get_token_counter
 
+    failed_at = _no_token_counter.get(slug)
+    if failed_at is not None and time.monotonic() - failed_at < TOKEN_COUNTER_RETRY_SECONDS:
+        return None
     try:
         return get_token_counter(model_config(slug)["ref"], cache_dir=settings.MODEL_CACHE_DIR)
     except Exception:  # noqa: BLE001 - any failure only skips an early check
+        _no_token_counter[slug] = time.monotonic()
         log.warning("No tokenizer for %s here; context length not checked", slug, exc_info=True)
         return None
 

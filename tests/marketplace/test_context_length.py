@@ -53,3 +53,20 @@ def test_document_that_fits_is_accepted(
     document = Document.objects.get()
     assert document.status == "queued"
     assert len(sent_tasks) == 1
+
+
+def test_a_tokenizer_that_cannot_load_is_not_retried_on_every_request(monkeypatch) -> None:
+    import inference.tokenizer
+    from marketplace import engine
+
+    calls = []
+
+    def missing(ref, **_):
+        calls.append(ref)
+        raise OSError("no model files here")
+
+    monkeypatch.setattr(inference.tokenizer, "get_token_counter", missing)
+    monkeypatch.setattr(engine, "_no_token_counter", {})
+    assert engine.token_counter("tiny-qwen3") is None
+    assert engine.token_counter("tiny-qwen3") is None
+    assert len(calls) == 1
