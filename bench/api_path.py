@@ -51,6 +51,8 @@ DOC_TEXT = (
     "ships he saw and the number of gulls on the rail. In the winter of 1911 the supply boat "
     "failed to come for six weeks, and he lived on oatmeal, dried cod and tea."
 )
+# One event loop drives at most this many clients by default (more processes above it).
+CLIENTS_PER_PROCESS = 32
 QUESTION = [{"role": "user", "content": "What did the keeper write every evening?"}]
 
 
@@ -121,9 +123,11 @@ async def _one(client: Any, url: str, key: str, body: dict[str, Any], stream: bo
                 "load": load, "retries": retries}
 
 
-async def _level(base: str, agents: list[tuple[str, int]], document: int, model: str,
+async def _drive(base: str, agents: list[tuple[str, int]], document: int, model: str,
                  concurrency: int, n_requests: int, stream: bool, max_tokens: int,
-                 retry_429: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 retry_429: bool) -> tuple[list[dict[str, Any]], float, float]:
+    """``concurrency`` clients sending ``n_requests`` in all from one event loop: (results,
+    start, end) in time.time() seconds."""
     import httpx
 
     url = f"{base}/api/v1/chat/completions"
@@ -141,9 +145,56 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
             for _ in counter:
                 results.append(await _one(client, url, key, body, stream, retry_429))
 
-        started = time.perf_counter()
+        started = time.time()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        wall = time.perf_counter() - started
+        return results, started, time.time()
+
+
+def _drive_in_process(kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float]:
+    return asyncio.run(_drive(**kwargs))
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _level(base: str, agents: list[tuple[str, int]], document: int, model: str,
+           concurrency: int, n_requests: int, stream: bool, max_tokens: int,
+           retry_429: bool, processes: int = 1,
+           cpu_groups: dict[str, Any] | None = None,
+           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One level: ``concurrency`` clients over ``processes`` client processes (one event loop
+    each, so the client's own CPU is not the ceiling), and the CPU each part of the stack used."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    processes = max(1, min(processes, concurrency))
+    common = {"base": base, "document": document, "model": model, "stream": stream,
+              "max_tokens": max_tokens, "retry_429": retry_429}
+    results: list[dict[str, Any]] = []
+    if processes == 1:
+        before = _cpu_snapshot(cpu_groups)
+        part, started, ended = asyncio.run(_drive(
+            agents=agents, concurrency=concurrency, n_requests=n_requests, **common))
+        after = _cpu_snapshot(cpu_groups)
+        results = part
+    else:
+        shares = _split(concurrency, processes)
+        jobs, offset = [], 0
+        for share, n in zip(shares, _split(n_requests, processes), strict=True):
+            jobs.append({**common, "agents": agents[offset:offset + share],
+                         "concurrency": share, "n_requests": n})
+            offset += share
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            list(pool.map(int, range(processes)))  # the processes are up before the clock
+            before = _cpu_snapshot(cpu_groups)
+            parts = list(pool.map(_drive_in_process, jobs))
+            after = _cpu_snapshot(cpu_groups)
+        started = min(p[1] for p in parts)
+        ended = max(p[2] for p in parts)
+        for part, _, _ in parts:
+            results += part
+    wall = ended - started
     ok = [r for r in results if r["status"] == 200]
     errors: dict[str, int] = {}
     for r in results:
@@ -168,6 +219,7 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
     return {
         "concurrency": concurrency,
         "stream": stream,
+        "client_processes": processes,
         "requests": len(results),
         "ok": len(ok),
         "errors": errors,
@@ -182,7 +234,61 @@ async def _level(base: str, agents: list[tuple[str, int]], document: int, model:
         "overhead": _summary(overhead),
         "overhead_excluding_worker_queue": _summary(overhead_no_queue),
         "phases": phases,
+        "cpu": _cpu_report(before, after, wall, len(ok)) if cpu_groups else None,
     }, results
+
+
+# --- where the CPU went ---------------------------------------------------------------------
+
+
+def _proc_stats() -> dict[int, tuple[str, int, int, float]]:
+    """pid -> (command name, session id, parent pid, user + system CPU seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        stats[int(entry)] = (name, int(fields[3]), int(fields[1]),
+                             (int(fields[11]) + int(fields[12])) / tick)
+    return stats
+
+
+def _cpu_snapshot(groups: dict[str, Any] | None) -> dict[str, float]:
+    """CPU seconds used so far by each part of the stack: ``groups`` maps a part's name to the
+    session id of the processes it started (web, worker), or to a command name (postgres,
+    redis-server); "client" is this process and its children, "host" all CPUs."""
+    if not groups:
+        return {}
+    me = os.getpid()
+    used = dict.fromkeys([*groups, "client"], 0.0)
+    for pid, (name, sid, ppid, seconds) in _proc_stats().items():
+        group = next((g for g, match in groups.items() if sid == match or name == match), None)
+        if group is None and (pid == me or ppid == me):
+            group = "client"
+        if group is not None:
+            used[group] += seconds
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    tick = os.sysconf("SC_CLK_TCK")
+    used["host_busy"] = (sum(ticks) - ticks[3] - ticks[4]) / tick  # all but idle and iowait
+    return used
+
+
+def _cpu_report(before: dict[str, float], after: dict[str, float], wall: float,
+                n_ok: int) -> dict[str, Any]:
+    """Cores busy on average per part, and CPU milliseconds per completion."""
+    used = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return {
+        "cores_busy": {k: round(v / wall, 2) for k, v in used.items()} if wall else None,
+        "cpu_ms_per_completion": ({k: round(v * 1000 / n_ok, 2) for k, v in used.items()}
+                                  if n_ok else None),
+    }
 
 
 # --- stack mode -----------------------------------------------------------------------------
@@ -306,6 +412,10 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
             "--log-level", "warning",
         ], cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True),
     ]
+    # The CPU of each part: the processes started here by session, the services by name (on a
+    # shared host "postgres" and "redis" include other users of those servers).
+    cpu_groups = {"web": procs[1].pid, "worker": procs[0].pid, "postgres": "postgres",
+                  "redis": "redis-server"}
     try:
         _wait_stack(base, agents[0], doc.pk, slug)
         out: dict[str, Any] = {
@@ -320,10 +430,12 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
         for concurrency in levels:
             n = args.requests or max(100, 4 * concurrency)
             for stream in (True, False):
-                summary, _ = asyncio.run(_level(
+                summary, _ = _level(
                     base, agents[:concurrency], doc.pk, slug, concurrency, n, stream,
                     args.max_tokens, retry_429=False,
-                ))
+                    processes=args.client_processes or -(-concurrency // CLIENTS_PER_PROCESS),
+                    cpu_groups=cpu_groups,
+                )
                 out["levels"].append(summary)
                 print(json.dumps(summary), file=sys.stderr, flush=True)
         out["load_average_after"] = os.getloadavg()
@@ -386,10 +498,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     half = args.requests // 2
     for stream, n in ((True, half), (False, args.requests - half)):
-        summary, results = asyncio.run(_level(
-            args.base_url, [(args.api_key, lic)], args.document, model, args.concurrency, n,
-            stream, args.max_tokens, retry_429=True,
-        ))
+        summary, results = _level(
+            args.base_url, [(args.api_key, lic)] * args.concurrency, args.document, model,
+            args.concurrency, n, stream, args.max_tokens, retry_429=True,
+            processes=args.client_processes or -(-args.concurrency // CLIENTS_PER_PROCESS),
+        )
         summaries.append(summary)
         loads += [r["load"] for r in results if r["status"] == 200 and r.get("load")]
         for r in results:
@@ -432,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--levels", default="1,8,32,128")
     stack.add_argument("--requests", type=int, default=0,
                        help="requests per level and mode (default max(100, 4 x clients))")
+    stack.add_argument("--client-processes", type=int, default=0,
+                       help="client processes (default: one per 32 clients)")
     stack.add_argument("--max-tokens", type=int, default=8)
     stack.add_argument("--model", default="tiny-qwen3")
     stack.add_argument("--document-tokens", type=int, default=0,
@@ -450,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", default="")
     run.add_argument("--requests", type=int, default=2000)
     run.add_argument("--concurrency", type=int, default=32)
+    run.add_argument("--client-processes", type=int, default=0,
+                       help="client processes (default: one per 32 clients)")
     run.add_argument("--max-tokens", type=int, default=8)
     run.add_argument("--check-db", action="store_true",
                      help="check the charges in the stack's database (its settings from env)")

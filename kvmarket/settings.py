@@ -297,6 +297,10 @@ GPU_WORKER_MAX_BATCH = env.int("GPU_WORKER_MAX_BATCH", default=32)
 # Requests waiting for the engine on one worker; beyond it the worker answers busy and the API
 # answers 429 with Retry-After.
 GPU_WORKER_MAX_QUEUE = env.int("GPU_WORKER_MAX_QUEUE", default=256)
+# Intra-op threads of a model served on CPU (its engine thread only; precomputes keep torch's
+# default). More threads spin between a small model's steps and take the cores the web tier
+# and the database need.
+ENGINE_CPU_THREADS = env.int("ENGINE_CPU_THREADS", default=1)
 GPU_WORKER_HEARTBEAT_SECONDS = env.float("GPU_WORKER_HEARTBEAT_SECONDS", default=2.0)
 GPU_WORKER_STALE_SECONDS = env.float("GPU_WORKER_STALE_SECONDS", default=6.0)
 # Send a completion to its worker before the load is reserved, so the reservation overlaps the

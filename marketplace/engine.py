@@ -311,6 +311,11 @@ class Scheduler:
             return batch
 
     def _run(self, slug: str) -> None:
+        if not runs_on_cuda(slug):
+            import torch
+
+            # Per thread: the Celery thread's precomputes keep torch's default.
+            torch.set_num_threads(max(1, int(settings.ENGINE_CPU_THREADS)))
         while True:
             batch = self._next_batch(slug)
             now = time.perf_counter()

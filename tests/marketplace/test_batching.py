@@ -111,3 +111,20 @@ def test_a_full_queue_answers_busy_and_a_cancelled_job_stops(artifact_key):
     while scheduler.in_flight() and time.monotonic() < deadline:  # the thread's bookkeeping
         time.sleep(0.01)
     assert scheduler.in_flight() == 0
+
+
+def test_a_cpu_engine_thread_uses_engine_cpu_threads_and_leaves_the_process_default(
+    artifact_key, settings
+):
+    import torch
+
+    default = torch.get_num_threads()
+    settings.ENGINE_CPU_THREADS = default + 1  # distinct from the default on any machine
+    seen: list[int] = []
+    scheduler = engine.Scheduler(max_batch=1, max_queue=4)
+    job, out = _job(artifact_key, _request(0))
+    job.emit = lambda event: (seen.append(torch.get_num_threads()), out(event))
+    scheduler.submit(job)
+    assert out.last["type"] == "final"
+    assert set(seen) == {default + 1}  # every event came from the engine thread
+    assert torch.get_num_threads() == default  # precomputes (other threads) keep theirs
