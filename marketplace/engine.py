@@ -105,6 +105,12 @@ def token_counter(slug: str):
         return None
 
 
+def load_token_counters() -> None:
+    """Load every configured model's token counter now (a web process at start-up)."""
+    for slug in settings.KVMARKET_MODELS:
+        token_counter(slug)
+
+
 def precompute(
     *,
     slug: str,

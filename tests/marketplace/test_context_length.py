@@ -70,3 +70,22 @@ def test_a_tokenizer_that_cannot_load_is_not_retried_on_every_request(monkeypatc
     assert engine.token_counter("tiny-qwen3") is None
     assert engine.token_counter("tiny-qwen3") is None
     assert len(calls) == 1
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_web_process_loads_its_token_counters_at_start_not_on_its_first_request(settings):
+    """Loading the first token counter imports torch and transformers: seconds in which a web
+    process serves nothing. The WSGI application does it when the process starts."""
+    import os
+    import subprocess
+    import sys
+
+    models = {"tiny-qwen3": settings.KVMARKET_MODELS["tiny-qwen3"]}
+    code = ("import sys, kvmarket.wsgi\n"
+            "from inference import tokenizer\n"
+            "print(sorted(tokenizer._COUNTERS))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "KVMARKET_MODELS": json.dumps(models)},
+    )
+    assert out.stdout.strip() == repr([models["tiny-qwen3"]["ref"]])
