@@ -145,6 +145,11 @@ def tariff_for(model_slug: str) -> Tariff:
     tariff = Tariff.objects.filter(model_slug=model_slug).first()
     if tariff is not None:
         return tariff
+    return default_tariff(model_slug)
+
+
+def default_tariff(model_slug: str) -> Tariff:
+    """The unsaved tariff of a model that has no stored one (see tariff_for)."""
     spec = settings.KVMARKET_MODELS.get(model_slug)
     if spec is None:
         raise KeyError(f"Unknown model {model_slug!r}")

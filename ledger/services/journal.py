@@ -152,6 +152,7 @@ class _Batch:
         self.pending: list[str] = []
         self.results: list[list[tuple]] = []
         self.begun = False  # BEGIN (or SAVEPOINT) was sent
+        self.after_send: list[Callable[[], None]] = []  # run once the last part was sent
 
     def add(self, sql: str, params: Sequence[Any]) -> Callable[[], list[tuple]]:
         self.pending.append(self.quote.mogrify(sql, params))
@@ -312,10 +313,15 @@ def _unit() -> Iterator[None]:
 
     PostgreSQL: the statements are collected (`_Batch`) and sent together with the transaction
     control, so nothing waits for the server until a statement's rows are read or the block
-    ends. Code run inside must not open or end transactions itself."""
+    ends. Code run inside must not open or end transactions itself. A unit opened inside
+    another joins it: its statements go out with the outer unit's, which ends (or undoes)
+    all of them."""
     if connection.vendor != "postgresql":
         with transaction.atomic():
             yield
+        return
+    if _batch.get() is not None:
+        yield
         return
     connection.ensure_connection()
     batch = _Batch(nested=connection.in_atomic_block or not connection.get_autocommit())
@@ -329,6 +335,19 @@ def _unit() -> Iterator[None]:
             raise
         finally:
             _batch.reset(token)
+    for callback in batch.after_send:
+        callback()
+
+
+# Public names for callers outside the ledger whose own statements must share a unit's
+# database transaction and round trips (a load's reservation, its charge with the posting).
+unit = _unit
+send = _send
+
+
+def _joined() -> bool:
+    """Inside a caller's unit (PostgreSQL): a failure can only be undone by the caller."""
+    return _batch.get() is not None
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -457,6 +476,10 @@ def _attempt(
         tx, read_id = _send_transaction(
             entry, lines, idempotency_key=idempotency_key, fingerprint=fingerprint
         )
+    batch = _batch.get()
+    if batch is not None:  # joined: the writes go out with the caller's unit, the id then
+        batch.after_send.append(lambda: setattr(tx, "pk", read_id()[0][0]))
+        return tx
     [(tx.pk,)] = read_id()
     return tx
 
@@ -474,6 +497,8 @@ def _post(
         try:
             return _attempt(idempotency_key, fingerprint, entry, accounts, decide, decided)
         except (_Replay, IntegrityError) as exc:
+            if isinstance(exc, IntegrityError) and _joined():
+                raise  # the caller's transaction is aborted: the caller undoes and retries
             tx = Transaction.objects.filter(idempotency_key=idempotency_key).first()
             if tx is not None:  # a replay, or a racing call with the same key won
                 if tx.fingerprint != fingerprint:

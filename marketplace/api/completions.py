@@ -251,7 +251,7 @@ class _CompletionView(MarketplaceView):
             elif kind == "final":
                 yield chunk(self.last_content(), _finish_reason(event.get("finish_reason")))
                 if include_usage:
-                    load = Load.objects.select_related("license").get(pk=run.load.pk)
+                    load = run.load  # recorded and charged (or left served) as the event came
                     yield {**head, "choices": [], "usage": _usage(load.response or event),
                            "kvmarket": _kvmarket(load, run.replayed, self.phases)}
             elif kind == "error":

@@ -59,6 +59,17 @@ Retries and locks
   User are shared by every concurrent load and are read, never locked, or concurrent charges
   on one document deadlock.
 
+Round trips (PostgreSQL)
+------------------------
+A new Idempotency-Key (the common request) is reserved in one round trip: the License row's
+lock and one statement that checks the license, the in-flight cap and the wallet (402 before
+anything is reserved), increments loads_used and inserts the Load, sent as one implicit
+transaction (`_reserve_new`). A served load is charged in three (`_charge_served_batched`):
+the Load and License locks with the tariff, the ledger's locking read, then the posting, the
+Load's row and COMMIT. A retried key, a KV download, a charge the batch could not make, and
+SQLite take the ORM path (`_reserve_orm`, `_charge_locked`); both paths refuse in the same
+order with `_refusal` and settle with `_settle`, and tests run both.
+
 KV downloads (shipping mode) are charged before the first byte is sent (load price plus
 egress bytes, one transaction), because the bytes cannot be taken back; a retry with the same
 Idempotency-Key re-sends the artifact without a new charge.
@@ -67,19 +78,20 @@ Idempotency-Key re-sends the artifact without a new charge.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import Exists, F
 from django.utils import timezone
 
@@ -178,34 +190,80 @@ def reserve_load(
     idempotency_key: str | None,
     payload: dict[str, Any],
     key_seen: bool = True,
+    funds_needed: int = 0,
 ) -> Reservation:
     """Reserve one load of the agent's license for this request (or find the retried one).
 
     ``key_seen=False``: the caller saw no Load with this Idempotency-Key, so none is looked
-    for (a concurrent first use of the key still ends in the IntegrityError retry below)."""
+    for (a concurrent first use of the key still ends in the IntegrityError retry below).
+    ``funds_needed``: nothing is reserved (402 insufficient_funds) unless the agent's wallet
+    holds at least this much (the worst compute charge of the request, funds_needed_nano).
+
+    A new key on PostgreSQL is reserved by one query (`_reserve_new`); a retried key, and
+    SQLite, by the ORM (`_reserve_orm`). Both refuse with `_refusal` in the same order."""
     require_agent(agent)
     digest = request_hash({"kind": kind, "license": license_id, "document": document_id, **payload})
     key = idempotency_key or f"auto:{uuid.uuid4().hex}"
     # A generated key is new: no earlier Load to find.
     retried = idempotency_key is not None and key_seen
+    args = {"agent": agent, "license_id": license_id, "document_id": document_id, "kind": kind,
+            "key": key, "digest": digest, "funds_needed": funds_needed}
     try:
-        return _reserve(agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-                        key=key, digest=digest, find=retried)
+        if not retried and _one_query():
+            return _reserve_new(**args)
+        return _reserve_orm(**args, find=retried)
     except IntegrityError:
         # Two requests with one Idempotency-Key raced to create the Load: the loser retries
         # and finds the winner's row (pending: 409 in progress).
-        return _reserve(agent=agent, license_id=license_id, document_id=document_id, kind=kind,
-                        key=key, digest=digest, find=True)
+        return _reserve_orm(**args, find=True)
 
 
 def max_in_flight() -> int:
     return int(settings.MAX_IN_FLIGHT_LOADS_PER_AGENT)
 
 
+# Tests turn this off to run the ORM path (SQLite's, and the retries') on PostgreSQL too.
+ONE_QUERY_PATHS = True
+
+
+def _one_query() -> bool:
+    """Whether the one-query paths (a new key's reservation, a served load's charge) run."""
+    return ONE_QUERY_PATHS and connection.vendor == "postgresql"
+
+
+_CONFLICTS = {
+    "license_document_mismatch": "This license is for another document.",
+    "license_revoked": "This license was revoked.",
+    "license_expired": "This license has expired.",
+    "license_exhausted": "This license has no loads left.",
+    "document_not_ready": "This document's KV cache is not available.",
+}
+
+
+def _refusal(reason: str) -> MarketplaceError:
+    """The error of a refused reservation, by reason (the ORM's and the query's codes)."""
+    if reason == "not_found":
+        return not_found("license")  # another agent's license is indistinguishable
+    if reason == "too_many_requests":
+        return MarketplaceError(
+            code="too_many_requests",
+            message=f"At most {max_in_flight()} loads may run at once per agent "
+            "(MAX_IN_FLIGHT_LOADS_PER_AGENT); retry when one finishes.",
+            status=429, retry_after_seconds=TOO_MANY_RETRY_AFTER_SECONDS,
+        )
+    if reason == "insufficient_funds":
+        return MarketplaceError(
+            code="insufficient_funds",
+            message="Your wallet cannot pay for this request's output tokens; top it up.",
+            status=402,
+        )
+    return conflict(reason, _CONFLICTS[reason])
+
+
 @transaction.atomic
-def _reserve(
+def _reserve_orm(
     *, agent: User, license_id: int, document_id: int | None, kind: LoadKind, key: str,
-    digest: str, find: bool = True,
+    digest: str, find: bool = True, funds_needed: int = 0,
 ) -> Reservation:
     load = None
     if find:
@@ -220,6 +278,7 @@ def _reserve(
             load = charge_load(load=load)  # the outbox, charged by the retry
         if load.status == LoadStatus.SUCCEEDED:
             license = License.objects.select_related("document").get(pk=load.license_id)
+            load.license = license
             return Reservation(load=load, license=license, document=license.document, replay=True)
         if load.status in (LoadStatus.PENDING, LoadStatus.SERVED):
             if not _is_stale(load):
@@ -234,23 +293,22 @@ def _reserve(
         .filter(pk=license_id, agent=agent).first()
     )
     if license is None:
-        # Another agent's license is indistinguishable from a missing one.
-        raise not_found("license")
+        raise _refusal("not_found")
     document = license.document
     if document_id is not None and document.pk != document_id:
-        raise conflict("license_document_mismatch", "This license is for another document.")
+        raise _refusal("license_document_mismatch")
     _check_usable(license=license, document=document)
     in_flight = Load.objects.filter(
         agent=agent, status__in=[LoadStatus.PENDING, LoadStatus.SERVED],
         heartbeat_at__gte=timezone.now() - stale_after(),
     ).count()
     if in_flight >= max_in_flight():
-        raise MarketplaceError(
-            code="too_many_requests",
-            message=f"At most {max_in_flight()} loads may run at once per agent "
-            "(MAX_IN_FLIGHT_LOADS_PER_AGENT); retry when one finishes.",
-            status=429, retry_after_seconds=TOO_MANY_RETRY_AFTER_SECONDS,
-        )
+        raise _refusal("too_many_requests")
+    if funds_needed > 0:
+        from ledger.selectors import wallet_balance
+
+        if wallet_balance(agent) < funds_needed:
+            raise _refusal("insufficient_funds")
     now = timezone.now()
     License.objects.filter(pk=license.pk).update(loads_used=F("loads_used") + 1, updated_at=now)
     # The row is locked: the increment is exactly what the database now holds.
@@ -276,13 +334,137 @@ def _reserve(
 
 def _check_usable(*, license: License, document: Document) -> None:
     if license.status == LicenseStatus.REVOKED:
-        raise conflict("license_revoked", "This license was revoked.")
+        raise _refusal("license_revoked")
     if license.status == LicenseStatus.EXPIRED or license.is_expired:
-        raise conflict("license_expired", "This license has expired.")
+        raise _refusal("license_expired")
     if license.status == LicenseStatus.EXHAUSTED or license.loads_used >= license.loads_total:
-        raise conflict("license_exhausted", "This license has no loads left.")
+        raise _refusal("license_exhausted")
     if document.status != DocumentStatus.READY or not document.artifact_key:
-        raise conflict("document_not_ready", "This document's KV cache is not available.")
+        raise _refusal("document_not_ready")
+
+
+# --- the reservation of a new key in one query (PostgreSQL) ----------------------------------
+
+# Columns of a reserved load's document that nothing on the request path reads (large text);
+# they are loaded on access.
+_DOCUMENT_DEFERRED = ("text", "description", "example_questions", "verification", "error")
+
+
+def _columns(model: type[models.Model], skip: tuple[str, ...] = ()) -> list[Any]:
+    return [f for f in model._meta.concrete_fields if f.name not in skip]
+
+
+def _select_list(fields: list[Any], alias: str) -> str:
+    """The fields' columns of the table aliased `alias`, named <alias>_<column> (unique)."""
+    return ", ".join(f'{alias}."{f.column}" AS "{alias}_{f.column}"' for f in fields)
+
+
+def _instance(model: type[models.Model], fields: list[Any], values: Sequence[Any]) -> Any:
+    """A model instance from a row of `fields` (converted as the ORM converts them)."""
+    converted = []
+    for f, value in zip(fields, values, strict=True):
+        for convert in f.get_db_converters(connection):
+            value = convert(value, None, connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+
+
+@functools.cache
+def _reserve_sql() -> tuple[str, list[Any], list[Any], list[Any]]:
+    """The statement that reserves a new key's load (the License row is locked by the
+    statement sent before it, so this one's snapshot sees every load committed before the
+    lock was granted: the in-flight count is exact, as the ORM's).
+
+    Refusals in `_reserve_orm`'s order, as `_refusal` reasons: license_document_mismatch,
+    `_check_usable`'s, too_many_requests, insufficient_funds; a refused one changes nothing.
+    Returns (sql, license fields, document fields, load fields inserted)."""
+    lic_fields = _columns(License)
+    doc_fields = _columns(Document, _DOCUMENT_DEFERRED)
+    load_fields = [f for f in Load._meta.concrete_fields if not f.primary_key]
+    load_values = ", ".join(f"%({f.attname})s::{f.cast_db_type(connection)}"
+                            for f in load_fields)
+    sql = f"""
+WITH verdict AS (
+  SELECT {_select_list(lic_fields, "l")}, {_select_list(doc_fields, "d")},
+    CASE
+      WHEN %(document)s::bigint IS NOT NULL AND l.document_id <> %(document)s::bigint
+        THEN 'license_document_mismatch'
+      WHEN l.status = %(revoked)s THEN 'license_revoked'
+      WHEN l.status = %(expired)s OR l.expires_at <= %(now)s THEN 'license_expired'
+      WHEN l.status = %(exhausted)s OR l.loads_used >= l.loads_total THEN 'license_exhausted'
+      WHEN d.status <> %(ready)s OR d.artifact_key = '' THEN 'document_not_ready'
+      WHEN (SELECT count(*) FROM marketplace_load WHERE agent_id = %(agent)s
+            AND status IN (%(pending)s, %(served)s) AND heartbeat_at >= %(cutoff)s)
+           >= %(max_in_flight)s THEN 'too_many_requests'
+      WHEN %(funds)s > 0 AND COALESCE((SELECT balance FROM ledger_account
+            WHERE key = %(wallet)s), 0) < %(funds)s THEN 'insufficient_funds'
+      ELSE '' END AS refused
+  FROM marketplace_license l JOIN marketplace_document d ON d.id = l.document_id
+  WHERE l.id = %(license)s AND l.agent_id = %(agent)s
+), bump AS (
+  UPDATE marketplace_license SET loads_used = loads_used + 1, updated_at = %(now)s
+  WHERE id = (SELECT l_id FROM verdict WHERE refused = '')
+  RETURNING loads_used
+), made AS (
+  INSERT INTO marketplace_load ({", ".join(f'"{f.column}"' for f in load_fields)})
+  SELECT {load_values} FROM bump
+  RETURNING id
+)
+SELECT verdict.*, (SELECT id FROM made) FROM verdict"""
+    return sql, lic_fields, doc_fields, load_fields
+
+
+_LOCK_LICENSE_SQL = "SELECT 1 FROM marketplace_license WHERE id = %s AND agent_id = %s FOR UPDATE"
+
+
+def _reserve_new(
+    *, agent: User, license_id: int, document_id: int | None, kind: LoadKind, key: str,
+    digest: str, funds_needed: int = 0,
+) -> Reservation:
+    """`_reserve_orm` for a key not seen before, in one round trip on PostgreSQL: the
+    license's row lock, then the statement of `_reserve_sql`, sent together as one implicit
+    transaction (a savepoint inside the caller's). A first use of the key that lost a race
+    raises IntegrityError (the unique key), with nothing reserved."""
+    from ledger.accounts import wallet_key
+    from ledger.services import journal
+
+    sql, lic_fields, doc_fields, load_fields = _reserve_sql()
+    now = timezone.now()
+    load = Load(agent=agent, license_id=license_id, idempotency_key=key, request_hash=digest,
+                kind=kind, heartbeat_at=now, created_at=now)
+    params: dict[str, Any] = {
+        f.attname: f.get_db_prep_save(getattr(load, f.attname), connection) for f in load_fields
+    }
+    params.update(
+        document=document_id, license=license_id, agent=agent.pk, now=now,
+        cutoff=now - stale_after(), max_in_flight=max_in_flight(), funds=funds_needed,
+        wallet=wallet_key(agent.pk), revoked=LicenseStatus.REVOKED.value,
+        expired=LicenseStatus.EXPIRED.value, exhausted=LicenseStatus.EXHAUSTED.value,
+        ready=DocumentStatus.READY.value, pending=LoadStatus.PENDING.value,
+        served=LoadStatus.SERVED.value,
+    )
+    with journal.unit():
+        journal.send(_LOCK_LICENSE_SQL, [license_id, agent.pk])
+        read = journal.send(sql, params)
+    rows = read()
+    if not rows:
+        raise _refusal("not_found")
+    row = rows[0]
+    n_lic, n_doc = len(lic_fields), len(doc_fields)
+    refused, load_id = row[n_lic + n_doc], row[n_lic + n_doc + 1]
+    if refused:
+        raise _refusal(refused)
+    license = _instance(License, lic_fields, row[:n_lic])
+    document = _instance(Document, doc_fields, row[n_lic:n_lic + n_doc])
+    # The row was locked: what the statement wrote is what the database now holds.
+    license.loads_used += 1
+    license.updated_at = now
+    license.document = document
+    load.pk = load_id
+    load._state.adding = False
+    load._state.db = connection.alias
+    load.license = license
+    return Reservation(load=load, license=license, document=document, replay=False)
 
 
 # --- finish ----------------------------------------------------------------------------------
@@ -337,7 +519,6 @@ def record_served(*, load: Load, result: dict[str, Any]) -> Load:
     return load
 
 
-@transaction.atomic
 def charge_load(
     *,
     load: Load,
@@ -353,24 +534,38 @@ def charge_load(
     transaction rolls back, nothing is charged, and the caller fails the load). The ledger caps
     a generation's compute charge at the wallet balance, so a served load always settles; the
     amount actually charged is what the Load records.
-    """
-    from ledger import services as ledger_services
-    from ledger.selectors import tariff_for
 
-    load = Load.objects.select_for_update().get(pk=load.pk)
-    if load.status == LoadStatus.SUCCEEDED:
-        return load
-    if load.status == LoadStatus.SERVED:
-        result = load.response or {}
-    elif load.status != LoadStatus.PENDING or result is None:
-        raise conflict("load_not_pending", "This load is no longer pending.")
-    license = (
-        License.objects.select_for_update(of=("self",)).select_related("document", "agent")
-        .get(pk=load.license_id)
-    )
-    document = license.document
+    On PostgreSQL a served load is charged in three round trips (`_charge_served_batched`);
+    everything else, and a charge that the batch could not make, by the ORM (`_charge_locked`).
+    Both lock the same rows in the same order and settle with `_settle`.
+    """
+    if result is None and not egress_bytes and _one_query():
+        try:
+            charged = _charge_served_batched(load_pk=load.pk, wall_seconds=wall_seconds)
+        except IntegrityError:
+            # Rolled back, nothing charged: e.g. the first posting to a new ledger account
+            # (a publisher's first sale), which the ledger's own retry creates.
+            charged = None
+        if charged is not None:
+            return charged
+    return _charge_locked(load=load, result=result, egress_bytes=egress_bytes,
+                          wall_seconds=wall_seconds)
+
+
+def _user_ref(pk: int) -> User:
+    """A user by id only: the ledger needs the pk of the agent and the publisher, no row."""
+    return User(pk=pk)
+
+
+def _settle(
+    *, load: Load, license: License, document: Document, tariff: Any, result: dict[str, Any],
+    egress_bytes: int, wall_seconds: float | None,
+) -> None:
+    """Post the load's charge (and a KV download's egress) and set the load's succeeded
+    fields; the caller holds the Load and License row locks and writes the load."""
+    from ledger import services as ledger_services
+
     usage = result.get("usage") or {}
-    tariff = tariff_for(document.model_slug)
     suffix = int(usage.get("suffix_tokens", 0))
     output = int(usage.get("output_tokens", 0))
     compute = 0
@@ -379,6 +574,7 @@ def charge_load(
     amount = license.price_per_load_nano
     memo = f"{load.kind} load {load.pk} of document {document.pk}"
     ledger_key = load.ledger_idempotency_key
+    agent = _user_ref(license.agent_id)
 
     def settle(compute_nano: int) -> int:
         """Returns the compute actually charged (the ledger caps it at the wallet balance)."""
@@ -386,11 +582,11 @@ def charge_load(
             return 0
         tx = ledger_services.settle_load(
             license_ref=license.ledger_ref,
-            publisher=document.publisher,
+            publisher=_user_ref(document.publisher_id),
             amount_nano=amount,
             publisher_share=tariff.publisher_share,
             idempotency_key=ledger_key,
-            agent=license.agent,
+            agent=agent,
             compute_nano=compute_nano,
             memo=memo,
             document_ref=f"document:{document.pk}",
@@ -405,7 +601,7 @@ def charge_load(
         egress_nano = egress_price_nano(egress_bytes)
         if egress_nano > 0:
             ledger_services.record_egress(
-                agent=license.agent,
+                agent=agent,
                 amount_nano=egress_nano,
                 idempotency_key=f"{ledger_key}:egress",
                 license_ref=license.ledger_ref,
@@ -430,12 +626,104 @@ def charge_load(
     load.egress_bytes = egress_bytes
     load.response = {**result, "loads_left": license.loads_left}
     load.finished_at = timezone.now()
+
+
+# A license whose loads are all used and none is in flight any more is exhausted (run after
+# the charged load's row was written, under the License row lock).
+_EXHAUST_SQL = (
+    "UPDATE marketplace_license SET status = %s, closed_at = %s, updated_at = %s"
+    " WHERE id = %s AND status = %s AND loads_used >= loads_total AND NOT EXISTS"
+    " (SELECT 1 FROM marketplace_load WHERE license_id = %s AND status IN (%s, %s))"
+)
+
+
+def _close_if_exhausted(license_id: int) -> None:
+    from ledger.services import journal
+
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    journal.send(_EXHAUST_SQL, [
+        LicenseStatus.EXHAUSTED.value, now, now, license_id, LicenseStatus.ACTIVE.value,
+        license_id, LoadStatus.PENDING.value, LoadStatus.SERVED.value,
+    ])
+
+
+@transaction.atomic
+def _charge_locked(
+    *, load: Load, result: dict[str, Any] | None, egress_bytes: int, wall_seconds: float | None,
+) -> Load:
+    from ledger.selectors import tariff_for
+
+    load = Load.objects.select_for_update().get(pk=load.pk)
+    if load.status == LoadStatus.SUCCEEDED:
+        return load
+    if load.status == LoadStatus.SERVED:
+        result = load.response or {}
+    elif load.status != LoadStatus.PENDING or result is None:
+        raise conflict("load_not_pending", "This load is no longer pending.")
+    license = (
+        License.objects.select_for_update(of=("self",)).select_related("document")
+        .get(pk=load.license_id)
+    )
+    document = license.document
+    _settle(load=load, license=license, document=document,
+            tariff=tariff_for(document.model_slug), result=result, egress_bytes=egress_bytes,
+            wall_seconds=wall_seconds)
     load.save()
-    if license.loads_used >= license.loads_total and license.status == LicenseStatus.ACTIVE:
-        if not license.loads.filter(status__in=[LoadStatus.PENDING, LoadStatus.SERVED]).exists():
-            license.status = LicenseStatus.EXHAUSTED
-            license.closed_at = timezone.now()
-            license.save(update_fields=["status", "closed_at", "updated_at"])
+    _close_if_exhausted(license.pk)
+    load.license = license
+    return load
+
+
+def _charge_served_batched(*, load_pk: int, wall_seconds: float | None) -> Load | None:
+    """`_charge_locked` for a served load, on PostgreSQL, in three round trips: (1) lock the
+    Load, then the License (with its document) and read the tariff; (2) the ledger locks its
+    accounts and reads their balances; (3) the posting, the Load's row, the exhausted check
+    and COMMIT. Returns None (nothing done) for a load that is not served or succeeded, for
+    the ORM path to answer."""
+    from ledger.models import Tariff
+    from ledger.selectors import default_tariff
+    from ledger.services import journal
+
+    load_fields = _columns(Load)
+    lic_fields, doc_fields = _columns(License), _columns(Document, _DOCUMENT_DEFERRED)
+    tariff_fields = _columns(Tariff)
+    with journal.unit():
+        read_load = journal.send(
+            f"SELECT {_select_list(load_fields, 'x')} FROM marketplace_load x WHERE x.id = %s"
+            " FOR UPDATE", [load_pk])
+        read_license = journal.send(
+            f"SELECT {_select_list(lic_fields, 'l')}, {_select_list(doc_fields, 'd')}"
+            " FROM marketplace_license l JOIN marketplace_document d ON d.id = l.document_id"
+            " WHERE l.id = (SELECT license_id FROM marketplace_load WHERE id = %s)"
+            " FOR UPDATE OF l", [load_pk])
+        read_tariff = journal.send(
+            f"SELECT {_select_list(tariff_fields, 't')} FROM ledger_tariff t"
+            " WHERE t.model_slug = (SELECT d.model_slug FROM marketplace_load x"
+            " JOIN marketplace_license l ON l.id = x.license_id"
+            " JOIN marketplace_document d ON d.id = l.document_id WHERE x.id = %s)", [load_pk])
+        rows = read_load()
+        if not rows:
+            return None
+        load = _instance(Load, load_fields, rows[0])
+        if load.status != LoadStatus.SERVED:
+            return load if load.status == LoadStatus.SUCCEEDED else None
+        [row] = read_license()
+        license = _instance(License, lic_fields, row[:len(lic_fields)])
+        document = _instance(Document, doc_fields, row[len(lic_fields):])
+        license.document = document
+        tariffs = read_tariff()
+        tariff = (_instance(Tariff, tariff_fields, tariffs[0]) if tariffs
+                  else default_tariff(document.model_slug))
+        _settle(load=load, license=license, document=document, tariff=tariff,
+                result=load.response or {}, egress_bytes=0, wall_seconds=wall_seconds)
+        written = [f for f in load_fields if not f.primary_key]
+        journal.send(
+            "UPDATE marketplace_load SET "
+            + ", ".join(f'"{f.column}" = %s' for f in written) + " WHERE id = %s",
+            [f.get_db_prep_save(getattr(load, f.attname), connection) for f in written]
+            + [load.pk])
+        _close_if_exhausted(license.pk)
+    load.license = license
     return load
 
 
@@ -450,7 +738,7 @@ def charge_served(*, load: Load, wall_seconds: float | None = None) -> Load:
                         exc_info=True)
             time.sleep(CHARGE_RETRY_SECONDS * (attempt + 1))
     log.error("Load %s served but not charged yet; the sweep will charge it", load.pk)
-    return Load.objects.get(pk=load.pk)
+    return Load.objects.select_related("license").get(pk=load.pk)
 
 
 def sweep_loads() -> dict[str, int]:
@@ -652,11 +940,16 @@ def start_generation(
     early = None
     if document is not None and settings.COMPLETION_EARLY_START and not key_seen:
         early = EarlyStart(document=document, params=params, timeout=timeout)
+    # With the request's document in hand the reservation checks the wallet too (402 before
+    # anything is reserved); without it, the funds are checked once the load is reserved.
+    funds_checked = document is not None and document.pk == document_id
+    funds = funds_needed_nano(document=document, params=params) if funds_checked else 0
     t0 = time.perf_counter()
     try:
         reservation = reserve_load(
             agent=agent, license_id=license_id, document_id=document_id, kind=kind,
             idempotency_key=idempotency_key, payload=params, key_seen=key_seen,
+            funds_needed=funds,
         )
     except BaseException:
         if early is not None:
@@ -673,8 +966,8 @@ def start_generation(
         return run
     heartbeats.track(load.pk)
     try:
-        _precheck_compute_funds(agent=agent, document=reservation.document, load=load,
-                                params=params)
+        if not funds_checked:
+            _precheck_compute_funds(agent=agent, document=reservation.document, params=params)
         _open(run, params, until_final=until_final, early=early)
         if run.head[-1].get("type") == "delta":
             # The first token goes out with the response: the load is served from then on,
@@ -902,20 +1195,21 @@ def forget_tariffs() -> None:
     _tariffs.clear()
 
 
-def _precheck_compute_funds(
-    *, agent: User, document: Document, load: Load, params: dict[str, Any]
-) -> None:
-    """402 before running when the wallet cannot pay the output tokens this request may use."""
+def funds_needed_nano(*, document: Document, params: dict[str, Any]) -> int:
+    """What the wallet must hold to run the request: the compute price of the output tokens it
+    may use (a load is refused 402 before running when the wallet holds less)."""
+    max_tokens = int(params.get("max_tokens") or 0)
+    return int(_tariff(document.model_slug).compute_price_nano(0, max_tokens))
+
+
+def _precheck_compute_funds(*, agent: User, document: Document, params: dict[str, Any]) -> None:
+    """402 before running when the wallet cannot pay the output tokens this request may use
+    (for a load reserved without `funds_needed`)."""
     from ledger.selectors import wallet_balance
 
-    worst = int(_tariff(document.model_slug).compute_price_nano(0, int(params.get("max_tokens")
-                                                                       or 0)))
+    worst = funds_needed_nano(document=document, params=params)
     if worst > 0 and wallet_balance(agent) < worst:
-        raise MarketplaceError(
-            code="insufficient_funds",
-            message="Your wallet cannot pay for this request's output tokens; top it up.",
-            status=402,
-        )
+        raise _refusal("insufficient_funds")
 
 
 def start_kv_download(

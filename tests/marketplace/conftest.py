@@ -139,6 +139,21 @@ class FakeWorker:
         return False
 
 
+@pytest.fixture(params=["one_query", "orm"])
+def sql_path(request, monkeypatch) -> str:
+    """Runs the test on each path of the reservation and the charge: the one-query paths
+    (PostgreSQL: a new key's reservation, a served load's charge) and the ORM's (SQLite's, and
+    the retries')."""
+    from django.db import connection
+
+    from marketplace.services import completions
+
+    if request.param == "one_query" and connection.vendor != "postgresql":
+        pytest.skip("the one-query paths run on PostgreSQL only")
+    monkeypatch.setattr(completions, "ONE_QUERY_PATHS", request.param == "one_query")
+    return request.param
+
+
 @pytest.fixture
 def fake_worker(monkeypatch) -> FakeWorker:
     from marketplace.services import completions

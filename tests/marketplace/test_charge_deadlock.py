@@ -142,7 +142,9 @@ def test_16_agents_charging_on_one_document_never_deadlock(skip_unless_postgresq
 
 
 def _locked_elsewhere(table: str, pk: int) -> bool:
-    """Whether another connection holds a row lock on the row (probed from a new thread)."""
+    """Whether another connection holds a row lock on the row that blocks updating it (probed
+    from a new thread). The key-share lock a foreign key's check takes on the row a new row
+    references (the agent's User, under a new Load) blocks no update and is not counted."""
     from django.db import OperationalError, transaction
 
     found: list[bool] = []
@@ -150,7 +152,8 @@ def _locked_elsewhere(table: str, pk: int) -> bool:
     def probe() -> None:
         try:
             with transaction.atomic(), connection.cursor() as cur:
-                cur.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE NOWAIT", [pk])
+                cur.execute(f"SELECT id FROM {table} WHERE id = %s FOR NO KEY UPDATE NOWAIT",
+                            [pk])
             found.append(False)
         except OperationalError:  # could not obtain lock on row
             found.append(True)
@@ -164,8 +167,10 @@ def _locked_elsewhere(table: str, pk: int) -> bool:
 
 
 def test_reserve_and_charge_lock_neither_the_document_nor_the_agent(
-    skip_unless_postgresql, publisher_user, monkeypatch
+    skip_unless_postgresql, sql_path, publisher_user, monkeypatch
 ):
+    from django.db import transaction
+
     from ledger import services as ledger_services
     from tests.marketplace.conftest import make_ready_document
 
@@ -194,10 +199,13 @@ def test_reserve_and_charge_lock_neither_the_document_nor_the_agent(
 
     monkeypatch.setattr(completions, "_check_usable", check_usable)
     monkeypatch.setattr(ledger_services, "settle_load", settle_load)
-    reservation = completions.reserve_load(
-        agent=agent, license_id=lic.pk, document_id=document.pk, kind=LoadKind.CHAT,
-        idempotency_key=None, payload={},
-    )
+    with transaction.atomic():  # the one-query reservation's locks are held until its end
+        reservation = completions.reserve_load(
+            agent=agent, license_id=lic.pk, document_id=document.pk, kind=LoadKind.CHAT,
+            idempotency_key=None, payload={},
+        )
+        if sql_path == "one_query":
+            probe("reserve")
     load = completions.record_served(load=reservation.load, result=RESULT)
     assert completions.charge_load(load=load).status == LoadStatus.SUCCEEDED
     expected = {"license": True, "document": False, "agent": False}

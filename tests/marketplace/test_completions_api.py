@@ -12,7 +12,7 @@ from marketplace.models import License, Load, LoadKind
 from marketplace.services.errors import MarketplaceError
 from tests.marketplace.conftest import FAKE_RESULT, NANO, fund, make_ready_document, wallet
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sql_path")]
 
 CHAT = "/api/v1/chat/completions"
 
@@ -285,7 +285,15 @@ def test_chat_stream_is_openai_sse(api_client, funded_agent, ready_document, fak
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 1000
-    assert Load.objects.get().status == "succeeded"
+    load = Load.objects.get()
+    assert load.status == "succeeded"
+    # the usage chunk tells the load as charged (from the charge, not read again)
+    details = chunks[-1]["kvmarket"]
+    assert (details["load"], details["license"], details["document"]) == (
+        load.pk, lic["id"], ready_document.pk)
+    assert (details["charged_nano"], details["compute_nano"], details["charge_pending"]) == (
+        load.amount_nano, load.compute_nano, False)
+    assert details["loads_left"] == load.response["loads_left"] == 2
 
 
 def test_raw_completion_and_stream(api_client, funded_agent, ready_document, fake_worker):

@@ -16,7 +16,7 @@ from marketplace.services.errors import MarketplaceError
 from marketplace.services.licenses import purchase_license
 from tests.marketplace.conftest import FAKE_RESULT, NANO, make_ready_document, wallet
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sql_path")]
 
 PRICE = 50_000  # nano-USD a load
 
@@ -28,11 +28,11 @@ def license(funded_agent: User, publisher_user: User) -> License:
     return license
 
 
-def _reserve(license: License, key: str = "req-1") -> Load:
+def _reserve(license: License, key: str = "req-1", *, retry: bool = False) -> Load:
     return reserve_load(
         agent=license.agent, license_id=license.pk, document_id=license.document_id,
         kind=LoadKind.CHAT, idempotency_key=key,
-        payload={"messages": [{"role": "user", "content": "Hi"}]},
+        payload={"messages": [{"role": "user", "content": "Hi"}]}, key_seen=retry,
     ).load  # fmt: skip
 
 
@@ -113,7 +113,7 @@ def test_a_retried_load_settles_once_on_its_first_row(license: License) -> None:
     load = _reserve(license, key="retry-me")
     fail_load(load=load, code="worker_error", message="The worker failed.")
 
-    retried = _reserve(license, key="retry-me")
+    retried = _reserve(license, key="retry-me", retry=True)
     assert retried.pk == load.pk and retried.attempts == 2
     charge_load(load=retried, result=dict(FAKE_RESULT))
     charge_load(load=retried, result=dict(FAKE_RESULT))

@@ -13,7 +13,7 @@ from marketplace.services.documents import create_document, decode_upload
 from marketplace.services.licenses import purchase_license
 from tests.marketplace.conftest import FAKE_RESULT, make_ready_document
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sql_path")]
 
 
 def test_decode_upload(settings):

@@ -156,6 +156,7 @@ def _workers(document: Document) -> list:
             for w in registry.workers_for(slug=SLUG, artifact_key=document.artifact_key)]
 
 
+@pytest.mark.usefixtures("sql_path")
 def test_40_requests_racing_for_a_10_load_license_end_with_exactly_10_charged(
     live_server, document, settings
 ):
