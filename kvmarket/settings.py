@@ -299,6 +299,10 @@ GPU_WORKER_MAX_BATCH = env.int("GPU_WORKER_MAX_BATCH", default=32)
 GPU_WORKER_MAX_QUEUE = env.int("GPU_WORKER_MAX_QUEUE", default=256)
 GPU_WORKER_HEARTBEAT_SECONDS = env.float("GPU_WORKER_HEARTBEAT_SECONDS", default=2.0)
 GPU_WORKER_STALE_SECONDS = env.float("GPU_WORKER_STALE_SECONDS", default=6.0)
+# Torch's CPU threads in a worker that runs a model on the CPU; 0: every CPU of the worker but
+# one. torch's default takes every core, and its threads spin between ops: the web, the
+# database and clients on the same host then wait for a core while the engine decodes.
+GPU_WORKER_CPU_THREADS = env.int("GPU_WORKER_CPU_THREADS", default=0)
 # Send a completion to its worker before the load is reserved, so the reservation overlaps the
 # engine's prefill (nothing is relayed or charged before it commits; a refusal cancels the job).
 COMPLETION_EARLY_START = env.bool("COMPLETION_EARLY_START", default=True)

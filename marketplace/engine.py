@@ -9,6 +9,7 @@ loads its HTTP endpoint receives. Everything returned from here is plain JSON-ab
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -80,6 +81,26 @@ def get_loaded(slug: str):
         cfg["ref"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "cpu"),
         cache_dir=settings.MODEL_CACHE_DIR,
     )
+
+
+def cpu_threads() -> int:
+    """Torch's CPU threads for a worker that runs a model on the CPU: GPU_WORKER_CPU_THREADS,
+    or every CPU this process may use but one (at least one), left to whatever shares the host
+    (the web, the database)."""
+    configured = int(settings.GPU_WORKER_CPU_THREADS)
+    if configured > 0:
+        return configured
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (usable or 1) - 1)
+
+
+def limit_cpu_threads() -> int:
+    """Set torch's CPU threads in this process to cpu_threads(); returns the number."""
+    import torch
+
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 # When a model's tokenizer last failed to load here: every completion asks for it, and a web

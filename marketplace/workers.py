@@ -41,12 +41,19 @@ def prepare_models(sender, **_: object) -> None:
     """Load every model this worker serves before it takes a task or announces itself, and
     run each CUDA model's fast path once: loading (a GGUF model's first start also converts
     it), Triton's kernel compiles and cuBLAS's choices take seconds that an agent should not
-    wait for. A failure is logged; the first task then pays (or reports the error)."""
+    wait for. A failure is logged; the first task then pays (or reports the error).
+
+    A worker running a model on the CPU bounds torch's threads (engine.limit_cpu_threads): its
+    default takes every core, and the web, the database and the clients on the same host then
+    wait for one while the engine decodes."""
     import inference
+    from marketplace import engine
     from marketplace.engine import get_loaded, get_store, runs_on_cuda
 
     served = models_served(sender.app.amqp.queues.consume_from)
     cuda = [slug for slug in served if runs_on_cuda(slug)]
+    if len(cuda) < len(served):
+        log.info("Torch runs on %s CPU threads in this worker.", engine.limit_cpu_threads())
     if cuda:  # reads from disk land in memory pinned now, not pinned per document
         try:
             arena = get_store().pin_host_memory()

@@ -337,6 +337,8 @@ def test_worker_loads_its_models_and_warms_up_the_cuda_ones(settings, monkeypatc
     monkeypatch.setattr(engine, "get_store", lambda: store)
     frozen = []  # the real one would freeze the test process's heap
     monkeypatch.setattr(inference, "freeze_startup_heap", lambda: frozen.append(True))
+    limited = []  # the real one would set the test process's torch threads
+    monkeypatch.setattr(engine, "limit_cpu_threads", lambda: limited.append(True) or 1)
 
     def consumer_of(names):
         return SimpleNamespace(
@@ -349,14 +351,41 @@ def test_worker_loads_its_models_and_warms_up_the_cuda_ones(settings, monkeypatc
     assert warmed == ["loaded:big"]
     assert pinned == [True]  # the store's host memory for disk reads, pinned at start
     assert frozen == [True]  # then start-up's garbage collected and the rest frozen
+    assert limited == [True]  # it runs "tiny" on the CPU: torch's threads are bounded
     workers.prepare_models(consumer_of(["default", "gpu.tiny"]))
     assert loaded[-1] == "tiny"
     assert warmed == ["loaded:big"] and pinned == [True]  # a CPU worker pins nothing
     assert frozen == [True]  # nor freezes anything
+    assert limited == [True, True]
+    workers.prepare_models(consumer_of(["gpu.big"]))
+    assert limited == [True, True]  # a worker of CUDA models only keeps torch's default
 
     def broken(loaded):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(inference, "warm_up", broken)
     workers.prepare_models(consumer)  # logged, never raised: the worker still starts
-    assert frozen == [True, True]
+    assert frozen == [True, True, True]
+
+
+def test_a_cpu_worker_leaves_one_cpu_to_the_host(settings, monkeypatch):
+    """Torch's default takes every core; a CPU worker sharing its host with the web leaves one
+    (at least one thread), unless GPU_WORKER_CPU_THREADS says how many."""
+    import os
+
+    from marketplace import engine
+
+    settings.GPU_WORKER_CPU_THREADS = 0
+    for cpus, threads in ((4, 3), (2, 1), (1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert engine.cpu_threads() == threads
+    settings.GPU_WORKER_CPU_THREADS = 3
+    assert engine.cpu_threads() == 3
+
+    import torch
+
+    before = torch.get_num_threads()
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert engine.limit_cpu_threads() == 3 and set_to == [3]
+    assert torch.get_num_threads() == before
