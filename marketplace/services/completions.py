@@ -588,18 +588,25 @@ def check_prompt_fits(*, document: Document, params: dict[str, Any]) -> None:
         )
 
 
+# What the request path reads of its document before the reservation (which reads it again).
+REQUEST_DOCUMENT_FIELDS = ("id", "model_slug", "artifact_key", "n_tokens")
+
+
 def request_document(
     *, agent: User, document_id: int, idempotency_key: str | None
 ) -> Document | None:
     """The request's document, read with one query that also says whether the agent used this
     Idempotency-Key before (``key_seen``): a retry may be a replay or still running, so only a
-    new key starts early, and its reservation need not look for an earlier Load."""
-    documents = Document.objects.filter(pk=document_id)
+    new key starts early, and its reservation need not look for an earlier Load.
+
+    Only the fields the request path reads are fetched (not the text, which may be long), in
+    no order (one row at most)."""
+    documents = Document.objects.filter(pk=document_id).only(*REQUEST_DOCUMENT_FIELDS)
     if idempotency_key is not None:
         documents = documents.annotate(key_seen=Exists(
             Load.objects.filter(agent=agent, idempotency_key=idempotency_key)
         ))
-    return documents.first()
+    return next(iter(documents.order_by()[:1]), None)
 
 
 def _worker_error(event: dict[str, Any]) -> MarketplaceError:

@@ -455,3 +455,24 @@ def test_every_worker_stream_is_closed_when_its_completion_ends(
     b"".join(streamed.streaming_content)
     assert len(fake_worker.streams) == 2
     assert all(stream.closed for stream in fake_worker.streams)
+
+
+def test_the_request_reads_its_document_without_the_text(agent_user, ready_document):
+    """One query before the reservation, for the fields the path reads: a document's text may
+    be long, and every completion would fetch it."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from marketplace.services.completions import request_document
+
+    with CaptureQueriesContext(connection) as queries:
+        document = request_document(agent=agent_user, document_id=ready_document.pk,
+                                    idempotency_key="k-1")
+        read = (document.pk, document.model_slug, document.artifact_key, document.n_tokens,
+                document.key_seen)
+    assert read == (ready_document.pk, "tiny-qwen3", ready_document.artifact_key,
+                    ready_document.n_tokens, False)
+    assert len(queries) == 1
+    assert '"text"' not in queries[0]["sql"] and "ORDER BY" not in queries[0]["sql"]
+    assert request_document(agent=agent_user, document_id=ready_document.pk + 1,
+                            idempotency_key=None) is None
