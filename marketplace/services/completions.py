@@ -70,6 +70,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -517,6 +518,9 @@ def dispatch_generation(
 # Early starts: the worker's HTTP request is sent from one of these threads while the request's
 # own thread reserves the load (the database work overlaps the engine's prefill).
 _early_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="load-dispatch")
+# How long the request's thread waits for a dispatch thread to take its generation (an idle
+# one takes it at once; a busy pool must not hold the reservation up).
+EARLY_HANDOFF_SECONDS = 0.002
 
 
 class EarlyStart:
@@ -532,10 +536,17 @@ class EarlyStart:
         self.document = document
         candidates = worker_client.candidates_for(slug=document.model_slug,
                                                   artifact_key=document.artifact_key)
-        self.future: Future = _early_pool.submit(
-            dispatch_generation, load=None, document=document, params=params, timeout=timeout,
-            candidates=candidates,
-        )
+        taken = threading.Event()
+
+        def dispatch() -> Any:
+            taken.set()
+            return dispatch_generation(load=None, document=document, params=params,
+                                       timeout=timeout, candidates=candidates)
+
+        self.future: Future = _early_pool.submit(dispatch)
+        # Waiting hands the GIL to the dispatch thread, which sends the request at once: the
+        # reservation's Python code would otherwise hold it until its first database call.
+        taken.wait(EARLY_HANDOFF_SECONDS)
 
     def serves(self, document: Document) -> bool:
         """Whether the reserved load's document is the one this generation runs on."""
