@@ -457,24 +457,36 @@ def test_every_worker_stream_is_closed_when_its_completion_ends(
     assert all(stream.closed for stream in fake_worker.streams)
 
 
-def test_the_request_reads_its_document_without_the_text(agent_user, ready_document):
-    """One query before the reservation, for the fields the path reads: a document's text may
-    be long, and every completion would fetch it."""
+def test_the_request_reads_its_document_without_the_text(
+    api_client, funded_agent, ready_document, other_agent_client, fake_worker
+):
+    """One query before the reservation, for the fields the path reads (a document's text may
+    be long), saying whether this agent used the Idempotency-Key before."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     from marketplace.services.completions import request_document
 
     with CaptureQueriesContext(connection) as queries:
-        document = request_document(agent=agent_user, document_id=ready_document.pk,
+        document = request_document(agent=funded_agent, document_id=ready_document.pk,
                                     idempotency_key="k-1")
-        read = (document.pk, document.model_slug, document.artifact_key, document.n_tokens,
-                document.key_seen)
+        read = (document.pk, document.model_slug, document.artifact_key, document.n_tokens)
     assert read == (ready_document.pk, "tiny-qwen3", ready_document.artifact_key,
-                    ready_document.n_tokens, False)
-    assert len(queries) == 1
-    assert '"text"' not in queries[0]["sql"] and "ORDER BY" not in queries[0]["sql"]
-    assert request_document(agent=agent_user, document_id=ready_document.pk + 1,
+                    ready_document.n_tokens)
+    assert not document.key_seen
+    assert len(queries) == 1 and "text" in document.get_deferred_fields()
+
+    lic = buy(api_client, ready_document)
+    r = api_client.post(CHAT, chat_body(ready_document, lic), format="json",
+                        HTTP_IDEMPOTENCY_KEY="k-1")
+    assert r.status_code == 200, r.content
+    assert request_document(agent=funded_agent, document_id=ready_document.pk,
+                            idempotency_key="k-1").key_seen
+    for agent, key in ((other_agent_client.user, "k-1"), (funded_agent, "k-2"),
+                       (funded_agent, None)):
+        assert not request_document(agent=agent, document_id=ready_document.pk,
+                                    idempotency_key=key).key_seen
+    assert request_document(agent=funded_agent, document_id=ready_document.pk + 1,
                             idempotency_key=None) is None
 
 
