@@ -463,3 +463,61 @@ def test_every_worker_stream_is_closed_when_its_completion_ends(
     b"".join(streamed.streaming_content)
     assert len(fake_worker.streams) == 2
     assert all(stream.closed for stream in fake_worker.streams)
+
+
+def test_the_request_reads_its_document_without_the_text(
+    api_client, funded_agent, ready_document, other_agent_client, fake_worker
+):
+    """One query before the reservation, for the fields the path reads (a document's text may
+    be long), saying whether this agent used the Idempotency-Key before."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from marketplace.services.completions import request_document
+
+    with CaptureQueriesContext(connection) as queries:
+        document = request_document(agent=funded_agent, document_id=ready_document.pk,
+                                    idempotency_key="k-1")
+        read = (document.pk, document.model_slug, document.artifact_key, document.n_tokens)
+    assert read == (ready_document.pk, "tiny-qwen3", ready_document.artifact_key,
+                    ready_document.n_tokens)
+    assert not document.key_seen
+    assert len(queries) == 1 and "text" in document.get_deferred_fields()
+
+    lic = buy(api_client, ready_document)
+    r = api_client.post(CHAT, chat_body(ready_document, lic), format="json",
+                        HTTP_IDEMPOTENCY_KEY="k-1")
+    assert r.status_code == 200, r.content
+    assert request_document(agent=funded_agent, document_id=ready_document.pk,
+                            idempotency_key="k-1").key_seen
+    for agent, key in ((other_agent_client.user, "k-1"), (funded_agent, "k-2"),
+                       (funded_agent, None)):
+        assert not request_document(agent=agent, document_id=ready_document.pk,
+                                    idempotency_key=key).key_seen
+    assert request_document(agent=funded_agent, document_id=ready_document.pk + 1,
+                            idempotency_key=None) is None
+
+
+def test_an_early_start_is_in_its_dispatch_thread_before_the_reservation(
+    agent_user, ready_document, fake_worker, monkeypatch
+):
+    """The request's thread hands the generation to an idle dispatch thread before it reserves:
+    left to wait for the GIL, that thread would send the worker's request only once the
+    reservation's Python code reached its first database call."""
+    import threading
+
+    from marketplace.services import completions
+
+    monkeypatch.setattr(completions, "EARLY_HANDOFF_SECONDS", 5.0)  # a slow CI host still waits
+    release = threading.Event()
+    fake_worker.behaviour = lambda call: release.wait(5) and dict(FAKE_RESULT)
+    params = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    completions._early_pool.submit(lambda: None).result()  # an idle thread waits: the usual case
+    early = completions.EarlyStart(document=ready_document, params=params, timeout=10.0)
+    try:
+        assert early.future.running()  # taken: the dispatch is under way
+    finally:
+        release.set()
+    assert early.stream().worker == "fake@worker"
+    early.discard()
+    assert fake_worker.all_cancelled()
