@@ -326,6 +326,20 @@ def _check_messages(messages: Any) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+# The placeholder system turn as each tokenizer renders it: the same for every request, and
+# rendering a chat template is a large part of a request's host time in the engine thread.
+_SYSTEM_HEADS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _system_head(loaded: LoadedModel) -> str:
+    head = _SYSTEM_HEADS.get(loaded.tokenizer)
+    if head is None:
+        head = _render(loaded, [{"role": "system", "content": PLACEHOLDER_DOC}],
+                       add_generation_prompt=False)
+        _SYSTEM_HEADS[loaded.tokenizer] = head
+    return head
+
+
 def suffix_ids(
     loaded: LoadedModel,
     *,
@@ -345,7 +359,7 @@ def suffix_ids(
         return _encode(loaded, prompt)
     msgs = _check_messages(messages)
     system = [{"role": "system", "content": PLACEHOLDER_DOC}]
-    head = _render(loaded, system, add_generation_prompt=False)
+    head = _system_head(loaded)
     full = _render(loaded, system + msgs, add_generation_prompt=True)
     if not full.startswith(head):
         raise InvalidRequest("the chat template does not render the system turn as a prefix")
