@@ -510,9 +510,18 @@ def record_served(*, load: Load, result: dict[str, Any]) -> Load:
     }
     if result.get("worker"):
         fields["worker"] = str(result["worker"])[:255]
-    updated = Load.objects.filter(
-        pk=load.pk, status__in=[LoadStatus.PENDING, LoadStatus.SERVED]
-    ).update(**fields)
+    # Written as SQL: the ORM builds this statement in more time than the database runs it.
+    meta = Load._meta
+    columns = [meta.get_field(name) for name in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {meta.db_table} SET "
+            + ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in columns)
+            + " WHERE id = %s AND status IN (%s, %s)",
+            [f.get_db_prep_save(fields[f.name], connection) for f in columns]
+            + [load.pk, LoadStatus.PENDING, LoadStatus.SERVED],
+        )
+        updated = cursor.rowcount
     if not updated:
         return Load.objects.get(pk=load.pk)
     for name, value in fields.items():
