@@ -187,8 +187,8 @@ class _CompletionView(MarketplaceView):
             response["X-Accel-Buffering"] = "no"
             _headers(response, run.load, run.replayed, self.phases)
             return response
+        # The charged load in hand (its license read with it), not read again.
         load = run.load if run.replayed else completion_services.complete(run)
-        load = Load.objects.select_related("license").get(pk=load.pk)
         response = Response(self.body(base, load, run.replayed))
         _headers(response, load, run.replayed, self.phases)
         return response
