@@ -10,6 +10,7 @@ worker / busy answers, the charge outbox (a failing charge is charged later, onc
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -152,8 +153,9 @@ def test_the_worker_endpoint_refuses_requests_without_the_secret(worker, documen
 
 
 def test_a_completion_runs_on_the_worker_with_per_phase_timings(
-    worker, api_client, document, license_id
+    worker, api_client, document, license_id, caplog
 ):
+    caplog.set_level(logging.INFO)  # the root level of the settings
     r = api_client.post(CHAT, _body(document, license_id), format="json")
     assert r.status_code == 200, r.content
     data = r.json()
@@ -166,6 +168,10 @@ def test_a_completion_runs_on_the_worker_with_per_phase_timings(
     assert load.status == "succeeded" and load.worker == "inproc@test"
     assert load.amount_nano > 0 and _settlements() == 1
     assert data["usage"]["completion_tokens"] == load.output_tokens > 0
+    # One log line per load (its phases), not the HTTP client's line per worker request.
+    assert [r.name for r in caplog.records if r.name.startswith(("httpx", "httpcore"))] == []
+    assert any(r.name == "marketplace.services.completions" and "engine_ttft=" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_stream_sends_the_first_chunk_before_the_generation_ends(
