@@ -76,18 +76,31 @@ class WorkerStream:
         return self._events
 
     def _read(self) -> Iterator[dict[str, Any]]:
+        last = None
         try:
-            for line in self.response.iter_lines():
-                if line:
-                    yield json.loads(line)
-        except (httpx.TransportError, json.JSONDecodeError) as exc:
-            raise WorkerLost(f"{self.worker}: {type(exc).__name__}: {exc}") from exc
+            try:
+                for line in self.response.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") in ("final", "error"):
+                        # The body ends with it (same write): read to its end before handing it
+                        # over, so the connection goes back to the pool. A response closed
+                        # before its end is a connection closed, and the next load opens one.
+                        last = event
+                        continue
+                    yield event
+            except (httpx.TransportError, json.JSONDecodeError) as exc:
+                if last is None:
+                    raise WorkerLost(f"{self.worker}: {type(exc).__name__}: {exc}") from exc
+            if last is not None:
+                yield last
         finally:
             self.close()
 
     def close(self) -> None:
-        """Closing the connection stops the generation on the worker (it sees the
-        disconnect), and the connection is not reused."""
+        """Closing a stream before its end closes the connection: the worker sees the
+        disconnect and stops the generation (a stream read to its end is back in the pool)."""
         self.response.close()
 
 

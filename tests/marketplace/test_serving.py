@@ -174,6 +174,23 @@ def test_a_completion_runs_on_the_worker_with_per_phase_timings(
                for r in caplog.records)
 
 
+def test_consecutive_loads_reuse_one_connection_to_the_worker(
+    worker, api_client, document, license_id
+):
+    """A worker stream read to its end goes back to the web's pool; one closed at its last event
+    (before the body's end) would cost every load a new connection to the worker."""
+    pool = worker_client.client()._transport._pool
+    seen = []
+    for stream in (False, True, False):
+        r = api_client.post(CHAT, {**_body(document, license_id), "stream": stream},
+                            format="json")
+        assert r.status_code == 200
+        if stream:
+            b"".join(r.streaming_content)
+        seen.append([id(connection) for connection in pool.connections])
+    assert len(seen[0]) == 1 and seen == [seen[0]] * 3
+
+
 def test_stream_sends_the_first_chunk_before_the_generation_ends(
     worker, api_client, document, license_id, slow_engine
 ):
