@@ -191,6 +191,26 @@ def test_consecutive_loads_reuse_one_connection_to_the_worker(
     assert len(seen[0]) == 1 and seen == [seen[0]] * 3
 
 
+def test_the_worker_endpoint_writes_each_token_at_once(worker):
+    """asyncio sets TCP_NODELAY only on the connections of a socket made for IPPROTO_TCP; without
+    it a token's small write waits behind the previous one for the web's delayed ACK (about
+    40 ms a token on a reused connection)."""
+    import socket
+
+    assert worker.sock.proto == socket.IPPROTO_TCP
+    with socket.create_connection(("127.0.0.1", worker.port)) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert client.recv(100).startswith(b"HTTP/1.1 200")
+        accepted = [t.get_extra_info("socket") for t in _transports(worker)]  # kept alive
+        assert accepted and all(
+            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+
+
+def _transports(worker) -> list:
+    """The worker server's open connections (uvicorn's protocols hold their transports)."""
+    return [c.transport for c in worker.server.server_state.connections]
+
+
 def test_stream_sends_the_first_chunk_before_the_generation_ends(
     worker, api_client, document, license_id, slow_engine
 ):
