@@ -50,8 +50,8 @@ def client() -> httpx.Client:
                     ),
                     limits=limits,
                     headers={"Authorization": f"Bearer {registry.worker_secret()}"},
-                    # A request goes out as two writes (headers, body): on a reused connection
-                    # Nagle holds the second until the worker's delayed ACK, some 40 ms.
+                    # A request goes out as two writes (headers, body): without NODELAY, Nagle
+                    # may hold the second until the first is acknowledged.
                     transport=httpx.HTTPTransport(limits=limits, socket_options=[
                         (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
                     ]),

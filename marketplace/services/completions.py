@@ -492,6 +492,16 @@ def fail_load(*, load: Load, code: str, message: str) -> Load:
     return locked
 
 
+def _load_update(load_pk: int, values: list[tuple[Any, Any]]) -> tuple[str, list[Any]]:
+    """An UPDATE of one Load's row from (field, value) pairs, the values prepared as the ORM
+    prepares them: on the request path the ORM builds such a statement in more time than the
+    database runs it."""
+    sql = (f"UPDATE {Load._meta.db_table} SET "
+           + ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f, _ in values)
+           + " WHERE id = %s")
+    return sql, [f.get_db_prep_save(value, connection) for f, value in values] + [load_pk]
+
+
 def record_served(*, load: Load, result: dict[str, Any]) -> Load:
     """The outbox: record the worker's result on the Load (pending or served -> served).
 
@@ -510,17 +520,11 @@ def record_served(*, load: Load, result: dict[str, Any]) -> Load:
     }
     if result.get("worker"):
         fields["worker"] = str(result["worker"])[:255]
-    # Written as SQL: the ORM builds this statement in more time than the database runs it.
-    meta = Load._meta
-    columns = [meta.get_field(name) for name in fields]
+    sql, params = _load_update(load.pk, [(Load._meta.get_field(name), value)
+                                         for name, value in fields.items()])
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {meta.db_table} SET "
-            + ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in columns)
-            + " WHERE id = %s AND status IN (%s, %s)",
-            [f.get_db_prep_save(fields[f.name], connection) for f in columns]
-            + [load.pk, LoadStatus.PENDING, LoadStatus.SERVED],
-        )
+        cursor.execute(sql + " AND status IN (%s, %s)",
+                       [*params, LoadStatus.PENDING, LoadStatus.SERVED])
         updated = cursor.rowcount
     if not updated:
         return Load.objects.get(pk=load.pk)
@@ -726,12 +730,8 @@ def _charge_served_batched(*, load_pk: int, wall_seconds: float | None) -> Load 
                   else default_tariff(document.model_slug))
         _settle(load=load, license=license, document=document, tariff=tariff,
                 result=load.response or {}, egress_bytes=0, wall_seconds=wall_seconds)
-        written = [f for f in load_fields if not f.primary_key]
-        journal.send(
-            "UPDATE marketplace_load SET "
-            + ", ".join(f'"{f.column}" = %s' for f in written) + " WHERE id = %s",
-            [f.get_db_prep_save(getattr(load, f.attname), connection) for f in written]
-            + [load.pk])
+        journal.send(*_load_update(load.pk, [(f, getattr(load, f.attname))
+                                             for f in load_fields if not f.primary_key]))
         _close_if_exhausted(license.pk)
     load.license = license
     return load
