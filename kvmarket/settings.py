@@ -347,8 +347,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    # httpx logs every request to a GPU worker at INFO: a line per load on top of the load's own.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
 
 # GPU workers run `celery worker --pool solo -Q gpu.<slug>` with one task in hand at a time.

@@ -77,16 +77,13 @@ Idempotency-Key re-sends the artifact without a new charge.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -793,57 +790,43 @@ class CompletionTimeout(MarketplaceError):
 
 def dispatch_generation(
     *, load: Load | None, document: Document, params: dict[str, Any], timeout: float,
-    exclude: frozenset[str] = frozenset(), candidates: list[Any] | None = None,
+    exclude: frozenset[str] = frozenset(), eager: bool = True,
 ) -> Any:
-    """Start the generation on a GPU worker of the document's model (marketplace.worker_client).
+    """Send the generation to a GPU worker of the document's model (marketplace.worker_client).
 
     Returns an open stream: iterable of event dicts ("delta", then "final" or "error"), with
     ``worker``, ``connect_s`` and ``close()``; iterating raises WorkerLost when the stream
-    breaks. Raises MarketplaceError when no worker takes the request. ``load`` is None when
-    the generation starts before its reservation (``candidates`` given: no database access,
-    so it may run in a helper thread). Tests replace this function to run without workers.
+    breaks. Raises MarketplaceError when no worker takes the request. ``eager=False`` returns
+    once the request is written: the worker's answer is read on the first iteration, which
+    raises WorkerBusy when that worker's queue is full. ``load`` is None when the generation
+    starts before its reservation. Tests replace this function to run without workers.
     """
     from marketplace import worker_client
 
     body = params if load is None else {"load": load.pk, **params}
     return worker_client.open_stream(
         slug=document.model_slug, artifact_key=document.artifact_key, body=body,
-        timeout=timeout, exclude=exclude, candidates=candidates,
+        timeout=timeout, exclude=exclude, eager=eager,
     )
-
-
-# Early starts: the worker's HTTP request is sent from one of these threads while the request's
-# own thread reserves the load (the database work overlaps the engine's prefill).
-_early_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="load-dispatch")
-# How long the request's thread waits for a dispatch thread to take its generation (an idle
-# one takes it at once; a busy pool must not hold the reservation up).
-EARLY_HANDOFF_SECONDS = 0.002
 
 
 class EarlyStart:
     """A generation sent to a worker before its load was reserved.
 
-    Nothing of it reaches the agent (and nothing is charged) until the reservation committed:
-    the request's thread takes the stream with ``stream()`` only then. When the reservation
-    fails (or is a replay) ``discard()`` closes the stream, which cancels the worker's job."""
+    The request's thread writes the worker's request, reserves the load while the engine
+    prefills, and reads the worker's answer only once the reservation committed: nothing
+    reaches the agent (and nothing is charged) before. When the reservation fails (or is a
+    replay) ``discard()`` closes the connection, which cancels the worker's job."""
 
     def __init__(self, *, document: Document, params: dict[str, Any], timeout: float) -> None:
-        from marketplace import worker_client
-
         self.document = document
-        candidates = worker_client.candidates_for(slug=document.model_slug,
-                                                  artifact_key=document.artifact_key)
-        taken = threading.Event()
-
-        def dispatch() -> Any:
-            taken.set()
-            return dispatch_generation(load=None, document=document, params=params,
-                                       timeout=timeout, candidates=candidates)
-
-        self.future: Future = _early_pool.submit(dispatch)
-        # Waiting hands the GIL to the dispatch thread, which sends the request at once: the
-        # reservation's Python code would otherwise hold it until its first database call.
-        taken.wait(EARLY_HANDOFF_SECONDS)
+        self._stream: Any = None
+        self._error: MarketplaceError | None = None
+        try:
+            self._stream = dispatch_generation(load=None, document=document, params=params,
+                                               timeout=timeout, eager=False)
+        except MarketplaceError as exc:  # no worker reachable: raised once the load is reserved
+            self._error = exc
 
     def serves(self, document: Document) -> bool:
         """Whether the reserved load's document is the one this generation runs on."""
@@ -852,18 +835,15 @@ class EarlyStart:
                 and document.model_slug == self.document.model_slug)
 
     def stream(self) -> Any:
-        """The open stream (raises what the dispatch raised)."""
-        return self.future.result()
+        """The sent generation's stream (raises what sending it raised)."""
+        if self._error is not None:
+            raise self._error
+        return self._stream
 
     def discard(self) -> None:
-        """Close the stream now, or as soon as the dispatch returns one."""
-        def close(future: Future) -> None:
-            if not future.cancelled() and future.exception() is None:
-                with contextlib.suppress(Exception):
-                    future.result().close()
-
-        if not self.future.cancel():
-            self.future.add_done_callback(close)
+        """Close the stream: the worker cancels the job."""
+        if self._stream is not None:
+            self._stream.close()
 
 
 def check_prompt_fits(*, document: Document, params: dict[str, Any]) -> None:
@@ -1031,20 +1011,24 @@ def _partial_result(run: LoadRun, events: list[dict[str, Any]], reason: str) -> 
 
 def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool,
           early: EarlyStart | None = None) -> None:
-    from marketplace.worker_client import WorkerLost
+    from marketplace.worker_client import WorkerBusy, WorkerLost, busy_error
 
     tried: set[str] = set()
+    busy = False
     while True:
         remaining = run.deadline - time.monotonic()
         if remaining <= 0:
             raise CompletionTimeout(completion_timeout())
-        t0 = time.perf_counter()
         if early is not None:
             stream, early = early.stream(), None
         else:
-            stream = dispatch_generation(load=run.load, document=run.document, params=params,
-                                         timeout=remaining, exclude=frozenset(tried))
-        run.phases.add("route", getattr(stream, "connect_s", time.perf_counter() - t0))
+            try:
+                stream = dispatch_generation(load=run.load, document=run.document, params=params,
+                                             timeout=remaining, exclude=frozenset(tried))
+            except MarketplaceError as exc:
+                if busy and exc.code == "no_worker":  # the early start's worker was busy
+                    raise busy_error() from None
+                raise
         head: list[dict[str, Any]] = []
         try:
             for event in stream:
@@ -1054,9 +1038,13 @@ def _open(run: LoadRun, params: dict[str, Any], *, until_final: bool,
                 head.append(event)
                 if event.get("type") == "final" or (event.get("type") == "delta"
                                                     and not until_final):
+                    run.phases.add("route", stream.connect_s)
                     run.stream, run.head = stream, head
                     return
             raise WorkerLost("the stream ended without a result")
+        except WorkerBusy:
+            busy = True
+            tried.add(str(stream.worker))
         except WorkerLost as exc:
             stream.close()
             if time.monotonic() >= run.deadline:

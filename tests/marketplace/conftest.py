@@ -110,11 +110,12 @@ class FakeWorker:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self.streams: list[FakeStream] = []
-        self.returned = 0  # calls that returned or raised (an early start runs in a thread)
+        self.returned = 0  # calls that returned or raised
         self.behaviour: Callable[[dict[str, Any]], dict[str, Any]] = lambda call: dict(FAKE_RESULT)
 
-    def __call__(self, *, load, document, params, timeout, exclude=frozenset(), candidates=None):
-        call = {"load": load, "document": document, "params": params, "timeout": timeout}
+    def __call__(self, *, load, document, params, timeout, exclude=frozenset(), eager=True):
+        call = {"load": load, "document": document, "params": params, "timeout": timeout,
+                "eager": eager}
         self.calls.append(call)
         try:
             stream = FakeStream(self.behaviour(call))
@@ -128,7 +129,7 @@ class FakeWorker:
         return sum(1 for stream in self.streams if stream.read)
 
     def all_cancelled(self, timeout: float = 5.0) -> bool:
-        """Every generation started was closed unread (polled: early starts close later)."""
+        """Every generation started was closed unread (polled)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.returned == len(self.calls) and all(

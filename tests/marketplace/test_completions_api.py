@@ -497,27 +497,3 @@ def test_the_request_reads_its_document_without_the_text(
     assert request_document(agent=funded_agent, document_id=ready_document.pk + 1,
                             idempotency_key=None) is None
 
-
-def test_an_early_start_is_in_its_dispatch_thread_before_the_reservation(
-    agent_user, ready_document, fake_worker, monkeypatch
-):
-    """The request's thread hands the generation to an idle dispatch thread before it reserves:
-    left to wait for the GIL, that thread would send the worker's request only once the
-    reservation's Python code reached its first database call."""
-    import threading
-
-    from marketplace.services import completions
-
-    monkeypatch.setattr(completions, "EARLY_HANDOFF_SECONDS", 5.0)  # a slow CI host still waits
-    release = threading.Event()
-    fake_worker.behaviour = lambda call: release.wait(5) and dict(FAKE_RESULT)
-    params = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    completions._early_pool.submit(lambda: None).result()  # an idle thread waits: the usual case
-    early = completions.EarlyStart(document=ready_document, params=params, timeout=10.0)
-    try:
-        assert early.future.running()  # taken: the dispatch is under way
-    finally:
-        release.set()
-    assert early.stream().worker == "fake@worker"
-    early.discard()
-    assert fake_worker.all_cancelled()
