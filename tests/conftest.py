@@ -167,8 +167,8 @@ def _broker_keys_per_xdist_worker() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> Iterator[None]:
-    """Throttle counters live in the cache, tariffs and API keys in process caches: start every
-    test with empty ones."""
+    """Throttle counters live in the cache; tariffs, documents and API keys in process caches:
+    start every test with empty ones."""
     if not _django_configured():
         yield
         return
@@ -179,5 +179,6 @@ def _clear_cache() -> Iterator[None]:
 
     cache.clear()
     completions.forget_tariffs()
+    completions.forget_documents()
     forget_api_key()
     yield

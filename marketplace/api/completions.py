@@ -140,7 +140,7 @@ class _CompletionView(MarketplaceView):
         ser.is_valid(raise_exception=True)
         data = ser.validated_data
         key = idempotency_key(request)
-        document = completion_services.request_document(
+        document = completion_services.completion_document(
             agent=request.user, document_id=data["document"], idempotency_key=key,
         )
         if document is None:

@@ -81,6 +81,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -894,6 +895,48 @@ def request_document(
     return next(iter(Document.objects.raw(sql, [agent.pk, idempotency_key, document_id])), None)
 
 
+# The routing fields of the documents this process read for a completion lately, by id: a
+# completion on one of them goes to its worker without a query first. What they route is
+# checked by the reservation, which reads the document again (EarlyStart.serves).
+DOCUMENT_CACHE_SECONDS = 2.0
+DOCUMENT_CACHE_MAX = 10_000
+_documents_lock = threading.Lock()
+_documents: dict[int, tuple[float, tuple[str, str, int]]] = {}
+
+
+def completion_document(
+    *, agent: User, document_id: int, idempotency_key: str | None
+) -> Document | None:
+    """request_document, from this process's cache of the last DOCUMENT_CACHE_SECONDS when it
+    has the document. A cached document does not say whether the Idempotency-Key was used
+    (``key_seen`` False): the request starts early as for a new key, and the reservation finds
+    an earlier Load of the key itself (reserve_load: a replay or a refusal, which closes the
+    early start)."""
+    with _documents_lock:
+        hit = _documents.get(document_id)
+    if hit is not None and time.monotonic() - hit[0] < DOCUMENT_CACHE_SECONDS:
+        model_slug, artifact_key, n_tokens = hit[1]
+        document = Document(id=document_id, model_slug=model_slug, artifact_key=artifact_key,
+                            n_tokens=n_tokens)
+        document.key_seen = False
+        return document
+    document = request_document(agent=agent, document_id=document_id,
+                                idempotency_key=idempotency_key)
+    if document is not None:
+        with _documents_lock:
+            if len(_documents) >= DOCUMENT_CACHE_MAX:
+                _documents.clear()
+            _documents[document_id] = (time.monotonic(), (
+                document.model_slug, document.artifact_key, int(document.n_tokens or 0)))
+    return document
+
+
+def forget_documents() -> None:
+    """Read documents again on next use (tests)."""
+    with _documents_lock:
+        _documents.clear()
+
+
 def _worker_error(event: dict[str, Any]) -> MarketplaceError:
     code = str(event.get("code") or "generation_failed")
     status = {"invalid_request": 422, "artifact_not_found": 503}.get(code, 502)
@@ -939,7 +982,8 @@ def start_generation(
     phases = phases or Phases()
     timeout = completion_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    # A document from request_document says whether the key is new; without one, assume not.
+    # A document from request_document says whether the key is new (a cached one assumes it
+    # is); without one, assume not.
     key_seen = idempotency_key is not None and getattr(document, "key_seen", True)
     early = None
     if document is not None and settings.COMPLETION_EARLY_START and not key_seen:

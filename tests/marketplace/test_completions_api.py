@@ -78,7 +78,9 @@ def test_retry_with_idempotency_key_replays_and_charges_once(
     a, b = first.json(), second.json()
     assert a.pop("kvmarket")["replayed"] is False and b.pop("kvmarket")["replayed"] is True
     assert a == b
-    assert len(fake_worker.calls) == 1
+    # One generation's events were read: a retry may start early (its document is cached, so
+    # the key is not looked up first) but is replayed, and its early start closed unread.
+    assert fake_worker.relayed() == 1
     assert Load.objects.count() == 1
     assert payable(publisher_user) == 8_000
     assert License.objects.get(pk=lic["id"]).loads_used == 1
@@ -497,3 +499,57 @@ def test_the_request_reads_its_document_without_the_text(
     assert request_document(agent=funded_agent, document_id=ready_document.pk + 1,
                             idempotency_key=None) is None
 
+
+
+def _dispatched_after(api_client, body, fake_worker, keys) -> list[list[str]]:
+    """Per request: the SQL it ran before its (first) generation was sent to the worker."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    before = []
+    with CaptureQueriesContext(connection) as ctx:
+        fake_worker.behaviour = lambda call: (before.append(len(ctx)), dict(FAKE_RESULT))[1]
+        starts = []
+        for key in keys:
+            starts.append(len(ctx))
+            r = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY=key)
+            assert r.status_code == 200, r.content
+    firsts = [min(n for n in before if n >= start) for start in starts]
+    return [[q["sql"] for q in ctx.captured_queries[s:e]]
+            for s, e in zip(starts, firsts, strict=True)]
+
+
+def test_a_document_read_lately_is_sent_to_its_worker_before_any_query(
+    api_client, funded_agent, ready_document, fake_worker, monkeypatch
+):
+    """The request's document is read once per DOCUMENT_CACHE_SECONDS and process: later
+    completions on it reach the worker before the database is asked about it."""
+    from marketplace.services import completions
+
+    monkeypatch.setattr(completions, "DOCUMENT_CACHE_SECONDS", 60.0)  # a slow first request
+    body = chat_body(ready_document, buy(api_client, ready_document))
+    first, second = _dispatched_after(api_client, body, fake_worker, ["k-1", "k-2"])
+    assert any("marketplace_document" in sql for sql in first)
+    assert not any("marketplace_document" in sql or "marketplace_load" in sql for sql in second)
+    assert fake_worker.relayed() == 2
+
+
+def test_a_cached_document_whose_kv_moved_runs_on_its_new_artifact(
+    api_client, funded_agent, ready_document, fake_worker, monkeypatch
+):
+    """The cache only routes the early start: the reservation reads the document again, and a
+    document whose artifact changed meanwhile is run on the new one (the early start closed)."""
+    from marketplace.services import completions
+
+    monkeypatch.setattr(completions, "DOCUMENT_CACHE_SECONDS", 60.0)
+    body = chat_body(ready_document, buy(api_client, ready_document))
+    _dispatched_after(api_client, body, fake_worker, ["k-1"])
+    old = ready_document.artifact_key
+    ready_document.artifact_key = "moved"
+    ready_document.save(update_fields=["artifact_key"])
+    fake_worker.calls.clear()
+    fake_worker.streams.clear()
+    _dispatched_after(api_client, body, fake_worker, ["k-2"])
+    assert [call["document"].artifact_key for call in fake_worker.calls] == [old, "moved"]
+    early, reserved = fake_worker.streams
+    assert early.closed and not early.read and reserved.read
