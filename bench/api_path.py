@@ -17,7 +17,9 @@ Per level and mode: p50/p95/p99 of time to first byte (the first SSE chunk; for 
 requests the whole answer) and of total time, requests/s, errors by status, and the engine's
 own TTFT for the same requests (the worker reports it in ``kvmarket.timings``), so
 ``overhead = client TTFT - engine TTFT`` for streamed requests and ``client total - engine
-total`` for plain ones (each also without the worker's queue wait).
+total`` for plain ones (each also without the worker's queue wait). ``--warmup N`` sends N
+unmeasured requests at the largest level first, so the first level does not pay the stack's
+cold start (connections opened, per-process caches filled).
 
 ``run`` drives a stack that is already running (``make run``): N completions at C clients
 with the given API key and document, retrying 429s as told by Retry-After, then (--check-db,
@@ -386,7 +388,7 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
     )
     from ledger.services import credit_topup
 
-    per_agent = sum(args.requests or max(100, 4 * c) for c in levels) * 2 + 10
+    per_agent = sum(args.requests or max(100, 4 * c) for c in levels) * 2 + args.warmup + 10
     agents = []
     for i in range(max(levels)):
         agent = User.objects.create_user(email=f"agent-{tag}-{i}@bench.kvmarket",
@@ -426,8 +428,16 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
             "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
             "conn_max_age": os.environ["CONN_MAX_AGE"],
             "load_average": os.getloadavg(),
-            "host": platform.node(), "cpus": os.cpu_count(), "levels": [],
+            "host": platform.node(), "cpus": os.cpu_count(), "warmup_requests": args.warmup,
+            "levels": [],
         }
+        if args.warmup:
+            # Unmeasured: every web thread's database and worker connections opened, the
+            # processes' caches filled, as in a service that has been running.
+            top = max(levels)
+            _level(base, agents[:top], doc.pk, slug, top, args.warmup, True, args.max_tokens,
+                   retry_429=True,
+                   processes=args.client_processes or -(-top // CLIENTS_PER_PROCESS))
         for concurrency in levels:
             n = args.requests or max(100, 4 * concurrency)
             for stream in (True, False):
@@ -549,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--client-processes", type=int, default=0,
                        help="client processes (default: one per 8 clients)")
     stack.add_argument("--max-tokens", type=int, default=8)
+    stack.add_argument("--warmup", type=int, default=0,
+                       help="unmeasured streamed requests at the largest level first")
     stack.add_argument("--model", default="tiny-qwen3")
     stack.add_argument("--document-tokens", type=int, default=0,
                        help="a document of about this many tokens (default: one paragraph)")
