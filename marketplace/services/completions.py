@@ -188,13 +188,16 @@ def reserve_load(
     kind: LoadKind,
     idempotency_key: str | None,
     payload: dict[str, Any],
-    key_seen: bool = True,
+    key_seen: bool | None = True,
     funds_needed: int = 0,
 ) -> Reservation:
     """Reserve one load of the agent's license for this request (or find the retried one).
 
     ``key_seen=False``: the caller saw no Load with this Idempotency-Key, so none is looked
     for (a concurrent first use of the key still ends in the IntegrityError retry below).
+    ``key_seen=None``: the caller did not look; none is looked for first either, but a refusal
+    is checked against an earlier Load of the key (a retry of a license's last load is a
+    replay, not license_exhausted).
     ``funds_needed``: nothing is reserved (402 insufficient_funds) unless the agent's wallet
     holds at least this much (the worst compute charge of the request, funds_needed_nano).
 
@@ -215,6 +218,10 @@ def reserve_load(
         # Two requests with one Idempotency-Key raced to create the Load: the loser retries
         # and finds the winner's row (pending: 409 in progress).
         return _reserve_orm(**args, find=True)
+    except MarketplaceError:
+        if key_seen is not None or idempotency_key is None:
+            raise
+        return _reserve_orm(**args, find=True)  # refused as new: it may be a retry
 
 
 def max_in_flight() -> int:
@@ -909,7 +916,7 @@ def completion_document(
 ) -> Document | None:
     """request_document, from this process's cache of the last DOCUMENT_CACHE_SECONDS when it
     has the document. A cached document does not say whether the Idempotency-Key was used
-    (``key_seen`` False): the request starts early as for a new key, and the reservation finds
+    (``key_seen`` None): the request starts early as for a new key, and the reservation finds
     an earlier Load of the key itself (reserve_load: a replay or a refusal, which closes the
     early start)."""
     with _documents_lock:
@@ -918,7 +925,7 @@ def completion_document(
         model_slug, artifact_key, n_tokens = hit[1]
         document = Document(id=document_id, model_slug=model_slug, artifact_key=artifact_key,
                             n_tokens=n_tokens)
-        document.key_seen = False
+        document.key_seen = None
         return document
     document = request_document(agent=agent, document_id=document_id,
                                 idempotency_key=idempotency_key)
@@ -982,9 +989,9 @@ def start_generation(
     phases = phases or Phases()
     timeout = completion_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    # A document from request_document says whether the key is new (a cached one assumes it
-    # is); without one, assume not.
-    key_seen = idempotency_key is not None and getattr(document, "key_seen", True)
+    # A document from request_document says whether the key is new (a cached one does not
+    # know: None, and starts early); without one, assume it is not.
+    key_seen = getattr(document, "key_seen", True) if idempotency_key is not None else False
     early = None
     if document is not None and settings.COMPLETION_EARLY_START and not key_seen:
         early = EarlyStart(document=document, params=params, timeout=timeout)

@@ -553,3 +553,21 @@ def test_a_cached_document_whose_kv_moved_runs_on_its_new_artifact(
     assert [call["document"].artifact_key for call in fake_worker.calls] == [old, "moved"]
     early, reserved = fake_worker.streams
     assert early.closed and not early.read and reserved.read
+
+
+def test_a_retry_of_a_licenses_last_load_is_replayed_when_its_document_is_cached(
+    api_client, funded_agent, ready_document, fake_worker, monkeypatch, sql_path
+):
+    """A cached document does not say whether the key was used: the reservation, refused
+    (the license is used up by the load being retried), finds the earlier Load and replays."""
+    from marketplace.services import completions
+
+    monkeypatch.setattr(completions, "DOCUMENT_CACHE_SECONDS", 60.0)
+    body = chat_body(ready_document, buy(api_client, ready_document, loads=1))
+    first = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="last")
+    again = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="last")
+    assert first.status_code == again.status_code == 200, again.content
+    assert again["Idempotent-Replayed"] == "true"
+    assert Load.objects.count() == 1 and fake_worker.relayed() == 1
+    other = api_client.post(CHAT, body, format="json", HTTP_IDEMPOTENCY_KEY="new")
+    assert other.status_code == 409 and other.json()["error"]["code"] == "license_exhausted"
