@@ -326,6 +326,7 @@ def _reserve_orm(
             heartbeat_at=now,
         )
     else:  # re-attempt of a failed load, on the same row (one ledger key: load:<id>)
+        load.license = license
         load.status = LoadStatus.PENDING
         load.attempts += 1
         load.error = ""
@@ -753,7 +754,8 @@ def charge_served(*, load: Load, wall_seconds: float | None = None) -> Load:
                         exc_info=True)
             time.sleep(CHARGE_RETRY_SECONDS * (attempt + 1))
     log.error("Load %s served but not charged yet; the sweep will charge it", load.pk)
-    return Load.objects.select_related("license").get(pk=load.pk)
+    # As recorded, not read again: the database may be what failed, and the agent is answered.
+    return load
 
 
 def sweep_loads() -> dict[str, int]:

@@ -429,6 +429,43 @@ def test_a_failed_charge_leaves_the_load_served_and_it_is_charged_once_later(
     assert load.status == "succeeded" and load.amount_nano > 0 and _settlements() == 1
 
 
+def test_an_answer_whose_charge_fails_as_the_database_goes_away_is_still_given(
+    worker, api_client, document, license_id, monkeypatch
+):
+    """The charge fails because the database went away after the result was recorded: the
+    agent still gets the answer (not a 503 for a load the sweep will charge)."""
+    import contextlib
+
+    from django.db import OperationalError, connection
+
+    from marketplace.services import completions
+
+    def down(execute, sql, params, many, context):
+        raise OperationalError("the database is down")
+
+    outage = contextlib.ExitStack()
+    real = completions.charge_load
+    state = {"down": True}
+
+    def charge_fails(**kwargs):
+        if not state["down"]:
+            return real(**kwargs)
+        if state["down"] is True:  # from the first attempt on, no query gets through
+            outage.enter_context(connection.execute_wrapper(down))
+            state["down"] = "since"
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(completions, "charge_load", charge_fails)
+    monkeypatch.setattr(completions, "CHARGE_RETRY_SECONDS", 0.0)
+    with outage:
+        r = api_client.post(CHAT, _body(document, license_id), format="json")
+    assert r.status_code == 200, r.content
+    assert r.json()["kvmarket"]["charge_pending"] is True and r.json()["choices"]
+    state["down"] = False
+    assert Load.objects.get().status == "served"
+    assert completions.sweep_loads()["charged"] == 1 and _settlements() == 1
+
+
 def _flaky_record(monkeypatch, fail_call: int) -> None:
     """record_served raises OperationalError (the database went away) on its fail_call-th call."""
     from django.db import OperationalError
