@@ -428,7 +428,9 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
             "web": f"gunicorn gthread {args.web_workers}x{args.web_threads}",
             "conn_max_age": os.environ["CONN_MAX_AGE"],
             "load_average": os.getloadavg(),
-            "host": platform.node(), "cpus": os.cpu_count(), "warmup_requests": args.warmup,
+            "host": platform.node(), "cpus": os.cpu_count(), "accelerator": _accelerator(),
+            "command": " ".join(["bench/api_path.py", *sys.argv[1:]]),
+            "warmup_requests": args.warmup,
             "levels": [],
         }
         if args.warmup:
@@ -467,6 +469,14 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
                 stop()
             except Exception:  # noqa: BLE001 - the bench's output is already made
                 pass
+
+
+def _accelerator() -> str | None:
+    """The GPU the stack's engine ran on (torch is loaded by then: the document's precompute)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(0)
 
 
 def _wait_stack(base: str, agent: tuple[str, int], document: int, model: str) -> None:
