@@ -7,9 +7,9 @@
   short timeout; 200 {"status": "ready", "checks": {...}} when all answer, 503 (with
   Retry-After) and the failing ones' errors otherwise. Load balancers route on this one.
 
-HealthCheckMiddleware sits first in MIDDLEWARE, so probes on http://127.0.0.1:8000/healthz work
-in production too: before ALLOWED_HOSTS validation and the HTTPS redirect (neither applies to a
-probe from inside the container).
+HealthCheckMiddleware sits before the other middleware (after the body drain), so probes on
+http://127.0.0.1:8000/healthz work in production too: before ALLOWED_HOSTS validation and the
+HTTPS redirect (neither applies to a probe from inside the container).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "kvmarket.health.HealthCheckMiddleware",  # first: /healthz skips host checks and redirects
+    # Outermost: a request's body is read before any response to it goes out.
+    "kvmarket.request_body.DrainRequestBodyMiddleware",
+    "kvmarket.health.HealthCheckMiddleware",  # /healthz skips host checks and redirects
     "django.middleware.security.SecurityMiddleware",
     # JSON errors for /api/ whatever produced them, 413 / 503 before and around the rest.
     "marketplace.api_errors.ApiErrorMiddleware",
